@@ -1,0 +1,1 @@
+"""Hub safetensors -> MLX weights, in bounded memory (installed as mlxrun.convert)."""

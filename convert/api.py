@@ -1,0 +1,293 @@
+"""`convert_model`: the whole conversion, written into a temporary sibling and renamed at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mlxrun.convert.checkpoint import build_model, open_checkpoint
+from mlxrun.convert.recipes import Recipe, config_section, get_recipe, quantization_map
+from mlxrun.convert.writer import DEFAULT_MAX_SHARD_BYTES
+
+from mlxrun.errors import (
+    ConversionInterruptedError,
+    DiskFullError,
+    InvalidRequestError,
+    OutputExistsError,
+    UnsupportedModelError,
+)
+
+# Files copied verbatim so tokenization and templates behave exactly as the source's.
+SIDECAR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "generation_config.json", "preprocessor_config.json",
+)  # fmt: skip
+SIDECAR_GLOBS = ("*.tiktoken",)
+PARTIAL_TAG = ".mlxrun-partial-"
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    bits: int = 4
+    group_size: int = 64
+    recipe: str | None = None
+    quantize: bool = True
+    dtype: str | None = None
+    fit: str | None = None  # a size such as "16GB", or "auto"
+    context: int = 8192
+    verify: bool = True
+    calib: str | None = None
+    force: bool = False
+    quiet: bool = False
+    revision: str | None = None
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    output: Path
+    source: str
+    architecture: str
+    recipe: str
+    bits_per_weight: float
+    size_bytes: int
+    num_tensors: int
+    seconds: float
+    quality: dict | None = field(default=None)
+
+
+def _say(opts: ConvertOptions, msg: str) -> None:
+    if not opts.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _choose_recipe(model, config: dict, opts: ConvertOptions) -> Recipe | None:
+    if not opts.quantize:
+        if opts.fit:
+            raise InvalidRequestError("--fit cannot be combined with --no-quantize", param="fit")
+        return None
+    if opts.fit:
+        from mlxrun.convert.plan import choose_plan
+        from mlxrun.memory import device_memory
+
+        from mlxrun.errors import parse_size
+
+        budget = device_memory().budget_bytes if opts.fit == "auto" else parse_size(opts.fit)
+        plan = choose_plan(model, config, budget, opts.context, group_size=opts.group_size)
+        return plan.recipe
+    return get_recipe(opts.recipe, bits=opts.bits, group_size=opts.group_size)
+
+
+def default_output(source: str, recipe: Recipe | None) -> Path:
+    from mlxrun.store import default_name, models_dir
+
+    suffix = recipe.name.replace("q", "", 1) + "bit" if recipe and recipe.high_bits is None else (
+        recipe.name if recipe else "mlx"
+    )
+    return models_dir() / f"{default_name(source)}-{suffix}"
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputExistsError(f"{out} already exists and is not empty")
+
+
+def _remove_stale_partials(parent: Path, name: str) -> None:
+    """Remove temp dirs left by conversions that were killed (SIGKILL cannot be cleaned up after)."""
+    for p in parent.glob(f".{name}{PARTIAL_TAG}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C so the temporary output is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _copy_sidecars(src: Path, dst: Path) -> None:
+    names = [n for n in SIDECAR_FILES if (src / n).is_file()]
+    names += [p.name for g in SIDECAR_GLOBS for p in src.glob(g)]
+    for n in names:
+        shutil.copyfile(src / n, dst / n)
+
+
+def _write_config(config: dict, recipe: Recipe | None, qmap: dict, out: Path) -> None:
+    config = dict(config)
+    config.pop("_name_or_path", None)
+    config.pop("quantization_config", None)
+    if recipe is not None:
+        config["quantization"] = config_section(recipe, qmap)
+        config["quantization_config"] = config["quantization"]  # HF-tree readers look here
+    (out / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Atomically put the finished model at `out` (replacing an old one only now, when forced)."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.mlxrun-old-{os.getpid()}"
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def convert_model(source: str, output: str | Path | None = None, **options) -> ConvertResult:
+    """Convert a local checkpoint dir or Hub repo id into MLX weights at `output`.
+
+    Nothing is ever left at `output` unless the conversion finished: work happens in a hidden
+    sibling directory that is renamed into place at the end.
+    """
+    opts = ConvertOptions(**options)
+    from mlxrun.hub import resolve_source
+
+    src = resolve_source(source, revision=opts.revision, progress=not opts.quiet)
+    ckpt = open_checkpoint(src)
+    if ckpt.is_mlx:
+        raise UnsupportedModelError(
+            f"{source} is already an MLX quantized model",
+            hint="Use it directly, or `mlxrun pull` it into the store.",
+        )
+    model = build_model(ckpt.config)
+    recipe = _choose_recipe(model, ckpt.config, opts)
+    out = Path(output) if output is not None else default_output(source, recipe)
+    _check_output(out, opts.force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out.parent, out.name)
+    tmp = out.parent / f".{out.name}{PARTIAL_TAG}{os.getpid()}"
+    tmp.mkdir()
+    label = recipe.label if recipe else (opts.dtype or "unquantized")
+    _say(opts, f"Converting {source} ({ckpt.model_type}) -> {out} [{label}]")
+    t0 = time.perf_counter()
+    try:
+        with _sigterm_as_interrupt():
+            result = _convert_into(tmp, ckpt, model, recipe, source, opts)
+            _install(tmp, out)
+    except KeyboardInterrupt:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionInterruptedError(
+            f"conversion interrupted; nothing was written to {out}"
+        ) from None
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise DiskFullError(f"no space left while writing to {out.parent}") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    result = {**result, "output": out, "seconds": seconds}
+    _say(
+        opts,
+        f"Done in {seconds:.1f}s: {result['num_tensors']} tensors, "
+        f"{result['size_bytes'] / 1e9:.2f} GB, {result['bits_per_weight']:.3f} bits/weight -> {out}",
+    )
+    return ConvertResult(**result)
+
+
+def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOptions) -> dict:
+    from mlx.utils import tree_flatten
+    from mlxrun.convert.progress import ByteProgress
+    from mlxrun.convert.quantize import (
+        check_against_model,
+        load_lazy,
+        make_jobs,
+        target_dtype,
+        write_jobs,
+    )
+
+    weights = load_lazy(ckpt, model)
+    check_against_model(weights, model)
+    total_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    qmap = quantization_map(model, recipe) if recipe else {}
+    dtype = target_dtype(ckpt.config, opts.dtype)
+    cast_pred = getattr(model, "cast_predicate", lambda _k: True)
+    jobs = make_jobs(weights, qmap, dtype, cast_pred)
+    total_src = sum(j[2] for j in jobs)
+    with ByteProgress(total_src, len(jobs), enabled=not opts.quiet) as bar:
+        written = write_jobs(jobs, tmp, max_shard_bytes=opts.max_shard_bytes, on_progress=bar.update)
+    index = written.index
+    index["metadata"]["total_parameters"] = total_params
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    _write_config(ckpt.config, recipe, qmap, tmp)
+    _copy_sidecars(ckpt.path, tmp)
+    bpw = written.total_bytes * 8 / max(1, total_params)
+    info = {
+        "source": source,
+        "architecture": ckpt.model_type,
+        "recipe": recipe.label if recipe else "unquantized",
+        "bits_per_weight": round(bpw, 4),
+        "size_bytes": written.total_bytes,
+        "num_tensors": written.num_tensors,
+    }
+    quality = None
+    if opts.verify:
+        from mlxrun.convert.verify import verify_conversion, write_report
+
+        quality = verify_conversion(ckpt.path, tmp, calib=opts.calib, quiet=opts.quiet)
+        write_report(tmp, info, quality)
+    (tmp / "mlxrun.json").write_text(
+        json.dumps({**info, "recipe_name": recipe.name if recipe else None,
+                    "group_size": recipe.group_size if recipe else None,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2)  # fmt: skip
+    )
+    return {**info, "quality": asdict(quality) if quality is not None else None}
+
+
+def plan_for(source: str, *, fit: str | None, context: int, bits: int = 4, group_size: int = 64,
+             recipe: str | None = None, revision: str | None = None) -> str:  # fmt: skip
+    """The `--plan` table. Needs only config.json: shapes come from the lazily built model."""
+    from mlxrun.convert.checkpoint import load_config
+    from mlxrun.convert.plan import choose_plan, estimate, format_plan_table
+    from mlxrun.memory import device_memory
+
+    from mlxrun.errors import parse_size
+    from mlxrun.hub import resolve_source
+
+    src = resolve_source(source, revision=revision, allow_patterns=["config.json"], progress=False)
+    config = load_config(Path(src))
+    model = build_model(config)
+    budget = device_memory().budget_bytes if fit in (None, "auto") else parse_size(fit)
+    if fit:
+        plan = choose_plan(model, config, budget, context, group_size=group_size)
+    else:
+        plan = estimate(model, config, get_recipe(recipe, bits=bits, group_size=group_size), context,
+                        budget_bytes=budget)  # fmt: skip
+    return format_plan_table(plan)

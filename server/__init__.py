@@ -1,0 +1,1 @@
+"""HTTP front end (installed as mlxrun.server)."""

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mlxrun.convert.checkpoint import build_model, open_checkpoint
+from mlxrun.convert.checkpoint import open_checkpoint
 from mlxrun.convert.recipes import Recipe, config_section, get_recipe, quantization_map
 from mlxrun.convert.writer import DEFAULT_MAX_SHARD_BYTES
 
@@ -26,6 +26,7 @@ from mlxrun.errors import (
     OutputExistsError,
     UnsupportedModelError,
 )
+from mlxrun.models import build_model
 
 # Files copied verbatim so tokenization and templates behave exactly as the source's.
 SIDECAR_FILES = (
@@ -79,9 +80,9 @@ def _choose_recipe(model, config: dict, opts: ConvertOptions) -> Recipe | None:
         return None
     if opts.fit:
         from mlxrun.convert.plan import choose_plan
-        from mlxrun.memory import device_memory
 
         from mlxrun.errors import parse_size
+        from mlxrun.memory import device_memory
 
         budget = device_memory().budget_bytes if opts.fit == "auto" else parse_size(opts.fit)
         plan = choose_plan(model, config, budget, opts.context, group_size=opts.group_size)
@@ -92,8 +93,10 @@ def _choose_recipe(model, config: dict, opts: ConvertOptions) -> Recipe | None:
 def default_output(source: str, recipe: Recipe | None) -> Path:
     from mlxrun.store import default_name, models_dir
 
-    suffix = recipe.name.replace("q", "", 1) + "bit" if recipe and recipe.high_bits is None else (
-        recipe.name if recipe else "mlx"
+    suffix = (
+        recipe.name.replace("q", "", 1) + "bit"
+        if recipe and recipe.high_bits is None
+        else (recipe.name if recipe else "mlx")
     )
     return models_dir() / f"{default_name(source)}-{suffix}"
 
@@ -242,7 +245,9 @@ def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOpti
     jobs = make_jobs(weights, qmap, dtype, cast_pred)
     total_src = sum(j[2] for j in jobs)
     with ByteProgress(total_src, len(jobs), enabled=not opts.quiet) as bar:
-        written = write_jobs(jobs, tmp, max_shard_bytes=opts.max_shard_bytes, on_progress=bar.update)
+        written = write_jobs(
+            jobs, tmp, max_shard_bytes=opts.max_shard_bytes, on_progress=bar.update
+        )
     index = written.index
     index["metadata"]["total_parameters"] = total_params
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
@@ -264,9 +269,15 @@ def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOpti
         quality = verify_conversion(ckpt.path, tmp, calib=opts.calib, quiet=opts.quiet)
         write_report(tmp, info, quality)
     (tmp / "mlxrun.json").write_text(
-        json.dumps({**info, "recipe_name": recipe.name if recipe else None,
-                    "group_size": recipe.group_size if recipe else None,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2)  # fmt: skip
+        json.dumps(
+            {
+                **info,
+                "recipe_name": recipe.name if recipe else None,
+                "group_size": recipe.group_size if recipe else None,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            indent=2,
+        )  # fmt: skip
     )
     return {**info, "quality": asdict(quality) if quality is not None else None}
 
@@ -276,10 +287,10 @@ def plan_for(source: str, *, fit: str | None, context: int, bits: int = 4, group
     """The `--plan` table. Needs only config.json: shapes come from the lazily built model."""
     from mlxrun.convert.checkpoint import load_config
     from mlxrun.convert.plan import choose_plan, estimate, format_plan_table
-    from mlxrun.memory import device_memory
 
     from mlxrun.errors import parse_size
     from mlxrun.hub import resolve_source
+    from mlxrun.memory import device_memory
 
     src = resolve_source(source, revision=revision, allow_patterns=["config.json"], progress=False)
     config = load_config(Path(src))

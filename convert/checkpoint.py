@@ -6,14 +6,13 @@ download fails before any output is written.
 
 from __future__ import annotations
 
-import importlib
 import json
-import pkgutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlxrun.errors import CorruptCheckpointError, NotAModelError, UnsupportedModelError
+from mlxrun.errors import CorruptCheckpointError, NotAModelError
+from mlxrun.models import build_model, model_classes, supported_model_types  # noqa: F401
 
 # safetensors dtype code -> bytes per element
 DTYPE_BYTES = {
@@ -69,7 +68,9 @@ def read_header(file: Path) -> dict:
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CorruptCheckpointError(f"{file.name} has a corrupted safetensors header") from None
+            raise CorruptCheckpointError(
+                f"{file.name} has a corrupted safetensors header"
+            ) from None
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{file.name} has a corrupted safetensors header")
     data_len = size - 8 - n
@@ -145,39 +146,3 @@ def open_checkpoint(path: str | Path) -> SourceCheckpoint:
             begin, stop = meta["data_offsets"]
             ckpt.tensors[name] = TensorInfo(name, meta["dtype"], shape, stop - begin, file)
     return ckpt
-
-
-def supported_model_types() -> list[str]:
-    import mlx_lm.models
-
-    skip = {"base", "cache", "rope_utils", "switch_layers", "activations", "pipeline"}
-    return sorted(
-        m.name for m in pkgutil.iter_modules(mlx_lm.models.__path__) if m.name not in skip
-    )
-
-
-def model_classes(config: dict):
-    """(Model, ModelArgs) from mlx-lm's zoo for this config."""
-    from mlx_lm.utils import MODEL_REMAPPING
-
-    model_type = str(config.get("model_type", ""))
-    name = MODEL_REMAPPING.get(model_type, model_type)
-    try:
-        arch = importlib.import_module(f"mlx_lm.models.{name}")
-        return arch.Model, arch.ModelArgs
-    except (ImportError, AttributeError):
-        types = supported_model_types()
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; supported types: {', '.join(types)}"
-        ) from None
-
-
-def build_model(config: dict):
-    """Instantiate the architecture lazily: MLX arrays are lazy, so no weight memory is used."""
-    model_cls, args_cls = model_classes(config)
-    try:
-        return model_cls(args_cls.from_dict(config))
-    except (TypeError, KeyError, ValueError) as e:
-        raise UnsupportedModelError(
-            f"cannot build a {config.get('model_type')} model from this config.json: {e}"
-        ) from None

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlx.utils import tree_flatten
-
 from mlxrun.convert.recipes import QUALITY_LADDER, QuantParams, Recipe, get_recipe, quantization_map
+
 from mlxrun.errors import InsufficientMemoryError, format_size
 from mlxrun.memory import device_memory, kv_cache_bytes, runtime_margin_bytes
 
@@ -117,7 +117,7 @@ def _plan(
     weights = sum(r.nbytes for r in rows)
     n_params = sum(r.params for r in rows)
     kv = kv_cache_bytes(config, context, dtype_bytes)
-    margin = runtime_margin_bytes(config, context)
+    margin = runtime_margin_bytes(config, context, dtype_bytes)
     total = weights + kv + margin
     return ConvertPlan(
         recipe=recipe,
@@ -165,13 +165,16 @@ def choose_plan(
     Raises InsufficientMemoryError (needed = the smallest plan's total) when none fits.
     """
     params = _parameters(model)
-    tried: list[ConvertPlan] = []
-    for name in ladder:
-        recipe = get_recipe(name, group_size=group_size)
-        plan = _plan(params, model, config, recipe, context, dtype_bytes, budget_bytes)
+    tried = [
+        _plan(params, model, config, get_recipe(n, group_size=group_size), context, dtype_bytes,
+              budget_bytes)
+        for n in ladder
+    ]  # fmt: skip
+    # More stored bits is the quality proxy; per model the ladder is not always in size order
+    # (a big vocabulary makes mixed recipes heavier), so walk by size, ladder order breaking ties.
+    for plan in sorted(tried, key=lambda p: -p.weights_bytes):
         if plan.fits:
             return plan
-        tried.append(plan)
     smallest = min(tried, key=lambda p: p.total_bytes)
     missing = smallest.total_bytes - budget_bytes
     raise InsufficientMemoryError(

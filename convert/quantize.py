@@ -19,6 +19,7 @@ from mlxrun.convert.recipes import QuantParams
 from mlxrun.convert.writer import DEFAULT_MAX_SHARD_BYTES, Entry, ShardedWriter
 
 from mlxrun.errors import CorruptCheckpointError
+from mlxrun.models import sanitize
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -45,9 +46,7 @@ def load_lazy(ckpt: SourceCheckpoint, model) -> dict[str, mx.array]:
             raw.update(mx.load(str(file)))
         except (RuntimeError, ValueError) as e:
             raise CorruptCheckpointError(f"cannot read {file.name}: {e}") from None
-    if hasattr(model, "sanitize"):
-        raw = model.sanitize(raw)
-    return raw
+    return sanitize(model, raw)
 
 
 def check_against_model(weights: dict[str, mx.array], model) -> None:

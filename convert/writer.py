@@ -51,7 +51,9 @@ def shard_names(count: int) -> list[str]:
 class ShardedWriter:
     """Write `entries` (in this order) into shards of at most `max_shard_bytes` each."""
 
-    def __init__(self, out_dir: Path, entries: list[Entry], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    def __init__(
+        self, out_dir: Path, entries: list[Entry], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    ):
         self.out_dir = out_dir
         groups: list[list[Entry]] = []
         size = 0

@@ -18,7 +18,6 @@ from pathlib import Path
 from mlxrun.convert.checkpoint import open_checkpoint
 from mlxrun.convert.recipes import Recipe, config_section, get_recipe, quantization_map
 from mlxrun.convert.writer import DEFAULT_MAX_SHARD_BYTES
-
 from mlxrun.errors import (
     ConversionInterruptedError,
     DiskFullError,
@@ -80,7 +79,6 @@ def _choose_recipe(model, config: dict, opts: ConvertOptions) -> Recipe | None:
         return None
     if opts.fit:
         from mlxrun.convert.plan import choose_plan
-
         from mlxrun.errors import parse_size
         from mlxrun.memory import device_memory
 
@@ -178,6 +176,9 @@ def convert_model(source: str, output: str | Path | None = None, **options) -> C
     sibling directory that is renamed into place at the end.
     """
     opts = ConvertOptions(**options)
+    if opts.calib is not None and (Path(opts.calib).is_dir() or not Path(opts.calib).exists()):
+        # Fail before converting rather than after; the file is read in the quality step.
+        raise InvalidRequestError(f"calibration file {opts.calib} does not exist", param="calib")
     from mlxrun.hub import resolve_source
 
     src = resolve_source(source, revision=opts.revision, progress=not opts.quiet)
@@ -227,6 +228,7 @@ def convert_model(source: str, output: str | Path | None = None, **options) -> C
 
 def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOptions) -> dict:
     from mlx.utils import tree_flatten
+
     from mlxrun.convert.progress import ByteProgress
     from mlxrun.convert.quantize import (
         check_against_model,
@@ -287,7 +289,6 @@ def plan_for(source: str, *, fit: str | None, context: int, bits: int = 4, group
     """The `--plan` table. Needs only config.json: shapes come from the lazily built model."""
     from mlxrun.convert.checkpoint import load_config
     from mlxrun.convert.plan import choose_plan, estimate, format_plan_table
-
     from mlxrun.errors import parse_size
     from mlxrun.hub import resolve_source
     from mlxrun.memory import device_memory

@@ -22,59 +22,73 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 32, 4
 
 
+def _build(path: Path, layers: int, shard_bytes: int) -> None:
+    import mlx.core as mx
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    path.mkdir(parents=True, exist_ok=True)
+    kv = HIDDEN // HEADS * KV_HEADS
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
+              "lm_head.weight": (VOCAB, HIDDEN)}  # fmt: skip
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (kv, HIDDEN),
+            p + "self_attn.v_proj.weight": (kv, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, INTER), p + "input_layernorm.weight": (HIDDEN,),
+            p + "post_attention_layernorm.weight": (HIDDEN,),
+        })  # fmt: skip
+    shards: list[dict] = [{}]
+    size = 0
+    for name, shape in shapes.items():
+        n = 2 * int(np.prod(shape))
+        if shards[-1] and size + n > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = shape
+        size += n
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        arrays = {n: (mx.random.normal(s) * 0.02).astype(mx.bfloat16) for n, s in shard.items()}
+        mx.save_safetensors(str(path / fname), arrays, metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+        del arrays
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN,
+        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+    }))  # fmt: skip
+    # A small byte-level BPE so both converters find a tokenizer to copy.
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>",
+    }))  # fmt: skip
+
+
 def build_checkpoint(path: Path, layers: int, shard_bytes: int) -> None:
-    """Write the checkpoint in a child process so the builder's memory is gone before measuring."""
-    code = f"""
-import json, mlx.core as mx
-from pathlib import Path
-path = Path({str(path)!r}); path.mkdir(parents=True, exist_ok=True)
-H, I, V, L = {HIDDEN}, {INTER}, {VOCAB}, {layers}
-kv = H // {HEADS} * {KV_HEADS}
-shapes = {{"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}}
-for i in range(L):
-    p = f"model.layers.{{i}}."
-    shapes.update({{p + "self_attn.q_proj.weight": (H, H), p + "self_attn.k_proj.weight": (kv, H),
-        p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, H),
-        p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
-        p + "mlp.down_proj.weight": (H, I), p + "input_layernorm.weight": (H,),
-        p + "post_attention_layernorm.weight": (H,)}})
-shards, cur, size = [], {{}}, 0
-for name, shape in shapes.items():
-    n = 2
-    for d in shape: n *= d
-    if cur and size + n > {shard_bytes}:
-        shards.append(cur); cur, size = {{}}, 0
-    cur[name] = shape; size += n
-shards.append(cur)
-weight_map = {{}}
-for k, shard in enumerate(shards):
-    fname = f"model-{{k + 1:05d}}-of-{{len(shards):05d}}.safetensors"
-    arrays = {{n: (mx.random.normal(s) * 0.02).astype(mx.bfloat16) for n, s in shard.items()}}
-    mx.save_safetensors(str(path / fname), arrays, metadata={{"format": "pt"}})
-    weight_map.update({{n: fname for n in shard}})
-    del arrays
-json.dump({{"metadata": {{}}, "weight_map": weight_map}}, open(path / "model.safetensors.index.json", "w"))
-json.dump({{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": H,
-    "intermediate_size": I, "num_hidden_layers": L, "num_attention_heads": {HEADS},
-    "num_key_value_heads": {KV_HEADS}, "vocab_size": V, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-    "max_position_embeddings": 2048, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "bos_token_id": 1, "eos_token_id": 2}}, open(path / "config.json", "w"))
-# A small byte-level BPE so both converters find a tokenizer to copy.
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-tok = Tokenizer(models.BPE())
-tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-tok.decoder = decoders.ByteLevel()
-tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50, trainers.BpeTrainer(
-    vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-tok.save(str(path / "tokenizer.json"))
-json.dump({{"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-    "unk_token": "<unk>"}}, open(path / "tokenizer_config.json", "w"))
-"""
-    subprocess.run([sys.executable, "-c", code], check=True)
+    """Build in a child process so the builder's memory is gone before measuring."""
+    cmd = [sys.executable, __file__, "--build", str(path), "--layers", str(layers),
+           "--shard-gb", str(shard_bytes / 1e9)]  # fmt: skip
+    subprocess.run(cmd, check=True)
 
 
 def measure(cmd: list[str]) -> tuple[float, int]:
@@ -97,7 +111,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--shard-gb", type=float, default=1.0)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--build", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.build:
+        _build(args.build, args.layers, int(args.shard_gb * 1e9))
+        return
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mlxrun-convert-bench-"))
     src = work / "source"
     if not (src / "tokenizer.json").exists():

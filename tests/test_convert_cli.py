@@ -91,3 +91,26 @@ def test_progress_bar_on_tty_and_quiet(tiny_llama, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0 and child.before.strip() == ""
+
+
+def test_convert_from_hub_repo_and_unknown_repo(tiny_llama, tmp_path):
+    """A repo id is downloaded with huggingface_hub from a local Hub, then converted; an unknown repo
+    is a one-line error that names it."""
+    from hubserver import HubServer
+
+    (tmp_path / "repos" / "acme").mkdir(parents=True)
+    (tmp_path / "repos" / "acme" / "tiny").symlink_to(tiny_llama)
+    (tmp_path / "extra").mkdir()
+    with HubServer(tmp_path / "repos") as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+        out = tmp_path / "out"
+        ok = run_cli("convert", "acme/tiny", "-o", str(out), "--no-verify", "-q", env=env)
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+        assert json.loads((out / "mlxrun.json").read_text())["source"] == "acme/tiny"
+        missing = run_cli("convert", "acme/nope", "-o", str(tmp_path / "o2"), "-q", env=env)
+        assert_one_line_error(missing, "acme/nope")
+        assert not (tmp_path / "o2").exists()
+    offline = run_cli("convert", "acme/tiny", "-o", str(tmp_path / "o3"), "--no-verify", "-q",
+                      env={**env, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert offline.returncode == 0, offline.stderr  # served from the HF cache, no network

@@ -264,12 +264,12 @@ def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOpti
         "size_bytes": written.total_bytes,
         "num_tensors": written.num_tensors,
     }
+    from mlxrun.convert.verify import verify_conversion, write_report
+
     quality = None
     if opts.verify:
-        from mlxrun.convert.verify import verify_conversion, write_report
-
         quality = verify_conversion(ckpt.path, tmp, calib=opts.calib, quiet=opts.quiet)
-        write_report(tmp, info, quality)
+    write_report(tmp, info, quality)  # the model card, with "not measured" under --no-verify
     (tmp / "mlxrun.json").write_text(
         json.dumps(
             {

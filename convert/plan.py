@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlx.utils import tree_flatten
-from mlxrun.convert.recipes import QUALITY_LADDER, QuantParams, Recipe, get_recipe, quantization_map
 
+from mlxrun.convert.recipes import QUALITY_LADDER, QuantParams, Recipe, get_recipe, quantization_map
 from mlxrun.errors import InsufficientMemoryError, format_size
 from mlxrun.memory import device_memory, kv_cache_bytes, runtime_margin_bytes
 

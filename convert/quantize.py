@@ -14,10 +14,10 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+
 from mlxrun.convert.checkpoint import SourceCheckpoint
 from mlxrun.convert.recipes import QuantParams
 from mlxrun.convert.writer import DEFAULT_MAX_SHARD_BYTES, Entry, ShardedWriter
-
 from mlxrun.errors import CorruptCheckpointError
 from mlxrun.models import sanitize
 

@@ -8,7 +8,6 @@ dequantized and compared with its source tensor, one tensor resident at a time.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import sys
@@ -22,6 +21,7 @@ from mlxrun.errors import InvalidRequestError, UnsupportedModelError, format_siz
 METHODS = ("auto", "end-to-end", "per-tensor")
 DEFAULT_MAX_TOKENS = 256
 _WORST = 3
+_CHUNK_ELEMENTS = 1 << 24  # per-tensor error in blocks of 16M elements (64 MB as float32)
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ def read_calib(path: str | Path | None) -> tuple[str, str]:
 
         return SAMPLE_TEXT, "built-in"
     p = Path(path).expanduser()
-    if not p.is_file():
+    # Not is_file(): a pipe (`--calib /dev/stdin`, `<(zcat notes.gz)`) is fine text too.
+    if p.is_dir() or not p.exists():
         what = "is a directory" if p.is_dir() else "does not exist"
         raise InvalidRequestError(f"calibration file {path} {what}", param="calib")
     try:
@@ -104,17 +105,33 @@ def verify_conversion(
         raise InvalidRequestError("max_tokens must be at least 2", param="max_tokens")
     source_dir, converted_dir = Path(source_dir), Path(converted_dir)
     text, label = read_calib(calib)
+    auto = method == "auto"
     reason = "requested" if method == "per-tensor" else None
-    if method == "auto":
+    if auto:
         reason = _too_big_reason(source_dir, converted_dir, max_tokens)
         method = "per-tensor" if reason else "end-to-end"
+    report = None
     if method == "end-to-end":
-        report = _end_to_end(source_dir, converted_dir, text, label, max_tokens)
-    else:
+        try:
+            report = _end_to_end(source_dir, converted_dir, text, label, max_tokens)
+        except InvalidRequestError:
+            raise
+        except Exception as e:  # noqa: BLE001 (the report must not sink a finished conversion)
+            if not auto:
+                raise
+            reason = f"the end-to-end run failed: {_first_line(e)}"
+    if report is None:
+        _free()
         report = _per_tensor(source_dir, converted_dir, reason)
     if not quiet:
         print(report.summary(), file=sys.stderr, flush=True)
     return report
+
+
+def _first_line(e: Exception) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # --- choosing the method ---------------------------------------------------------------------
@@ -131,7 +148,6 @@ def _too_big_reason(source_dir: Path, converted_dir: Path, max_tokens: int) -> s
     buffer cache and lazily freed arrays make the sequential peak hard to bound any tighter.
     """
     from mlxrun.convert.checkpoint import open_checkpoint
-
     from mlxrun.memory import RUNTIME_MARGIN_BYTES, device_memory, runtime_margin_bytes, text_config
 
     ckpt = open_checkpoint(source_dir)
@@ -147,8 +163,8 @@ def _too_big_reason(source_dir: Path, converted_dir: Path, max_tokens: int) -> s
     if need <= budget:
         return None
     return (
-        f"an end-to-end run needs about {format_size(need)} "
-        f"(source, converted model and logits), over the {format_size(budget)} memory budget"
+        f"an end-to-end run needs about {format_size(need)} for the source, the converted "
+        f"model and the logits, over the {format_size(budget)} memory budget"
     )
 
 
@@ -177,8 +193,9 @@ def _log_probs(model, tokens: mx.array) -> mx.array:
 
 def _source_log_probs(source_dir: Path, tokens: mx.array) -> mx.array:
     """The source at its own precision, read exactly as the converter read it."""
-    from mlxrun.convert.checkpoint import build_model, open_checkpoint
+    from mlxrun.convert.checkpoint import open_checkpoint
     from mlxrun.convert.quantize import load_lazy
+    from mlxrun.models import build_model
 
     ckpt = open_checkpoint(source_dir)
     model = build_model(ckpt.config)
@@ -196,7 +213,8 @@ def _converted_log_probs(converted_dir: Path, tokens: mx.array) -> mx.array:
 
 
 def _free() -> None:
-    gc.collect()
+    # Models hold no reference cycles, so returning from their function freed them already;
+    # this hands the freed buffers back instead of keeping them in MLX's cache.
     mx.clear_cache()
 
 
@@ -218,11 +236,13 @@ def _end_to_end(
     nll_out = -mx.take_along_axis(out[:-1], targets, axis=-1).mean()
     mx.eval(kl, top1, nll_ref, nll_out)
     ppl_ref, ppl_out = _exp(nll_ref.item()), _exp(nll_out.item())
+    kl_mean = kl.mean().item()
     return QualityReport(
         method="end-to-end",
         tokens=int(tokens.size),
         calib=label,
-        kl_divergence=max(0.0, kl.mean().item()),  # rounding can dip a hair below zero
+        # Rounding can dip a hair below zero; a NaN (a broken model) must stay visible.
+        kl_divergence=0.0 if kl_mean < 0 else kl_mean,
         top1_agreement=top1.mean().item(),
         ppl_source=ppl_ref,
         ppl_converted=ppl_out,
@@ -254,8 +274,14 @@ def _quant_params(config: dict) -> tuple[dict, dict]:
     return defaults, section
 
 
+def _as_rows(a: mx.array) -> mx.array:
+    """(..., K) -> (N, K); quantization groups run along the last axis, so rows split cleanly."""
+    return a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
+
+
 def _pairs(converted: dict[str, mx.array], config: dict):
-    """(name, reconstructed converted tensor) for every tensor to compare, lazily.
+    """(name, shape, rows) for every tensor to compare; rows(i, j) gives rows i:j of the
+    converted tensor (dequantized) as float32, so no whole-tensor float32 copy is ever made.
 
     Tensors are popped from `converted`: an evaluated array that is still referenced keeps its
     data, so holding them would grow memory to the whole model.
@@ -266,42 +292,72 @@ def _pairs(converted: dict[str, mx.array], config: dict):
         # Nothing quantized (a layout/dtype conversion): compare every float tensor.
         for name in sorted(converted):
             if mx.issubdtype(converted[name].dtype, mx.floating):
-                yield name, converted.pop(name)
+                t = converted.pop(name)
+                yield name, tuple(t.shape), _float_rows(_as_rows(t))
         return
     for path in quantized:
         p = {**defaults, **(overrides.get(path) or {})}
-        w = mx.dequantize(
-            converted.pop(f"{path}.weight"),
-            converted.pop(f"{path}.scales"),
-            converted.pop(f"{path}.biases", None),
-            group_size=p.get("group_size", 64),
-            bits=p.get("bits", 4),
+        w = converted.pop(f"{path}.weight")
+        scales, biases = converted.pop(f"{path}.scales"), converted.pop(f"{path}.biases", None)
+        bits = int(p.get("bits", 4))
+        shape = (*w.shape[:-1], w.shape[-1] * 32 // bits)
+        yield f"{path}.weight", shape, _dequantized_rows(w, scales, biases, p, bits)
+
+
+def _float_rows(t: mx.array):
+    return lambda i, j: t[i:j].astype(mx.float32)
+
+
+def _dequantized_rows(w: mx.array, scales: mx.array, biases: mx.array | None, p: dict, bits: int):
+    w, scales = _as_rows(w), _as_rows(scales)
+    biases = _as_rows(biases) if biases is not None else None
+
+    def rows(i: int, j: int) -> mx.array:
+        return mx.dequantize(
+            w[i:j],
+            scales[i:j],
+            biases[i:j] if biases is not None else None,
+            group_size=int(p.get("group_size", 64)),
+            bits=bits,
             mode=p.get("mode", "affine"),
+        ).astype(mx.float32)
+
+    return rows
+
+
+def _relative_error(name: str, shape: tuple, rows, ref: mx.array) -> float:
+    """|W' - W|_F / |W|_F, a block of rows at a time (bounded temporaries for huge embeddings)."""
+    if shape != tuple(ref.shape):
+        raise ValueError(
+            f"{name} has shape {shape} in the converted model but {tuple(ref.shape)} "
+            "in the source: the two directories are not the same model"
         )
-        yield f"{path}.weight", w
-
-
-def _relative_error(w: mx.array, ref: mx.array) -> float:
-    ref = ref.astype(mx.float32).flatten()
-    diff = w.astype(mx.float32).flatten() - ref
-    norm = mx.linalg.norm(ref)
-    return (mx.linalg.norm(diff) / mx.maximum(norm, mx.array(1e-30, mx.float32))).item()
+    ref = _as_rows(ref)
+    step = max(1, _CHUNK_ELEMENTS // ref.shape[1])
+    num = den = 0.0
+    for i in range(0, ref.shape[0], step):
+        r = ref[i : i + step].astype(mx.float32)
+        d2, r2 = mx.square(rows(i, i + step) - r).sum(), mx.square(r).sum()
+        mx.eval(d2, r2)
+        num, den = num + d2.item(), den + r2.item()
+    return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 
 def _per_tensor(source_dir: Path, converted_dir: Path, reason: str | None) -> QualityReport:
-    from mlxrun.convert.checkpoint import build_model, open_checkpoint
+    from mlxrun.convert.checkpoint import open_checkpoint
     from mlxrun.convert.quantize import load_lazy
+    from mlxrun.models import build_model
 
     ckpt = open_checkpoint(source_dir)
     source = load_lazy(ckpt, build_model(ckpt.config))
     config = json.loads((converted_dir / "config.json").read_text())
     converted = _converted_weights(converted_dir)
     errors: dict[str, float] = {}
-    for name, w in _pairs(converted, config):
+    for name, shape, rows in _pairs(converted, config):
         ref = source.pop(name, None)  # popped for the same reason as in _pairs
         if ref is not None:
-            errors[name] = _relative_error(w, ref)  # evaluates this one pair only
-        del w, ref
+            errors[name] = _relative_error(name, shape, rows, ref)  # evaluates this pair only
+        del rows, ref
         mx.clear_cache()
     if not errors:
         raise ValueError(f"no tensor of {converted_dir} matches a source tensor")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pexpect
@@ -16,6 +17,12 @@ def test_help_is_fast_and_lists_commands():
     for cmd in ("convert", "list", "show", "rm", "pull"):
         assert cmd in proc.stdout
     assert run_cli("--version").stdout.strip().endswith("0.1.0")
+    # Heavy libraries load inside commands only, so --help stays instant.
+    code = ("import sys; from click.testing import CliRunner; from mlxrun.cli import main; "
+            "CliRunner().invoke(main, ['--help']); "
+            "print(sorted(m for m in ('mlx', 'torch', 'transformers', 'mlx_lm') if m in sys.modules))")  # fmt: skip
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
 
 
 def test_plan_prints_table_and_writes_nothing(tiny_llama, tmp_path):

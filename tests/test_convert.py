@@ -27,6 +27,10 @@ def _mlx_lm_convert(src: Path, dst: Path, **kw) -> None:
     convert(str(src), str(dst), **kw)
 
 
+def _with_mode(q: dict) -> dict:
+    return {k: ({"mode": "affine", **v} if isinstance(v, dict) else v) for k, v in q.items()}
+
+
 def _greedy_ids(model, prompt: list[int], n: int = 12) -> list[int]:
     from mlx_lm.models.cache import make_prompt_cache
 

@@ -11,12 +11,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from fixtures import ARCHS, build_checkpoint, build_tokenizer, tokenizer_spec
-from fixtures.corpus import ROUND_TRIP_SAMPLES
 from mlx_lm.utils import load as mlx_load
 from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fixtures import ARCHS, build_checkpoint, build_tokenizer, tokenizer_spec
+from fixtures.corpus import ROUND_TRIP_SAMPLES
 
 PROMPT = "def fibonacci(n):\n    return [0, 1] # 😀 你好"
 TIED = {"qwen2", "gemma2"}

@@ -6,10 +6,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
-from mlxrun.convert import plan as planner
-from mlxrun.convert.recipes import QUALITY_LADDER, get_recipe, quantization_map
 
 from mlxrun import memory
+from mlxrun.convert import plan as planner
+from mlxrun.convert.recipes import QUALITY_LADDER, get_recipe, quantization_map
 from mlxrun.errors import InsufficientMemoryError, format_size
 from mlxrun.models import build_model
 

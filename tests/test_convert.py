@@ -61,10 +61,7 @@ def test_byte_identical_to_mlx_lm_convert(arch, checkpoint_factory, tmp_path):
     ca = json.loads((ours / "config.json").read_text())
     cb = json.loads((theirs / "config.json").read_text())
     # mlx-lm copies an architecture's own override verbatim (without "mode"); affine is implied.
-    norm = lambda q: {
-        k: ({"mode": "affine", **v} if isinstance(v, dict) else v) for k, v in q.items()
-    }  # noqa: E731
-    assert norm(ca["quantization"]) == norm(cb["quantization"])
+    assert _with_mode(ca["quantization"]) == _with_mode(cb["quantization"])
     assert ca["quantization_config"] == ca["quantization"]
     index = json.loads((ours / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(a)

@@ -23,10 +23,22 @@ def main() -> None:
 
 
 def _register() -> None:
+    from mlxrun.cli_chat import chat_cmd
     from mlxrun.cli_convert import convert_cmd
+    from mlxrun.cli_generate import generate_cmd
+    from mlxrun.cli_serve import serve_cmd
     from mlxrun.cli_store import list_cmd, pull_cmd, rm_cmd, show_cmd
 
-    for cmd in (convert_cmd, pull_cmd, list_cmd, show_cmd, rm_cmd):
+    for cmd in (
+        convert_cmd,
+        pull_cmd,
+        list_cmd,
+        show_cmd,
+        rm_cmd,
+        generate_cmd,
+        chat_cmd,
+        serve_cmd,
+    ):
         main.add_command(cmd)
 
 

@@ -77,14 +77,26 @@ class InvalidRequestError(MlxrunError):
 
 
 class ContextLengthExceededError(InvalidRequestError):
-    def __init__(self, prompt_tokens: int, limit: int, param: str | None = "messages"):
+    def __init__(
+        self,
+        prompt_tokens: int,
+        limit: int,
+        param: str | None = "messages",
+        max_tokens: int | None = None,
+    ):
+        if max_tokens is None:
+            msg = f"the prompt has {prompt_tokens} tokens but the context length is {limit}"
+        else:
+            msg = (
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceed "
+                f"the context length ({limit})"
+            )
         super().__init__(
-            f"the prompt has {prompt_tokens} tokens but the context length is {limit}",
-            param=param,
-            hint="Shorten the prompt or raise --context.",
+            msg, param=param, hint="Shorten the prompt, lower max_tokens or raise --context."
         )
         self.prompt_tokens = prompt_tokens
         self.limit = limit
+        self.max_tokens = max_tokens
 
 
 class EngineOverloadedError(MlxrunError):

@@ -1,0 +1,284 @@
+"""KV storage for the engine: KV blocks (the prefix cache's values), request caches built from
+them, rows cut out of the decode batch, and the disk tier.
+
+A `KVBlock` holds the keys and values of a run of tokens, per layer, each `(1, n_kv_heads, L,
+head_dim)`. The radix index (mlxrun.prefix_cache) treats blocks as opaque and reaches them only
+through `block_nbytes` and `split_block`.
+
+Blocks cut from the decode batch start out lazy (slices of the whole batch buffer); they are
+copied into buffers of their own before they are kept (`KVBlock.materialize`), or a kept block
+would pin the batch's memory.
+
+The disk tier (`DiskCache`) keeps one safetensors file per evicted token path under
+`cache_dir/<namespace hash>/`: arrays `<layer>.keys` / `<layer>.values`, token ids and the
+namespace in the metadata. Files are written to a temporary name and renamed, survive restarts
+(the directory is scanned at start), and are bounded by a byte budget (LRU by mtime).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+FORMAT = "mlxrun-kv-1"
+
+
+class KVBlock:
+    """Keys and values of a run of tokens: `layers[i] = (keys, values)`, each (1, H, L, D)."""
+
+    __slots__ = ("layers", "materialized")
+
+    def __init__(self, layers: Sequence[tuple[mx.array, mx.array]], materialized: bool = True):
+        self.layers = tuple((k, v) for k, v in layers)
+        self.materialized = materialized
+
+    @property
+    def length(self) -> int:
+        return int(self.layers[0][0].shape[2]) if self.layers else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    def materialize(self) -> KVBlock:
+        """Copy into buffers of its own (asynchronously), releasing whatever it was sliced from."""
+        if not self.materialized:
+            self.layers = tuple((mx.contiguous(k), mx.contiguous(v)) for k, v in self.layers)
+            mx.async_eval([a for kv in self.layers for a in kv])
+            self.materialized = True
+        return self
+
+    def slice(self, start: int, end: int | None = None) -> KVBlock:
+        """Tokens [start, end) as a lazy block (materialize it before keeping it)."""
+        return KVBlock([(k[:, :, start:end], v[:, :, start:end]) for k, v in self.layers], False)
+
+
+def block_nbytes(block: KVBlock) -> int:
+    return block.nbytes
+
+
+def split_block(block: KVBlock, k: int) -> tuple[KVBlock, KVBlock]:
+    """(first k tokens, rest). A lazy block's first part stays lazy: the radix index drops it when
+    it is already stored, so it is never computed. A stored block is split into two copies."""
+    first, rest = block.slice(0, k), block.slice(k)
+    if block.materialized:
+        first.materialize()
+    return first, rest.materialize()
+
+
+def concat_blocks(blocks: Sequence[KVBlock]) -> KVBlock:
+    if len(blocks) == 1:
+        return blocks[0]
+    layers = zip(*(b.layers for b in blocks), strict=True)
+    return KVBlock(
+        [
+            (
+                mx.concatenate([k for k, _ in kvs], axis=2),
+                mx.concatenate([v for _, v in kvs], axis=2),
+            )
+            for kvs in layers
+        ],
+        materialized=False,
+    )
+
+
+def supports_prefix_cache(cache: Sequence[Any]) -> bool:
+    """Plain KVCache layers only: their KV at a position depends on the tokens before it and
+    nothing else, so it can be cut, stored and reused. Sliding windows and SSM states cannot."""
+    from mlx_lm.models.cache import KVCache
+
+    return all(type(c) is KVCache for c in cache)
+
+
+def kv_bytes_per_token(cache: Sequence[Any]) -> int:
+    """KV bytes one token takes across the layers of a cache that holds at least one token."""
+    return sum(2 * c.keys[:, :, :1].nbytes for c in cache if getattr(c, "keys", None) is not None)
+
+
+def cache_from_blocks(blocks: Sequence[KVBlock], fresh: list) -> list:
+    """Fill `fresh` (a new per-request KVCache list) with the blocks' tokens, in order."""
+    whole = concat_blocks(blocks)
+    for c, (k, v) in zip(fresh, whole.layers, strict=True):
+        c.keys, c.values = mx.contiguous(k), mx.contiguous(v)
+        c.offset = int(k.shape[2])
+    mx.eval([a for c in fresh for a in (c.keys, c.values)])
+    return fresh
+
+
+def block_from_cache(cache: Sequence[Any], num_tokens: int, row: int = 0) -> KVBlock | None:
+    """The last `num_tokens` positions of batch row `row` as a lazy block. Works for a request's
+    own KVCache list (row 0) and for the decode batch's BatchKVCache list, whose rows are
+    left-padded: a row's tokens are always the last ones."""
+    if num_tokens <= 0 or cache[0].empty():
+        return None
+    layers = []
+    for c in cache:
+        k, v = c.keys_and_values()  # (B, H, size, D)
+        layers.append((k[row : row + 1, :, -num_tokens:], v[row : row + 1, :, -num_tokens:]))
+    return KVBlock(layers, materialized=False)
+
+
+# ---------------------------------------------------------------------------- disk tier
+
+
+@dataclass
+class _DiskEntry:
+    path: Path
+    tokens: np.ndarray  # (L,) int64
+    size: int
+    mtime: float
+
+
+def _namespace_key(namespace: tuple) -> str:
+    return hashlib.sha1(json.dumps(list(namespace), default=str).encode()).hexdigest()[:16]
+
+
+def _touch(path: Path) -> float:
+    """Set mtime to now, explicitly: the kernel's own stamp is coarse enough to tie."""
+    now = time.time()
+    os.utime(path, (now, now))
+    return now
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+class DiskCache:
+    """Prefix KV files on disk, looked up by longest common prefix within a namespace."""
+
+    def __init__(self, root: str | Path, budget_bytes: int):
+        self.root = Path(root)
+        self.budget_bytes = int(budget_bytes)
+        self._entries: dict[str, list[_DiskEntry]] = {}
+        self._counts = {"hits": 0, "hit_tokens": 0, "writes": 0, "deleted": 0}
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._scan()
+
+    # -- index -------------------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        from mlxrun import hub
+        from mlxrun.errors import CorruptCheckpointError
+
+        for path in self.root.glob("*/*.safetensors"):
+            if path.name.startswith("."):
+                continue  # a write that never finished
+            try:
+                meta = hub.safetensors_header(path).get("__metadata__") or {}
+                if meta.get("format") != FORMAT:
+                    continue
+                namespace = tuple(json.loads(meta["namespace"]))
+                tokens = np.asarray(json.loads(meta["tokens"]), dtype=np.int64)
+                st = path.stat()
+            except (CorruptCheckpointError, OSError, KeyError, ValueError, TypeError):
+                continue  # unreadable files are ignored, never fatal
+            if path.parent.name != _namespace_key(namespace):
+                continue
+            entry = _DiskEntry(path, tokens, st.st_size, st.st_mtime)
+            self._entries.setdefault(path.parent.name, []).append(entry)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.size for es in self._entries.values() for e in es)
+
+    def stats(self) -> dict:
+        files = sum(len(es) for es in self._entries.values())
+        return {**self._counts, "files": files, "bytes": self.total_bytes}
+
+    def longest_prefix(self, namespace: tuple, token_ids: Sequence[int]) -> tuple[int, Any]:
+        """(tokens matched, handle for `load`) over every file of the namespace."""
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        best: tuple[int, Any] = (0, None)
+        for entry in self._entries.get(_namespace_key(namespace), []):
+            n = _common_prefix(entry.tokens, tokens)
+            if n > best[0]:
+                best = (n, entry)
+        return best
+
+    def load(self, handle: Any, num_tokens: int) -> KVBlock:
+        """The first `num_tokens` of a file found by `longest_prefix`, as a stored block."""
+        entry: _DiskEntry = handle
+        arrays = mx.load(str(entry.path))
+        layers = [
+            (arrays[f"{i}.keys"][:, :, :num_tokens], arrays[f"{i}.values"][:, :, :num_tokens])
+            for i in range(len(arrays) // 2)
+        ]
+        block = KVBlock(layers, materialized=False).materialize()
+        mx.eval([a for kv in block.layers for a in kv])
+        entry.mtime = _touch(entry.path)  # recently used: last to go under the budget
+        self._counts["hits"] += 1
+        self._counts["hit_tokens"] += num_tokens
+        return block
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def save(self, namespace: tuple, token_ids: Sequence[int], blocks: Sequence[KVBlock]) -> bool:
+        """Persist a token path's KV unless a file already covers it. Returns whether it wrote."""
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        key = _namespace_key(namespace)
+        entries = self._entries.setdefault(key, [])
+        if any(_common_prefix(e.tokens, tokens) == len(tokens) for e in entries):
+            return False
+        block = concat_blocks(blocks)
+        if block.nbytes > self.budget_bytes:
+            return False
+        arrays = {}
+        for i, (k, v) in enumerate(block.layers):
+            arrays[f"{i}.keys"], arrays[f"{i}.values"] = k, v
+        metadata = {
+            "format": FORMAT,
+            "namespace": json.dumps(list(namespace), default=str),
+            "tokens": json.dumps(tokens.tolist()),
+        }
+        folder = self.root / key
+        folder.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha1(tokens.tobytes()).hexdigest()[:24] + ".safetensors"
+        tmp = folder / f".tmp-{uuid.uuid4().hex}.safetensors"
+        try:
+            with open(tmp, "wb") as f:
+                mx.save_safetensors(f, arrays, metadata=metadata)
+            os.replace(tmp, folder / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        mtime = _touch(folder / name)
+        # Files holding a strict prefix of this path are now redundant.
+        for old in [e for e in entries if _common_prefix(e.tokens, tokens) == len(e.tokens)]:
+            self._delete(key, old)
+        entries.append(_DiskEntry(folder / name, tokens, (folder / name).stat().st_size, mtime))
+        self._counts["writes"] += 1
+        self._enforce_budget()
+        return True
+
+    def _delete(self, key: str, entry: _DiskEntry) -> None:
+        self._entries[key].remove(entry)
+        entry.path.unlink(missing_ok=True)
+        self._counts["deleted"] += 1
+
+    def _enforce_budget(self) -> None:
+        total = self.total_bytes
+        by_age = sorted(
+            ((e.mtime, k, e) for k, es in self._entries.items() for e in es), key=lambda t: t[0]
+        )
+        for _, key, entry in by_age:
+            if total <= self.budget_bytes:
+                break
+            total -= entry.size
+            self._delete(key, entry)
+
+    def clear(self) -> None:
+        for key, entries in list(self._entries.items()):
+            for entry in list(entries):
+                self._delete(key, entry)

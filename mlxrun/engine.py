@@ -1,0 +1,509 @@
+"""The engine: one thread owns MLX and runs every request in one continuously batched loop.
+
+    engine = Engine(model, EngineConfig(eos_token_ids=info.eos_token_ids, namespace=info.name))
+    engine.start()
+    async for event in engine.submit(Request("r1", ids, SamplingParams(max_tokens=64))):
+        ...                                  # event.new_token_ids, event.finish_reason
+    engine.shutdown()
+
+It speaks token ids (DESIGN.md rule 2). Stop token ids and EOS are handled here; stop *strings*
+are the output stage's job: the caller feeds tokens to mlxrun.output.TextOutput and calls
+`abort(id)` when a stop string completes (the request then ends within one step).
+
+One step: drain submit/abort commands -> Scheduler.schedule() -> set up admitted requests' KV
+(from the prefix cache: memory tier, else disk tier; at least one prompt token is always left
+to compute) -> prefill chunks, each into its request's own cache; a completed prefill samples
+its first token and joins the decode batch at the end of the step -> one batched decode step
+(B, 1) -> per-row penalties and samplers -> read the tokens sampled in the *previous* step and
+emit them -> finished rows leave the batch and their KV goes to the prefix cache ->
+Scheduler.complete_step(). Reading one step late keeps the device busy: the next forward pass is
+queued before Python waits for a token (as mlx-lm's generators do). A row that hit EOS is thus
+computed once more than needed, and its KV (kept for the prefix cache) includes the EOS token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from mlxrun import memory, models
+from mlxrun.batch import (
+    DecodeBatch,
+    RequestState,
+    RequestStream,
+    RowSampler,
+    SyncStream,
+    batch_merge,
+    deliver,
+)
+from mlxrun.cache import (
+    DiskCache,
+    block_from_cache,
+    block_nbytes,
+    cache_from_blocks,
+    kv_bytes_per_token,
+    split_block,
+    supports_prefix_cache,
+)
+from mlxrun.errors import InvalidRequestError
+from mlxrun.generate import check_context
+from mlxrun.prefix_cache import RadixCache
+from mlxrun.sampling import SamplingParams
+from mlxrun.scheduler import Scheduler, SchedulerConfig, SeqState
+
+RATE_WINDOW_S = 10.0  # tokens/s in stats() covers this recent window
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    prompt_token_ids: Sequence[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    priority: int = 0  # higher first (interactive requests, e.g. autocomplete: 1)
+    group: str | None = None  # a new request aborts older unfinished ones of its group
+    namespace: str | None = None  # prefix-cache key beside the model's (e.g. an adapter)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class Event:
+    """New tokens of one request. A stop token (EOS or stop_token_ids) ends the request with
+    finish_reason "stop" and is not among new_token_ids."""
+
+    id: str
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when params.logprobs
+    finish_reason: str | None = None  # None | "stop" | "length" | "abort"
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prompt_tokens: int = 0
+    step: int = 0  # the engine step that produced it (for tests and tracing)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 16  # rows in the decode batch
+    max_tokens_per_step: int = 512  # per step: 1 per decode, prefill chunks get the rest
+    max_waiting: int = 256  # past it submit() raises EngineOverloadedError
+    cache_memory_bytes: int = 1 << 30  # prefix cache (memory tier); 0 = off
+    kv_memory_bytes: int | None = None  # KV budget of running requests; None = what memory allows
+    kv_capacity_tokens: int | None = None  # overrides kv_memory_bytes
+    cache_dir: str | None = None  # disk tier; None = off
+    disk_cache_bytes: int = 8 << 30
+    eos_token_ids: tuple[int, ...] = ()
+    namespace: str = ""  # the model's id: prefixes never match across models
+    context_length: int | None = None
+    default_max_tokens: int = 4096  # when a request has no max_tokens and there is no context
+
+
+class Engine:
+    def __init__(self, model: Any, config: EngineConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self._lock = threading.Lock()  # guards the scheduler and _seqs (submit runs on callers)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._seqs: dict[str, RequestState] = {}
+        self._batch = DecodeBatch()
+        self._scheduler: Scheduler | None = None
+        self._radix: RadixCache | None = None
+        self._disk: DiskCache | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._vocab_size = 0
+        self._step_no = 0
+        self._rates: deque = deque()  # (time, prompt tokens, generated tokens) per step
+        self._counts = dict.fromkeys(
+            ("prompt_tokens", "generation_tokens", "cache_hits", "cache_hit_tokens",
+             "disk_hits", "disk_hit_tokens", "aborted", "group_cancellations", "finished"), 0)  # fmt: skip
+        self._cache_stats: dict = {}
+        self._outbox: list = []  # (stream, event) pairs, delivered once per step
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is not None:
+            return self
+        # Lazily loaded weights belong to the loading thread's stream: read them in here.
+        mx.eval(self.model.parameters())
+        self._thread = threading.Thread(target=self._run, name="mlxrun-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def shutdown(self) -> None:
+        """Abort everything, write the prefix cache to the disk tier (when on), join the thread."""
+        if self._thread is None:
+            return
+        self._commands.put(("stop",))
+        self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _run(self) -> None:
+        try:
+            with mx.stream(mx.new_stream(mx.default_device())):
+                self._setup()
+                self._ready.set()
+                info = memory.device_memory()
+                with memory.wired_limit(info.recommended_bytes or info.budget_bytes):
+                    self._loop()
+        except Exception as e:  # fail every open request rather than hang it
+            self._error = e
+            self._ready.set()
+            deliver(self._outbox + [(seq.sink, e) for seq in list(self._seqs.values())])
+
+    def _setup(self) -> None:
+        """Probe the model once: vocabulary, cache kind, KV bytes per token; size the tiers."""
+        cfg = self.config
+        cache = models.make_cache(self.model)
+        logits = self.model(mx.array([[0]]), cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+        self._vocab_size = int(logits.shape[-1])
+        per_token = kv_bytes_per_token(cache)
+        self._prefix_ok = supports_prefix_cache(cache)
+        self._batch = DecodeBatch(batch_merge(self.model, lambda: models.make_cache(self.model)))
+        max_running = cfg.max_running if self._batch.merge is not None else 1
+        capacity = cfg.kv_capacity_tokens
+        if capacity is None and per_token:
+            budget = cfg.kv_memory_bytes
+            if budget is None:  # what is left beside the weights and the prefix cache
+                budget = memory.device_memory().budget_bytes - mx.get_active_memory()
+                budget -= cfg.cache_memory_bytes
+            capacity = max(budget // per_token, cfg.context_length or 1)
+        self._scheduler = Scheduler(
+            SchedulerConfig(
+                max_running, max(cfg.max_tokens_per_step, max_running), cfg.max_waiting, capacity
+            )
+        )
+        if cfg.cache_dir is not None and self._prefix_ok:
+            self._disk = DiskCache(cfg.cache_dir, cfg.disk_cache_bytes)
+        if self._prefix_ok and (cfg.cache_memory_bytes > 0 or self._disk is not None):
+            on_evict = self._disk.save if self._disk is not None else None
+            self._radix = RadixCache(
+                cfg.cache_memory_bytes, nbytes=block_nbytes, split=split_block, on_evict=on_evict
+            )
+        self._publish_cache_stats()
+
+    # -- submitting (any thread) ------------------------------------------------------------
+
+    def submit(self, request: Request) -> RequestStream:
+        """Queue a request (call from a running event loop); iterate the result for its events.
+        Raises EngineOverloadedError when the queue is full, InvalidRequestError for bad input."""
+        stream = RequestStream(request.id, self.abort, asyncio.get_running_loop())
+        self._add(request, stream)
+        return stream
+
+    def submit_sync(self, request: Request) -> SyncStream:
+        """Queue a request; the result is a blocking iterator of its events (CLI, tests)."""
+        stream = SyncStream(request.id, self.abort)
+        self._add(request, stream)
+        return stream
+
+    def generate_sync(self, request: Request) -> list[Event]:
+        return list(self.submit_sync(request))
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (thread-safe): it ends within one step with finish_reason "abort"."""
+        self._commands.put(("abort", request_id))
+
+    def _add(self, request: Request, sink: Any) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("the engine is not running (call start())") from self._error
+        seq = self._make_seq(request, sink)
+        state = SeqState(
+            request.id, len(seq.prompt), seq.budget, priority=request.priority, group=request.group
+        )
+        with self._lock:
+            assert self._scheduler is not None
+            older = self._scheduler.add(state)  # raises before anything is registered
+            self._seqs[request.id] = seq
+            self._counts["group_cancellations"] += len(older)
+        for rid in older:
+            self.abort(rid)
+        self._commands.put(("wake",))
+
+    def _make_seq(self, request: Request, sink: Any) -> RequestState:
+        ids, params, cfg = request.prompt_token_ids, request.params, self.config
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if min(ids) < 0 or max(ids) >= self._vocab_size:
+            raise InvalidRequestError(
+                f"prompt token ids must be in [0, {self._vocab_size})", param="prompt"
+            )
+        params.check_vocab(self._vocab_size)
+        check_context(len(ids), params.max_tokens, cfg.context_length)
+        budget = params.max_tokens
+        if budget is None:
+            limit = cfg.context_length
+            budget = limit - len(ids) if limit is not None else cfg.default_max_tokens
+        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(cfg.eos_token_ids))
+        return RequestState(
+            request, sink, frozenset(stop), budget, (cfg.namespace, request.namespace)
+        )
+
+    # -- stats (any thread) -----------------------------------------------------------------
+
+    def stats(self) -> dict:
+        with self._lock:
+            sched = self._scheduler.stats() if self._scheduler is not None else {}
+        now = time.monotonic()
+        recent = [r for r in list(self._rates) if now - r[0] <= RATE_WINDOW_S]
+        span = max(now - recent[0][0], 1e-9) if recent else 0.0
+
+        def rate(i: int) -> float:
+            return sum(r[i] for r in recent) / span if span else 0.0
+
+        return {
+            "running": sched.get("running", 0),
+            "waiting": sched.get("waiting", 0),
+            "kv_tokens_reserved": sched.get("kv_tokens_reserved", 0),
+            "kv_capacity_tokens": sched.get("kv_capacity_tokens"),
+            **self._counts,
+            "prompt_tokens_per_s": rate(1),
+            "generation_tokens_per_s": rate(2),
+            "steps": self._step_no,
+            **self._cache_stats,
+        }
+
+    def _publish_cache_stats(self) -> None:
+        out: dict = {}
+        if self._radix is not None:
+            out.update({f"cache_memory_{k}": v for k, v in self._radix.stats().items()})
+        if self._disk is not None:
+            out.update({f"cache_disk_{k}": v for k, v in self._disk.stats().items()})
+        self._cache_stats = out
+
+    # -- the loop (engine thread) -----------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                busy = self._scheduler is not None and self._scheduler.has_work
+            if not busy:
+                mx.clear_cache()  # idle: hand the allocator's spare buffers back
+            if not self._drain(block=not busy):
+                self._stop()
+                deliver(self._outbox)
+                return
+            self._step()
+            deliver(self._outbox)
+            self._outbox = []
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued commands; False on shutdown."""
+        while True:
+            try:
+                cmd = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if cmd[0] == "stop":
+                return False
+            if cmd[0] == "abort":
+                self._abort(cmd[1])
+
+    def _stop(self) -> None:
+        for rid in list(self._seqs):
+            self._abort(rid)
+        if self._radix is not None and self._disk is not None:
+            self._radix.evict(self._radix.total_bytes)  # every path goes to disk
+        self._publish_cache_stats()
+
+    def _step(self) -> None:
+        plan = self._plan()
+        computed: dict[str, int] = {}
+        joiners = self._prefill(plan.prefill, computed)
+        batch, finished = self._batch, []
+        if batch.ids:
+            seqs = [self._seqs[i] for i in batch.ids]
+            ids, tokens, extras, generated = batch.step(self.model, [s.row for s in seqs])
+            for seq in seqs:
+                seq.kv += 1
+            computed.update(dict.fromkeys(ids, 1))
+            finished = self._read(ids, tokens.tolist(), extras, generated)
+        self._retire(finished)
+        self._join(joiners)
+        with self._lock:
+            assert self._scheduler is not None
+            self._scheduler.complete_step(computed, [s.id for s in finished])
+        now = time.monotonic()
+        self._rates.append((now, sum(n for _, n in plan.prefill), len(batch.ids)))
+        while self._rates and now - self._rates[0][0] > RATE_WINDOW_S:
+            self._rates.popleft()
+        self._step_no += 1
+        if self._step_no % 256 == 0:
+            mx.clear_cache()  # the allocator's free buffers otherwise pile up over a long run
+
+    def _plan(self) -> Any:
+        """schedule(); admitted requests get their KV (prefix hits move their starting point, so
+        the plan is made again when there were any)."""
+        assert self._scheduler is not None
+        while True:
+            with self._lock:
+                plan = self._scheduler.schedule()
+            hits = [self._admit(rid) for rid in plan.admitted]
+            if not any(hits):
+                return plan
+
+    def _admit(self, rid: str) -> int:
+        seq = self._seqs[rid]
+        seq.row = RowSampler(seq.params)
+        seq.cache = models.make_cache(self.model)
+        blocks, hit = self._lookup(seq.namespace, seq.prompt[:-1])  # >= 1 token left to compute
+        if hit:
+            cache_from_blocks(blocks, seq.cache)
+            self._counts["cache_hits"] += 1
+            self._counts["cache_hit_tokens"] += hit
+            with self._lock:
+                state = self._scheduler.get(rid) if self._scheduler is not None else None
+                if state is not None:
+                    state.num_computed_tokens = hit
+        seq.computed = seq.cached = seq.kv = hit
+        return hit
+
+    def _lookup(self, namespace: tuple, tokens: list[int]) -> tuple[list, int]:
+        if self._radix is None or not tokens:
+            return [], 0
+        match = self._radix.match_prefix(namespace, tokens)
+        blocks, hit = match.values, match.length
+        if self._disk is not None:
+            n, handle = self._disk.longest_prefix(namespace, tokens)
+            if n > hit:
+                block = self._disk.load(handle, n)
+                self._counts["disk_hits"] += 1
+                self._counts["disk_hit_tokens"] += n
+                self._radix.insert(namespace, tokens[:n], block)
+                blocks, hit = [block], n
+        self._publish_cache_stats()
+        return blocks, hit
+
+    def _prefill(
+        self, chunks: list[tuple[str, int]], computed: dict[str, int]
+    ) -> list[tuple[RequestState, list[int]]]:
+        """Run prompt chunks into the requests' own caches. A prompt's final chunk is left to
+        `_join` (batched across requests). Returns [(request, final chunk)]."""
+        joiners = []
+        for rid, n in chunks:
+            seq = self._seqs[rid]
+            chunk = seq.prompt[seq.computed : seq.computed + n]
+            seq.computed += len(chunk)
+            computed[rid] = len(chunk)
+            self._counts["prompt_tokens"] += len(chunk)
+            if seq.computed == len(seq.prompt):
+                joiners.append((seq, chunk))
+                continue
+            self.model(mx.array(chunk)[None], cache=seq.cache)  # logits are never evaluated
+            mx.async_eval([c.state for c in seq.cache])
+            seq.kv += len(chunk)
+        return joiners
+
+    def _join(self, joiners: list[tuple[RequestState, list[int]]]) -> None:
+        """Final chunks, but the last token, run as one pass and the requests join the batch.
+        The last token is fed by the next decode step, which samples the first token (as
+        mlx-lm does): no full-chunk logits, no forward pass of one row."""
+        if not joiners:
+            return
+        seqs = [s for s, _ in joiners]
+        rests = [chunk[:-1] for _, chunk in joiners]
+        caches = [s.cache for s in seqs]
+        self._batch.join(
+            self.model, [s.id for s in seqs], caches, rests, [c[-1] for _, c in joiners]
+        )
+        for seq, rest in zip(seqs, rests, strict=True):
+            seq.cache = None
+            seq.kv += len(rest)
+
+    def _read(
+        self, ids: list[str], tokens: list[int], extras: list, generated: list
+    ) -> list[RequestState]:
+        """Emit the tokens sampled last step (rows that fed a prompt token have none yet).
+        Returns the requests that finished."""
+        finished = []
+        for rid, token, extra, fresh in zip(ids, tokens, extras, generated, strict=True):
+            if not fresh:
+                continue
+            seq = self._seqs[rid]
+            seq.generated.append(token)
+            self._counts["generation_tokens"] += 1
+            if token in seq.stop_ids:
+                finished.append(seq)
+                self._emit(seq, [], None, "stop")
+                continue
+            lps = None
+            if extra is not None:
+                lp, top_ids, top_lps = (x.tolist() for x in extra)
+                lps = [TokenLogprob(token, lp[0], tuple(zip(top_ids[0], top_lps[0], strict=True)))]
+            done = len(seq.generated) >= seq.budget
+            if done:
+                finished.append(seq)
+            self._emit(seq, [token], lps, "length" if done else None)
+        return finished
+
+    def _retire(self, finished: list[RequestState]) -> None:
+        """Finished rows leave the batch; their KV goes to the prefix cache."""
+        if not finished:
+            return
+        gone = {s.id for s in finished}
+        for seq in finished:
+            self._cache_kv(seq, self._batch.caches, self._batch.index(seq.id))
+        self._batch.keep([i for i, rid in enumerate(self._batch.ids) if rid not in gone])
+        self._publish_cache_stats()
+
+    def _cache_kv(self, seq: RequestState, cache: list | None, row: int) -> None:
+        """Offer a leaving request's KV (prompt + generated tokens) to the prefix cache."""
+        if self._radix is None or cache is None:
+            return
+        tokens = (seq.prompt + seq.generated)[: seq.kv]
+        block = block_from_cache(cache, len(tokens), row)
+        if block is None:
+            return
+        if self._radix.insert(seq.namespace, tokens, block) == len(tokens):
+            block.materialize()  # stored whole: copy it out of the batch buffer
+
+    def _abort(self, rid: str) -> None:
+        with self._lock:
+            assert self._scheduler is not None
+            state = self._scheduler.abort(rid)
+        seq = self._seqs.get(rid)
+        if seq is None or seq.done:
+            return
+        if rid in self._batch.ids:
+            idx = self._batch.index(rid)
+            self._cache_kv(seq, self._batch.caches, idx)
+            self._batch.keep([i for i in range(len(self._batch)) if i != idx])
+        elif seq.cache is not None:
+            self._cache_kv(seq, seq.cache, 0)
+        seq.cache = None
+        if state is not None:
+            self._counts["aborted"] += 1
+        self._publish_cache_stats()
+        self._emit(seq, [], None, "abort")
+
+    def _emit(self, seq: RequestState, tokens: list[int], lps: Any, finish: str | None) -> None:
+        event = Event(seq.id, tokens, lps, finish, seq.cached, len(seq.prompt), self._step_no)
+        if finish is not None:
+            seq.done = True
+            self._counts["finished"] += 1
+            with self._lock:
+                self._seqs.pop(seq.id, None)
+        self._outbox.append((seq.sink, event))

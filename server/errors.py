@@ -1,0 +1,201 @@
+"""OpenAI error objects: every failure leaves the server as {"error": {message, type, param, code}}.
+
+Typed mlxrun errors are mapped by class (never by message text); anything unexpected becomes a 500
+object and is logged, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from mlxrun.errors import (
+    ContextLengthExceededError,
+    EngineOverloadedError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    MlxrunError,
+    ModelNotFoundError,
+)
+
+log = logging.getLogger("mlxrun.server")
+
+INVALID = "invalid_request_error"
+SERVER = "server_error"
+
+
+class APIError(Exception):
+    """An error with its HTTP status, raised anywhere in server/ and rendered by the app."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = INVALID,  # noqa: A002 - OpenAI's field name
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def context_exceeded(prompt_tokens: int, max_tokens: int, limit: int, param: str) -> APIError:
+    """400 naming the prompt size, the completion size asked for and the context length."""
+    return APIError(
+        400,
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for "
+        "the completion). Please reduce the prompt or the completion length.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def overloaded(retry_after: float) -> APIError:
+    seconds = max(1, math.ceil(retry_after))
+    return APIError(
+        429,
+        "The server is busy: too many requests are waiting. Please retry shortly.",
+        type="rate_limit_error",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+def loading() -> APIError:
+    return APIError(
+        503,
+        "The model is still loading. Please retry shortly.",
+        type=SERVER,
+        code="model_loading",
+        headers={"Retry-After": "1"},
+    )
+
+
+def from_mlxrun(exc: MlxrunError) -> APIError:
+    """The status and OpenAI shape for a typed mlxrun error (by class, most specific first)."""
+    if isinstance(exc, ContextLengthExceededError):
+        return APIError(400, exc.message, param=exc.param, code="context_length_exceeded")
+    if isinstance(exc, InvalidRequestError):
+        return invalid(exc.message, exc.param)
+    if isinstance(exc, EngineOverloadedError):
+        return overloaded(exc.retry_after)
+    if isinstance(exc, ModelNotFoundError):
+        return APIError(404, exc.message, param="model", code="model_not_found")
+    if isinstance(exc, InsufficientMemoryError):
+        return APIError(
+            503, exc.message, type=SERVER, code="insufficient_memory", headers={"Retry-After": "5"}
+        )
+    return APIError(500, exc.message, type=SERVER, code="internal_error")
+
+
+def internal(exc: BaseException) -> APIError:
+    log.exception("internal error while serving a request", exc_info=exc)
+    return APIError(
+        500,
+        f"The server had an internal error ({type(exc).__name__}). It is still running; the "
+        "request can be retried.",
+        type=SERVER,
+        code="internal_error",
+    )
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, MlxrunError):
+        return from_mlxrun(exc)
+    return internal(exc)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
+    return to_api_error(exc).response()
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own 404/405 (unknown route, wrong method) in OpenAI's shape."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"Unknown request URL: {request.method} {request.url.path}."
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}."
+    else:
+        message = str(exc.detail)
+    err = APIError(
+        exc.status_code,
+        message,
+        type=INVALID if exc.status_code < 500 else SERVER,
+        code=_HTTP_CODES.get(exc.status_code),
+        headers=dict(exc.headers or {}),
+    )
+    return err.response()
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return to_api_error(exc).response()
+
+
+EXCEPTION_HANDLERS = {
+    APIError: handle_api_error,
+    MlxrunError: handle_api_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}
+
+
+def guarded(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint that turns every exception into its error object (never a bare 500 page)."""
+
+    @functools.wraps(handler)
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as e:  # noqa: BLE001 - the HTTP edge: everything becomes an error object
+            return to_api_error(e).response()
+
+    return endpoint

@@ -1,0 +1,482 @@
+"""OpenAI request bodies -> validated request objects carrying SamplingParams.
+
+Parsing is strict the way OpenAI's is: wrong types, out-of-range values and unknown parameters are
+400s naming the parameter; nothing is silently ignored. Optional fields sent as null count as absent.
+A few parameters we cannot honour yet are accepted only at their no-op value (e.g. tools: [],
+response_format: {"type": "text"}) and refused otherwise with "not supported yet".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mlxrun.errors import InvalidRequestError
+from mlxrun.sampling import SamplingParams
+
+from .errors import APIError, from_mlxrun, invalid
+
+MAX_N = 128  # OpenAI's limit on n
+MAX_CHOICES = 128  # prompts x n for one /v1/completions call
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions logprobs
+MAX_TEMPERATURE = 2
+
+_ROLES = ("system", "developer", "user", "assistant")
+_LATER_ROLES = ("tool", "function")
+_MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "function_call", "refusal"})
+
+# Sampling fields passed straight to SamplingParams (which validates them and names the field).
+_SAMPLING = (
+    "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed",
+    # Extensions most local servers accept (vLLM, llama.cpp).
+    "top_k", "min_p", "repetition_penalty",
+)  # fmt: skip
+_COMMON = frozenset({"model", "n", "stream", "stream_options", "stop", "logit_bias", "user", "max_tokens", *_SAMPLING})  # fmt: skip
+_CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+_COMPLETION = _COMMON | {"prompt", "suffix", "echo", "logprobs", "best_of"}
+
+# Parameters we accept only at a value that asks for nothing we do not do.
+_NOOP_VALUES: dict[str, Callable[[Any], bool]] = {
+    "tools": lambda v: v == [],
+    "functions": lambda v: v == [],
+    "tool_choice": lambda v: v in ("none", "auto"),
+    "function_call": lambda v: v in ("none", "auto"),
+    "parallel_tool_calls": lambda v: isinstance(v, bool),  # meaningless without tools
+    "response_format": lambda v: v == {"type": "text"},
+    "modalities": lambda v: v == ["text"],
+    "store": lambda v: v is False,
+    "metadata": lambda v: isinstance(v, dict),  # tags for stored completions: nothing to do
+    "service_tier": lambda v: v in ("auto", "default"),
+}
+_LATER = ("tools", "functions", "tool_choice", "function_call", "response_format")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: list[dict[str, Any]]  # roles and plain-text content, ready for the chat template
+    params: SamplingParams  # max_tokens None: whatever the context leaves
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens_param: str = "max_tokens"  # the field the client used, for error messages
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    prompts: list[str | list[int]]
+    params: SamplingParams
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    logprobs: int | None = None  # alternatives per token (0..5); None: no logprobs
+    suffix: str | None = None
+    max_tokens_param: str = "max_tokens"
+
+
+# ---------------------------------------------------------------- JSON and types
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; 400 for anything else (bad UTF-8, NaN, deep nesting)."""
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        # Lone surrogates ("\\ud800") are valid JSON but not text: refuse them here, once.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as e:
+        raise invalid(
+            f"We could not parse the JSON body of your request ({type(e).__name__}: {e}). "
+            "The request body must be a JSON object encoded as UTF-8."
+        ) from None
+    if not isinstance(body, dict):
+        raise invalid(f"The request body must be a JSON object, got {_kind(body)} instead.")
+    return body
+
+
+_EXPECTED = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def is_kind(value: Any, kind: str) -> bool:
+    if isinstance(value, bool) and kind in ("integer", "number"):
+        return False
+    return isinstance(value, _EXPECTED[kind])
+
+
+def check_kind(value: Any, kind: str, param: str) -> Any:
+    if not is_kind(value, kind):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise invalid(
+            f"Invalid type for '{param}': expected {article} {kind}, but got {_kind(value)} "
+            "instead.",
+            param,
+            code="invalid_type",
+        )
+    return value
+
+
+def optional(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> Any:
+    value = body.get(name)
+    return default if value is None else check_kind(value, kind, name)
+
+
+def required(body: Mapping[str, Any], name: str, kind: str) -> Any:
+    if body.get(name) is None:
+        raise invalid(
+            f"Missing required parameter: '{name}'.", name, code="missing_required_parameter"
+        )
+    return check_kind(body[name], kind, name)
+
+
+def _check_known(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    for name, value in body.items():
+        if name in allowed or value is None:
+            continue
+        noop = _NOOP_VALUES.get(name)
+        if noop is not None and noop(value):
+            continue
+        if name in _NOOP_VALUES:
+            later = "; it is planned" if name in _LATER else ""
+            raise invalid(
+                f"The parameter '{name}' with this value is not supported yet by this server{later}.",
+                name,
+                code="unsupported_parameter",
+            )
+        raise invalid(
+            f"Unrecognized request argument supplied: {name}", name, code="unknown_parameter"
+        )
+
+
+# ---------------------------------------------------------------- shared fields
+
+
+def _int_in(body: Mapping[str, Any], name: str, low: int, high: int, default: int) -> int:
+    value = optional(body, name, "integer", default)
+    if not low <= value <= high:
+        raise invalid(f"'{name}' must be between {low} and {high}, got {value}.", name)
+    return value
+
+
+def _max_tokens(body: Mapping[str, Any], names: tuple[str, ...]) -> tuple[int | None, str]:
+    """The first of `names` that is set (max_completion_tokens wins over max_tokens)."""
+    for name in names:
+        value = optional(body, name, "integer")
+        if value is not None:
+            if value < 1:
+                raise invalid(f"'{name}' must be at least 1, got {value}.", name)
+            return value, name
+    return None, names[-1]
+
+
+def _logit_bias(body: Mapping[str, Any]) -> dict[int, Any]:
+    bias = optional(body, "logit_bias", "object", {})
+    out: dict[int, Any] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid(
+                f"logit_bias keys must be token ids written as integers, got {key!r}.",
+                "logit_bias",
+            ) from None
+        out[token] = value
+    return out
+
+
+def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    check_kind(stop, "array", "stop")
+    for s in stop:
+        check_kind(s, "string", "stop")
+    return tuple(stop)
+
+
+def _stream(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    stream = optional(body, "stream", "boolean", False)
+    options = optional(body, "stream_options", "object")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise invalid(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            "stream_options",
+        )
+    for key, value in options.items():
+        if key != "include_usage" and value is not None:
+            raise invalid(
+                f"Unrecognized stream option: {key}", f"stream_options.{key}", "unknown_parameter"
+            )
+    return stream, bool(optional(options, "include_usage", "boolean", False))
+
+
+def _sampling(body: Mapping[str, Any], **extra: Any) -> SamplingParams:
+    given = {name: body[name] for name in _SAMPLING if body.get(name) is not None}
+    temperature = given.get("temperature")
+    if is_kind(temperature, "number") and temperature > MAX_TEMPERATURE:
+        raise invalid(
+            f"'temperature' must be between 0 and {MAX_TEMPERATURE}, got {temperature}.",
+            "temperature",
+        )
+    try:
+        return SamplingParams(**given, stop=_stop(body), logit_bias=_logit_bias(body), **extra)
+    except InvalidRequestError as e:
+        raise from_mlxrun(e) from None
+    except (TypeError, OverflowError) as e:  # a value SamplingParams could not even compare
+        raise invalid(f"Invalid sampling parameters: {e}") from None
+
+
+def _model(body: Mapping[str, Any]) -> str:
+    return required(body, "model", "string")
+
+
+# ---------------------------------------------------------------- chat
+
+
+def _content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    check_kind(content, "array", where)
+    texts = []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        check_kind(part, "object", at)
+        kind = part.get("type")
+        if kind is None:
+            raise invalid(f"Missing required parameter: '{at}.type'.", f"{at}.type")
+        check_kind(kind, "string", f"{at}.type")
+        if kind not in ("text", "refusal"):
+            raise invalid(
+                f"Content parts of type '{kind}' are not supported by this model; send text.",
+                f"{at}.type",
+                code="unsupported_content_type",
+            )
+        text = part.get(kind)
+        if not isinstance(text, str):
+            raise invalid(f"Missing or invalid '{at}.{kind}': expected a string.", f"{at}.{kind}")
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _message(message: Any, i: int) -> dict[str, Any]:
+    at = f"messages[{i}]"
+    check_kind(message, "object", at)
+    for key in message:
+        if key not in _MESSAGE_KEYS:
+            raise invalid(
+                f"Unrecognized field in {at}: '{key}'.", f"{at}.{key}", "unknown_parameter"
+            )
+    role = message.get("role")
+    if role is None:
+        raise invalid(f"Missing required parameter: '{at}.role'.", f"{at}.role")
+    check_kind(role, "string", f"{at}.role")
+    if role in _LATER_ROLES:
+        raise invalid(
+            f"Messages with role '{role}' are not supported yet (tool calling is planned).",
+            f"{at}.role",
+            code="unsupported_parameter",
+        )
+    if role not in _ROLES:
+        raise invalid(
+            f"Invalid value for '{at}.role': '{role}'. Supported values are: "
+            + ", ".join(f"'{r}'" for r in _ROLES)
+            + ".",
+            f"{at}.role",
+            code="invalid_value",
+        )
+    for key in ("tool_calls", "function_call"):
+        if message.get(key):
+            raise invalid(
+                f"'{at}.{key}' is not supported yet (tool calling is planned).",
+                f"{at}.{key}",
+                code="unsupported_parameter",
+            )
+    content = message.get("content")
+    if content is None and role != "assistant":
+        raise invalid(f"Missing required parameter: '{at}.content'.", f"{at}.content")
+    out: dict[str, Any] = {
+        # Chat templates know "system"; "developer" is OpenAI's newer name for it.
+        "role": "system" if role == "developer" else role,
+        "content": "" if content is None else _content(content, f"{at}.content"),
+    }
+    name = optional(message, "name", "string")
+    if name is not None:
+        out["name"] = name
+    return out
+
+
+def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
+    _check_known(body, _CHAT)
+    model = _model(body)
+    messages = required(body, "messages", "array")
+    if not messages:
+        raise invalid("'messages' must contain at least one message.", "messages")
+    parsed = [_message(m, i) for i, m in enumerate(messages)]
+    n = _int_in(body, "n", 1, MAX_N, 1)
+    stream, include_usage = _stream(body)
+    max_tokens, max_param = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
+    logprobs = optional(body, "logprobs", "boolean", False)
+    top = optional(body, "top_logprobs", "integer", 0)
+    optional(body, "user", "string")
+    params = _sampling(body, max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top)
+    return ChatRequest(
+        model=model,
+        messages=parsed,
+        params=params,
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens_param=max_param,
+    )
+
+
+# ---------------------------------------------------------------- completions
+
+
+def _prompts(body: Mapping[str, Any]) -> list[str | list[int]]:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise invalid(
+            "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter"
+        )
+    if isinstance(prompt, str):
+        return [prompt]
+    check_kind(prompt, "array", "prompt")
+    if not prompt:
+        raise invalid("'prompt' must not be an empty array.", "prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if all(is_kind(t, "integer") for t in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, list) for p in prompt):
+        for i, ids in enumerate(prompt):
+            if not ids or not all(is_kind(t, "integer") for t in ids):
+                raise invalid(
+                    f"'prompt[{i}]' must be a non-empty array of token ids.", f"prompt[{i}]"
+                )
+        return [list(p) for p in prompt]
+    raise invalid(
+        "'prompt' must be a string, an array of strings, an array of token ids or an array "
+        "of arrays of token ids.",
+        "prompt",
+    )
+
+
+def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
+    _check_known(body, _COMPLETION)
+    model = _model(body)
+    prompts = _prompts(body)
+    n = _int_in(body, "n", 1, MAX_N, 1)
+    best_of = optional(body, "best_of", "integer")
+    if best_of is not None and best_of != n:
+        raise invalid(
+            "'best_of' other than n is not supported yet.", "best_of", "unsupported_parameter"
+        )
+    if len(prompts) * n > MAX_CHOICES:
+        raise invalid(
+            f"Too many choices: {len(prompts)} prompts x n={n} exceeds {MAX_CHOICES}.", "n"
+        )
+    stream, include_usage = _stream(body)
+    max_tokens, max_param = _max_tokens(body, ("max_tokens",))
+    logprobs = optional(body, "logprobs", "integer")
+    if logprobs is not None and not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise invalid(
+            f"'logprobs' must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {logprobs}.",
+            "logprobs",
+        )
+    optional(body, "user", "string")
+    params = _sampling(
+        body,
+        max_tokens=16 if max_tokens is None else max_tokens,  # OpenAI's default here
+        logprobs=logprobs is not None,
+        top_logprobs=logprobs or 0,
+    )
+    return CompletionRequest(
+        model=model,
+        prompts=prompts,
+        params=params,
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+        echo=optional(body, "echo", "boolean", False),
+        logprobs=logprobs,
+        suffix=optional(body, "suffix", "string"),
+        max_tokens_param=max_param,
+    )
+
+
+# ---------------------------------------------------------------- tokenize / detokenize
+
+
+def parse_tokenize(body: Mapping[str, Any]) -> tuple[str | None, str | None, list | None, bool]:
+    """(model, prompt, messages, add_special_tokens): exactly one of prompt and messages."""
+    model = optional(body, "model", "string")
+    allowed = {"model", "prompt", "messages", "add_special_tokens"}
+    for name in body:
+        if name not in allowed and body[name] is not None:
+            raise invalid(f"Unrecognized request argument supplied: {name}", name)
+    prompt = optional(body, "prompt", "string")
+    messages = optional(body, "messages", "array")
+    if (prompt is None) == (messages is None):
+        raise invalid("Pass exactly one of 'prompt' and 'messages'.", "prompt")
+    if messages is not None:
+        messages = [_message(m, i) for i, m in enumerate(messages)]
+        if not messages:
+            raise invalid("'messages' must contain at least one message.", "messages")
+    return model, prompt, messages, optional(body, "add_special_tokens", "boolean", True)
+
+
+def parse_detokenize(body: Mapping[str, Any]) -> tuple[str | None, list[int]]:
+    model = optional(body, "model", "string")
+    for name in body:
+        if name not in ("model", "tokens") and body[name] is not None:
+            raise invalid(f"Unrecognized request argument supplied: {name}", name)
+    tokens = required(body, "tokens", "array")
+    for t in tokens:
+        check_kind(t, "integer", "tokens")
+    return model, tokens
+
+
+__all__ = [
+    "APIError",
+    "ChatRequest",
+    "CompletionRequest",
+    "parse_chat",
+    "parse_completion",
+    "parse_detokenize",
+    "parse_json",
+    "parse_tokenize",
+]

@@ -1,0 +1,51 @@
+"""GET /v1/models and /v1/models/{id}: the served model (and its aliases) with capabilities."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ..errors import guarded, model_not_found
+from ..state import ServerState, server_state
+
+
+def model_card(state: ServerState, model_id: str) -> dict[str, Any]:
+    config = state.config
+    max_output = config.max_output_tokens or config.context_length
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": config.created,
+        "owned_by": config.owned_by,
+        # Beyond OpenAI's four fields: what editors and clients need to size their requests.
+        "context_length": config.context_length,
+        "max_model_len": config.context_length,
+        "max_output_tokens": max_output,
+        "capabilities": {
+            "chat": True,
+            "completions": True,
+            "fim": state.tokenizer.fim_tokens is not None,
+            "tools": False,
+            "json_schema": False,
+            "logprobs": True,
+            "vision": False,
+        },
+    }
+
+
+@guarded
+async def list_models(request: Request) -> JSONResponse:
+    state = server_state(request)
+    data = [model_card(state, model_id) for model_id in state.config.model_ids]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@guarded
+async def get_model(request: Request) -> JSONResponse:
+    state = server_state(request)
+    model_id = request.path_params["model_id"]
+    if model_id not in state.config.model_ids:
+        raise model_not_found(model_id)
+    return JSONResponse(model_card(state, model_id))

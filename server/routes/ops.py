@@ -1,0 +1,118 @@
+"""Operations: GET /health, GET /metrics (Prometheus text), POST /tokenize, POST /detokenize."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from .. import errors
+from ..errors import guarded, invalid
+from ..protocol import parse_detokenize, parse_tokenize
+from ..state import ServerState, server_state
+from .common import in_thread
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@guarded
+async def health(request: Request) -> Response:
+    state = server_state(request)
+    if state.ready:
+        return JSONResponse({"status": "ok", "model": state.config.model_id})
+    if state.load_error is not None:
+        err = errors.APIError(
+            503,
+            f"The model failed to start: {state.load_error}",
+            type=errors.SERVER,
+            code="model_failed",
+        )
+        return JSONResponse({"status": "error", **err.body()}, status_code=503)
+    err = errors.loading()
+    return JSONResponse({"status": "loading", **err.body()}, status_code=503, headers=err.headers)
+
+
+def _engine_gauges(state: ServerState) -> dict[str, tuple[str, float]]:
+    stats: dict[str, Any] = state.engine.stats() if state.ready else {}
+    hit, computed = stats.get("cache_hit_tokens", 0), stats.get("prompt_tokens", 0)
+    gauges = {
+        "queue_depth": ("Requests waiting for a slot in the engine.", stats.get("waiting", 0)),
+        "requests_running": ("Requests in the running batch.", stats.get("running", 0)),
+        "prefix_cache_hit_ratio": (
+            "Share of prompt tokens served from the prefix cache (since start).",
+            hit / (hit + computed) if hit + computed else 0.0,
+        ),
+        "prefix_cache_bytes": (
+            "Bytes held by the prefix cache (memory tier).",
+            stats.get("cache_memory_bytes", 0),
+        ),
+        "kv_tokens_reserved": (
+            "KV tokens reserved by running requests.",
+            stats.get("kv_tokens_reserved", 0),
+        ),
+        "generation_tokens_per_second": (
+            "Recent engine generation rate (all requests).",
+            stats.get("generation_tokens_per_s", 0.0),
+        ),
+    }
+    gauges.update(_memory_gauges())
+    return gauges
+
+
+def _memory_gauges() -> dict[str, tuple[str, float]]:
+    import mlx.core as mx
+    import psutil
+
+    return {
+        "memory_active_bytes": (
+            "MLX memory in use (weights, KV, buffers).",
+            mx.get_active_memory(),
+        ),
+        "memory_peak_bytes": ("Peak MLX memory since start.", mx.get_peak_memory()),
+        "memory_cache_bytes": ("MLX allocator cache (free buffers kept).", mx.get_cache_memory()),
+        "process_resident_memory_bytes": (
+            "Resident memory of the server process.",
+            psutil.Process().memory_info().rss,
+        ),
+    }
+
+
+@guarded
+async def metrics(request: Request) -> Response:
+    state = server_state(request)
+    text = state.metrics.render(_engine_gauges(state))
+    return PlainTextResponse(text, media_type=PROMETHEUS_TYPE)
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None:
+        state.check_model(model)
+
+
+@guarded
+async def tokenize(request: Request) -> Response:
+    state = server_state(request)
+    model, prompt, messages, add_special = parse_tokenize(await state.read_json(request))
+    _check_model(state, model)
+    tokenizer = state.tokenizer
+    if messages is not None:
+        ids = await in_thread(tokenizer.apply_chat_template, messages)
+    else:
+        ids = await in_thread(tokenizer.encode, prompt, add_special_tokens=add_special)
+    return JSONResponse(
+        {"tokens": ids, "count": len(ids), "max_model_len": state.config.context_length}
+    )
+
+
+@guarded
+async def detokenize(request: Request) -> Response:
+    state = server_state(request)
+    model, tokens = parse_detokenize(await state.read_json(request))
+    _check_model(state, model)
+    vocab = state.tokenizer.vocab_size
+    bad = next((t for t in tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise invalid(f"Token id {bad} is outside the vocabulary (0..{vocab - 1}).", "tokens")
+    text = await in_thread(state.tokenizer.decode, tokens)
+    return JSONResponse({"prompt": text})

@@ -1,0 +1,102 @@
+"""What every route needs: the engine, the tokenizer, the settings and the counters.
+
+One ServerState per app (on `app.state.server`), never module globals.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from . import errors
+from .errors import APIError
+from .metrics import Metrics
+from .protocol import parse_json
+from .tokens import TokenTexts
+
+DEFAULT_MAX_BODY = 32 << 20  # 32 MiB: a 128k-token prompt as JSON token ids is ~1 MB
+OPEN_PATHS = frozenset({"/health"})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP-side settings. `model_id` is what clients send as "model"; aliases work too."""
+
+    model_id: str
+    context_length: int
+    aliases: tuple[str, ...] = ()
+    max_output_tokens: int | None = None  # None: whatever the context leaves
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    owned_by: str = "mlxrun"
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        return (self.model_id, *(a for a in self.aliases if a != self.model_id))
+
+
+class ServerState:
+    """The engine, tokenizer, config and counters one app serves with."""
+
+    def __init__(self, engine: Any, tokenizer: Any, config: ServerConfig):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.config = config
+        self.metrics = Metrics()
+        self.token_texts = TokenTexts(tokenizer)
+        self.ready = False
+        self.load_error: BaseException | None = None
+        self.on_fatal: Any = None  # called with the error if the engine fails to start
+        self._ids = 0
+
+    def check_model(self, name: str) -> str:
+        """The served id for a requested model name; 404 for names we do not serve."""
+        if name not in self.config.model_ids:
+            raise errors.model_not_found(name)
+        return name
+
+    def check_ready(self) -> None:
+        if self.load_error is not None:
+            raise APIError(
+                503,
+                f"The model failed to start: {self.load_error}",
+                type=errors.SERVER,
+                code="model_failed",
+            )
+        if not self.ready:
+            raise errors.loading()
+
+    def next_id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}-{self._ids:x}{time.time_ns() & 0xFFFFFFFF:08x}"
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        """The body as a JSON object; 413 past max_body_bytes (checked while reading)."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        return parse_json(b"".join(chunks))
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"The request body is larger than the server's limit of {limit} bytes.",
+        code="request_too_large",
+    )
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server

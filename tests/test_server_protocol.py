@@ -1,0 +1,297 @@
+"""Pure tier for the server: request parsing, error objects, SSE framing, metrics text, token bytes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlxrun.errors import (
+    ContextLengthExceededError,
+    EngineOverloadedError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
+from mlxrun.server.errors import APIError, from_mlxrun
+from mlxrun.server.metrics import Histogram, Metrics
+from mlxrun.server.protocol import parse_chat, parse_completion, parse_json
+from mlxrun.server.sse import DONE, event
+from mlxrun.server.tokens import _byte_decoder
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _error(fn, *args) -> APIError:
+    with pytest.raises(APIError) as info:
+        fn(*args)
+    return info.value
+
+
+# ---------------------------------------------------------------- JSON
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"{", b"", b"\xff\xfe{}", b'{"a": NaN}', b'{"a": Infinity}', b'"\\ud800"', b"[" * 100000],
+)
+def test_bad_json_is_400(raw):
+    err = _error(parse_json, raw)
+    assert err.status == 400 and err.type == "invalid_request_error"
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"1", b'"x"', b"null"])
+def test_body_must_be_an_object(raw):
+    assert "JSON object" in _error(parse_json, raw).message
+
+
+def test_lone_surrogate_inside_object_is_refused():
+    assert _error(parse_json, b'{"prompt": "a\\udc80b"}').status == 400
+
+
+# ---------------------------------------------------------------- chat
+
+
+def test_minimal_chat_and_nulls_are_absent():
+    nulls = dict.fromkeys(
+        ["temperature", "top_p", "n", "stream", "stop", "max_tokens", "logprobs", "seed",
+         "logit_bias", "user", "tools", "response_format", "stream_options", "top_logprobs"]
+    )  # fmt: skip
+    req = parse_chat({**CHAT, **nulls})
+    assert req.model == "m" and req.n == 1 and not req.stream
+    assert req.messages == [{"role": "user", "content": "hi"}]
+    assert req.params.temperature == 1.0 and req.params.max_tokens is None
+
+
+def test_chat_fields_reach_sampling_params():
+    req = parse_chat(
+        {**CHAT, "temperature": 0, "top_p": 0.5, "seed": 7, "stop": "END", "presence_penalty": 1,
+         "frequency_penalty": -1.5, "logit_bias": {"5": 10, "7": -100}, "logprobs": True,
+         "top_logprobs": 3, "max_tokens": 9, "n": 2, "top_k": 4}
+    )  # fmt: skip
+    p = req.params
+    assert (p.temperature, p.top_p, p.seed, p.stop, p.top_k) == (0, 0.5, 7, ("END",), 4)
+    assert (p.presence_penalty, p.frequency_penalty) == (1, -1.5)
+    assert p.logit_bias == {5: 10, 7: -100}
+    assert p.logprobs and p.top_logprobs == 3 and p.max_tokens == 9 and req.n == 2
+
+
+def test_max_completion_tokens_wins():
+    req = parse_chat({**CHAT, "max_tokens": 5, "max_completion_tokens": 3})
+    assert req.params.max_tokens == 3 and req.max_tokens_param == "max_completion_tokens"
+    err = _error(parse_chat, {**CHAT, "max_completion_tokens": 0})
+    assert err.param == "max_completion_tokens"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("temperature", "hot", "temperature"),
+        ("temperature", -1, "temperature"),
+        ("top_p", 0, "top_p"),
+        ("n", 0, "n"),
+        ("n", 1000, "n"),
+        ("n", 1.5, "n"),
+        ("stream", "yes", "stream"),
+        ("max_tokens", "10", "max_tokens"),
+        ("max_tokens", 0, "max_tokens"),
+        ("presence_penalty", 3, "presence_penalty"),
+        ("logit_bias", {"x": 1}, "logit_bias"),
+        ("logit_bias", {"1": 500}, "logit_bias"),
+        ("logit_bias", [1], "logit_bias"),
+        ("top_logprobs", 2, "top_logprobs"),  # needs logprobs
+        ("top_logprobs", 50, "top_logprobs"),
+        ("stop", ["a", 3], "stop"),
+        ("stop", [""], "stop"),
+        ("seed", 1.5, "seed"),
+        ("model", 3, "model"),
+        ("messages", "hi", "messages"),
+        ("messages", [], "messages"),
+        ("user", 5, "user"),
+        ("stream_options", {"include_usage": True}, "stream_options"),  # without stream
+    ],
+)
+def test_chat_bad_values_name_the_parameter(field, value, param):
+    err = _error(parse_chat, {**CHAT, field: value})
+    assert err.status == 400 and err.param == param, err.message
+
+
+def test_missing_required_fields():
+    assert _error(parse_chat, {"messages": CHAT["messages"]}).param == "model"
+    assert _error(parse_chat, {"model": "m"}).param == "messages"
+    assert _error(parse_chat, {**CHAT, "model": None}).param == "model"
+
+
+def test_unknown_and_unsupported_parameters_are_refused():
+    err = _error(parse_chat, {**CHAT, "frobnicate": 1})
+    assert err.param == "frobnicate" and "Unrecognized" in err.message
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    for field, value in [
+        ("tools", [tool]),
+        ("tool_choice", "required"),
+        ("response_format", {"type": "json_object"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
+        ("store", True),
+    ]:
+        err = _error(parse_chat, {**CHAT, field: value})
+        assert err.param == field and "not supported yet" in err.message
+
+
+def test_noop_values_of_later_features_are_accepted():
+    parse_chat(
+        {**CHAT, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+         "parallel_tool_calls": False, "store": False, "metadata": {"a": "b"}}
+    )  # fmt: skip
+
+
+def test_messages_content_parts_and_roles():
+    req = parse_chat(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "bob"},
+                {"role": "assistant", "content": None},
+            ],
+        }
+    )  # fmt: skip
+    assert req.messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a\nb", "name": "bob"},
+        {"role": "assistant", "content": ""},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"role": "user"}, "messages[0].content"),
+        ({"content": "x"}, "messages[0].role"),
+        ({"role": "wizard", "content": "x"}, "messages[0].role"),
+        ({"role": "tool", "content": "x", "tool_call_id": "1"}, "messages[0].tool_call_id"),
+        ({"role": "tool", "content": "x"}, "messages[0].role"),
+        ({"role": "user", "content": 5}, "messages[0].content"),
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+         "messages[0].content[0].type"),
+        ({"role": "user", "content": [{"text": "x"}]}, "messages[0].content[0].type"),
+        ({"role": "user", "content": [{"type": "text"}]}, "messages[0].content[0].text"),
+        ({"role": "user", "content": "x", "extra": 1}, "messages[0].extra"),
+        ({"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, "messages[0].tool_calls"),
+        ("hello", "messages[0]"),
+    ],
+)  # fmt: skip
+def test_bad_messages_name_the_field(message, param):
+    err = _error(parse_chat, {"model": "m", "messages": [message]})
+    assert err.status == 400 and err.param == param, err.message
+
+
+def test_stream_options():
+    req = parse_chat({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    assert req.stream and req.include_usage
+    assert _error(parse_chat, {**CHAT, "stream": True, "stream_options": {"x": 1}}).status == 400
+
+
+# ---------------------------------------------------------------- completions
+
+
+def test_completion_prompt_forms():
+    base = {"model": "m"}
+    assert parse_completion({**base, "prompt": "a"}).prompts == ["a"]
+    assert parse_completion({**base, "prompt": ["a", "b"]}).prompts == ["a", "b"]
+    assert parse_completion({**base, "prompt": [1, 2]}).prompts == [[1, 2]]
+    assert parse_completion({**base, "prompt": [[1], [2, 3]]}).prompts == [[1], [2, 3]]
+    for bad in ([], ["a", 1], [[1], []], [[1, "a"]], 5, [True]):
+        assert _error(parse_completion, {**base, "prompt": bad}).param.startswith("prompt")
+    assert _error(parse_completion, base).param == "prompt"
+
+
+def test_completion_fields():
+    req = parse_completion({"model": "m", "prompt": "a", "logprobs": 2, "echo": True, "n": 3})
+    assert req.params.max_tokens == 16  # OpenAI's default for this endpoint
+    assert req.params.logprobs and req.params.top_logprobs == 2 and req.logprobs == 2
+    assert req.echo and req.n == 3
+    assert parse_completion({"model": "m", "prompt": "a", "logprobs": 0}).params.logprobs
+    assert parse_completion({"model": "m", "prompt": "a"}).logprobs is None
+    for field, value in [("logprobs", 6), ("logprobs", True), ("best_of", 3), ("echo", 1),
+                         ("suffix", 3), ("top_logprobs", 2), ("messages", [])]:  # fmt: skip
+        assert _error(parse_completion, {"model": "m", "prompt": "a", field: value}).param == field
+    many = {"model": "m", "prompt": ["a"] * 65, "n": 2}
+    assert _error(parse_completion, many).param == "n"
+
+
+# ---------------------------------------------------------------- fuzz
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_fields = [
+    "model", "messages", "prompt", "temperature", "top_p", "n", "stream", "stop", "max_tokens",
+    "logprobs", "top_logprobs", "logit_bias", "seed", "echo", "stream_options", "suffix", "tools",
+    "presence_penalty", "max_completion_tokens", "best_of", "top_k", "min_p",
+]  # fmt: skip
+_bodies = st.dictionaries(st.sampled_from(_fields), _json, max_size=8).map(
+    lambda d: {"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt": "p", **d}
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=_bodies)
+def test_fuzzed_bodies_parse_or_raise_api_errors(body):
+    for parse in (parse_chat, parse_completion):
+        try:
+            parse({k: v for k, v in body.items() if parse is parse_chat or k != "messages"})
+        except APIError as e:
+            assert e.status == 400 and e.message
+
+
+# ---------------------------------------------------------------- errors, SSE, metrics, tokens
+
+
+def test_typed_errors_map_by_class():
+    cases = [
+        (InvalidRequestError("bad", param="x"), 400, "x", None),
+        (ContextLengthExceededError(10, 5), 400, "messages", "context_length_exceeded"),
+        (EngineOverloadedError("busy", retry_after=2.5), 429, None, "rate_limit_exceeded"),
+        (ModelNotFoundError("nope"), 404, "model", "model_not_found"),
+        (InsufficientMemoryError("full"), 503, None, "insufficient_memory"),
+        (UnsupportedModelError("odd"), 500, None, "internal_error"),
+    ]
+    for exc, status, param, code in cases:
+        err = from_mlxrun(exc)
+        assert (err.status, err.param, err.code) == (status, param, code)
+        assert set(err.body()["error"]) == {"message", "type", "param", "code"}
+    assert from_mlxrun(EngineOverloadedError("busy", retry_after=2.5)).headers["Retry-After"] == "3"
+
+
+def test_sse_framing():
+    assert event({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
+    assert DONE == b"data: [DONE]\n\n"
+
+
+def test_histogram_and_metrics_text():
+    h = Histogram("x_seconds", "X.", (0.1, 1))
+    for v in (0.05, 0.5, 5, float("nan")):
+        h.observe(v)
+    text = "\n".join(h.render())
+    assert 'mlxrun_x_seconds_bucket{le="0.1"} 1' in text
+    assert 'mlxrun_x_seconds_bucket{le="1"} 2' in text
+    assert 'mlxrun_x_seconds_bucket{le="+Inf"} 3' in text and "mlxrun_x_seconds_count 3" in text
+    m = Metrics()
+    m.count_request("/v1/completions", 200)
+    out = m.render({"queue_depth": ("Waiting.", 3)})
+    assert 'mlxrun_requests_total{endpoint="/v1/completions",status="200"} 1' in out
+    assert "mlxrun_queue_depth 3" in out and out.endswith("\n")
+
+
+def test_byte_level_alphabet_is_a_bijection():
+    table = _byte_decoder()
+    assert sorted(table.values()) == list(range(256))
+    assert table["Ġ"] == 0x20 and table["A"] == 0x41
+    assert json.dumps(sorted(table)) == json.dumps(sorted(set(table)))

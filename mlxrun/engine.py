@@ -10,15 +10,15 @@ It speaks token ids (DESIGN.md rule 2). Stop token ids and EOS are handled here;
 are the output stage's job: the caller feeds tokens to mlxrun.output.TextOutput and calls
 `abort(id)` when a stop string completes (the request then ends within one step).
 
-One step: drain submit/abort commands -> Scheduler.schedule() -> set up admitted requests' KV
-(from the prefix cache: memory tier, else disk tier; at least one prompt token is always left
-to compute) -> prefill chunks, each into its request's own cache; a completed prefill samples
-its first token and joins the decode batch at the end of the step -> one batched decode step
-(B, 1) -> per-row penalties and samplers -> read the tokens sampled in the *previous* step and
-emit them -> finished rows leave the batch and their KV goes to the prefix cache ->
-Scheduler.complete_step(). Reading one step late keeps the device busy: the next forward pass is
-queued before Python waits for a token (as mlx-lm's generators do). A row that hit EOS is thus
-computed once more than needed, and its KV (kept for the prefix cache) includes the EOS token.
+One step: drain submit/abort commands -> Scheduler.schedule() -> admitted requests get their KV
+from the prefix cache (memory tier, else disk tier; >= 1 prompt token is always computed) ->
+prompt chunks run into each request's own cache; prompts whose last chunk this is run it
+together (one right-padded pass) and join the decode batch feeding their last token -> one
+batched decode step (B, 1) with per-row penalties and samplers -> the tokens sampled in the
+*previous* step are read and emitted (the next pass is queued before Python waits, as in
+mlx-lm) -> finished rows leave the batch, their KV goes to the prefix cache ->
+Scheduler.complete_step(). A row that stops is thus computed once more than needed, and the KV
+kept for it includes its stop token.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ class Engine:
             )
         self._publish_cache_stats()
 
-    # -- submitting (any thread) ------------------------------------------------------------
+    # -- submitting and stats (any thread) ----------------------------------------------------
 
     def submit(self, request: Request) -> RequestStream:
         """Queue a request (call from a running event loop); iterate the result for its events.
@@ -252,46 +252,40 @@ class Engine:
             )
         params.check_vocab(self._vocab_size)
         check_context(len(ids), params.max_tokens, cfg.context_length)
-        budget = params.max_tokens
-        if budget is None:
-            limit = cfg.context_length
-            budget = limit - len(ids) if limit is not None else cfg.default_max_tokens
+        limit = cfg.context_length
+        budget = params.max_tokens or (limit - len(ids) if limit else cfg.default_max_tokens)
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(cfg.eos_token_ids))
         return RequestState(
             request, sink, frozenset(stop), budget, (cfg.namespace, request.namespace)
         )
-
-    # -- stats (any thread) -----------------------------------------------------------------
 
     def stats(self) -> dict:
         with self._lock:
             sched = self._scheduler.stats() if self._scheduler is not None else {}
         now = time.monotonic()
         recent = [r for r in list(self._rates) if now - r[0] <= RATE_WINDOW_S]
-        span = max(now - recent[0][0], 1e-9) if recent else 0.0
-
-        def rate(i: int) -> float:
-            return sum(r[i] for r in recent) / span if span else 0.0
-
+        span = max(now - recent[0][0], 1e-9) if recent else 1.0
+        prompt_rate, gen_rate = (sum(r[i] for r in recent) / span for i in (1, 2))
         return {
             "running": sched.get("running", 0),
             "waiting": sched.get("waiting", 0),
             "kv_tokens_reserved": sched.get("kv_tokens_reserved", 0),
             "kv_capacity_tokens": sched.get("kv_capacity_tokens"),
             **self._counts,
-            "prompt_tokens_per_s": rate(1),
-            "generation_tokens_per_s": rate(2),
+            "prompt_tokens_per_s": prompt_rate,
+            "generation_tokens_per_s": gen_rate,
             "steps": self._step_no,
             **self._cache_stats,
         }
 
-    def _publish_cache_stats(self) -> None:
-        out: dict = {}
-        if self._radix is not None:
-            out.update({f"cache_memory_{k}": v for k, v in self._radix.stats().items()})
-        if self._disk is not None:
-            out.update({f"cache_disk_{k}": v for k, v in self._disk.stats().items()})
-        self._cache_stats = out
+    def _publish_cache_stats(self) -> None:  # a snapshot: stats() runs on other threads
+        tiers = (("memory", self._radix), ("disk", self._disk))
+        self._cache_stats = {
+            f"cache_{name}_{k}": v
+            for name, t in tiers
+            if t is not None
+            for k, v in t.stats().items()
+        }
 
     # -- the loop (engine thread) -----------------------------------------------------------
 
@@ -351,8 +345,8 @@ class Engine:
         while self._rates and now - self._rates[0][0] > RATE_WINDOW_S:
             self._rates.popleft()
         self._step_no += 1
-        if self._step_no % 256 == 0:
-            mx.clear_cache()  # the allocator's free buffers otherwise pile up over a long run
+        if self._step_no % 256 == 0:  # the allocator's free buffers pile up over a long run
+            mx.clear_cache()
 
     def _plan(self) -> Any:
         """schedule(); admitted requests get their KV (prefix hits move their starting point, so
@@ -424,11 +418,8 @@ class Engine:
         if not joiners:
             return
         seqs = [s for s, _ in joiners]
-        rests = [chunk[:-1] for _, chunk in joiners]
-        caches = [s.cache for s in seqs]
-        self._batch.join(
-            self.model, [s.id for s in seqs], caches, rests, [c[-1] for _, c in joiners]
-        )
+        rests, last = [c[:-1] for _, c in joiners], [c[-1] for _, c in joiners]
+        self._batch.join(self.model, [s.id for s in seqs], [s.cache for s in seqs], rests, last)
         for seq, rest in zip(seqs, rests, strict=True):
             seq.cache = None
             seq.kv += len(rest)

@@ -222,6 +222,11 @@ class Engine:
     def generate_sync(self, request: Request) -> list[Event]:
         return list(self.submit_sync(request))
 
+    @property
+    def is_alive(self) -> bool:
+        """Whether the engine thread runs (False before start, after shutdown, or if it died)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def abort(self, request_id: str) -> None:
         """Stop a request (thread-safe): it ends within one step with finish_reason "abort"."""
         self._commands.put(("abort", request_id))

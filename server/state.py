@@ -70,6 +70,8 @@ class ServerState:
             )
         if not self.ready:
             raise errors.loading()
+        if not self.engine.is_alive:
+            raise APIError(503, "The engine has stopped", type=errors.SERVER, code="engine_stopped")
 
     def next_id(self, prefix: str) -> str:
         self._ids += 1

@@ -162,6 +162,16 @@ def test_not_ready_is_503(tiny_llama):
     assert chat.headers["retry-after"] == "1"
 
 
+def test_stopped_engine_is_503_not_ok(tiny_llama):
+    """If the engine thread goes away after start, /health and requests say so instead of 'ok'."""
+    app = make_app(tiny_llama)
+    with serve_in_thread(app) as url:
+        assert httpx.get(url + "/health").status_code == 200
+        app.state.server.engine.shutdown()
+        _error(httpx.get(url + "/health"), 503, code="engine_stopped")
+        _error(httpx.post(url + "/v1/chat/completions", json=CHAT), 503, code="engine_stopped")
+
+
 def test_internal_error_is_a_500_object_and_serving_goes_on():
     @guarded
     async def broken(request):

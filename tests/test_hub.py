@@ -7,8 +7,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from hubserver import HubServer, hub_env, run_cli, write_mlx_model
 
+from hubserver import HubServer, hub_env, run_cli, write_mlx_model
 from mlxrun import hub
 from mlxrun.errors import (
     InvalidRequestError,

@@ -9,6 +9,7 @@ import asyncio
 import httpx
 import openai
 import pytest
+
 from serverutil import MODEL_ID, make_app, serve_in_thread
 
 GREEDY = {"temperature": 0, "max_tokens": 8}

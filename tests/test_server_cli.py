@@ -12,6 +12,7 @@ import time
 import httpx
 import openai
 import pytest
+
 from serverutil import CLI, start_cli
 
 MESSAGES = [{"role": "user", "content": "hello"}]

@@ -10,11 +10,11 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serverutil import MODEL_ID, make_app, serve_in_thread
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 from mlxrun.server.errors import EXCEPTION_HANDLERS, guarded
+from serverutil import MODEL_ID, make_app, serve_in_thread
 
 MAX_BODY = 256 << 10
 CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+
 from serverutil import MODEL_ID, make_app, serve_in_thread
 
 MESSAGES = [{"role": "user", "content": "Count to ten."}]

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from hubserver import HubServer, hub_env, run_cli, write_mlx_model
 
+from hubserver import HubServer, hub_env, run_cli, write_mlx_model
 from mlxrun import store
 from mlxrun.errors import InvalidRequestError, ModelNotFoundError, OutputExistsError
 

@@ -22,7 +22,9 @@ class ByteProgress:
         self._tensors += 1
         if self._bar is not None:
             self._bar.update(nbytes)
-            self._bar.set_postfix_str(f"{self._tensors}/{self._total_tensors} tensors", refresh=False)
+            self._bar.set_postfix_str(
+                f"{self._tensors}/{self._total_tensors} tensors", refresh=False
+            )
 
     def __enter__(self) -> ByteProgress:
         return self

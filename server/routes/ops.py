@@ -22,7 +22,9 @@ async def health(request: Request) -> Response:
     if state.ready and state.engine.is_alive:
         return JSONResponse({"status": "ok", "model": state.config.model_id})
     if state.ready:  # started, then the engine thread went away: not healthy any more
-        err = errors.APIError(503, "The engine has stopped", type=errors.SERVER, code="engine_stopped")
+        err = errors.APIError(
+            503, "The engine has stopped", type=errors.SERVER, code="engine_stopped"
+        )
         return JSONResponse({"status": "error", **err.body()}, status_code=503)
     if state.load_error is not None:
         err = errors.APIError(

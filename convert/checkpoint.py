@@ -7,19 +7,12 @@ download fails before any output is written.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxrun.errors import CorruptCheckpointError, NotAModelError
+from mlxrun.hub import checked_safetensors_header, read_config
 from mlxrun.models import build_model, model_classes, supported_model_types  # noqa: F401
-
-# safetensors dtype code -> bytes per element
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,57 +48,10 @@ class SourceCheckpoint:
         return "quantization" in self.config
 
 
-def read_header(file: Path) -> dict:
-    """Parse and validate one safetensors header; raises CorruptCheckpointError."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CorruptCheckpointError(f"{file.name} is truncated ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CorruptCheckpointError(f"{file.name} has a bad safetensors header (length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CorruptCheckpointError(
-                f"{file.name} has a corrupted safetensors header"
-            ) from None
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{file.name} has a corrupted safetensors header")
-    data_len = size - 8 - n
-    end = 0
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, stop = meta["data_offsets"]
-            numel = 1
-            for d in meta["shape"]:
-                numel *= int(d)
-            expect = numel * DTYPE_BYTES[meta["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpointError(f"{file.name}: bad entry for tensor {name!r}") from None
-        if stop - begin != expect or begin < 0:
-            raise CorruptCheckpointError(f"{file.name}: tensor {name!r} has inconsistent offsets")
-        end = max(end, stop)
-    if end > data_len:
-        raise CorruptCheckpointError(
-            f"{file.name} is truncated: {data_len} data bytes, header needs {end}"
-        )
-    return header
-
-
 def load_config(path: Path) -> dict:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise NotAModelError(f"{path} has no config.json")
-    try:
-        config = json.loads(cfg.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NotAModelError(f"{cfg} is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise NotAModelError(f"{cfg} has no model_type")
+    config = read_config(path)
+    if "model_type" not in config:
+        raise NotAModelError(f"{path / 'config.json'} has no model_type")
     return config
 
 
@@ -139,7 +85,7 @@ def open_checkpoint(path: str | Path) -> SourceCheckpoint:
     config = load_config(path)
     ckpt = SourceCheckpoint(path=path, config=config, shard_files=_shard_files(path))
     for file in ckpt.shard_files:
-        for name, meta in read_header(file).items():
+        for name, meta in checked_safetensors_header(file).items():
             if name == "__metadata__":
                 continue
             shape = tuple(int(d) for d in meta["shape"])

@@ -39,6 +39,11 @@ DEFAULT_IGNORE_PATTERNS = ("*consolidated*.safetensors", "original/*")
 _REPO_PART = r"\w(?:[\w.-]{0,94}\w)?"
 _REPO_ID_RE = re.compile(rf"{_REPO_PART}/{_REPO_PART}", re.ASCII)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# safetensors dtype code -> bytes per element
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
 
 
 def is_repo_id(s: str) -> bool:
@@ -68,6 +73,38 @@ def safetensors_header(file: str | Path) -> dict:
         raise CorruptCheckpointError(f"{file} has a corrupted safetensors header") from None
     if len(data) < n or not isinstance(header, dict):
         raise CorruptCheckpointError(f"{file} has a corrupted safetensors header")
+    return header
+
+
+def checked_safetensors_header(file: str | Path) -> dict:
+    """The header, after checking every tensor's offsets against its shape and the file size, so
+    a truncated or corrupted file fails before any tensor is read."""
+    file = Path(file)
+    header = safetensors_header(file)
+    with open(file, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+    data_len = file.stat().st_size - 8 - header_len
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(x) for x in meta["data_offsets"])
+            numel = 1
+            for d in meta["shape"]:
+                numel *= int(d)
+            expect = numel * DTYPE_BYTES[meta["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise CorruptCheckpointError(
+                f"{file.name}: bad header entry for tensor {name!r}"
+            ) from None
+        if stop - begin != expect or begin < 0:
+            raise CorruptCheckpointError(f"{file.name}: tensor {name!r} has inconsistent offsets")
+        end = max(end, stop)
+    if end > data_len:
+        raise CorruptCheckpointError(
+            f"{file.name} is truncated: {max(0, data_len)} data bytes, header needs {end}"
+        )
     return header
 
 

@@ -95,21 +95,7 @@ def check_memory(
 def _check_files(files: list[Path]) -> None:
     """Every safetensors file must hold all the bytes its header promises (catches truncation)."""
     for file in files:
-        header = hub.safetensors_header(file)
-        header.pop("__metadata__", None)
-        data_end = 0
-        for name, meta in header.items():
-            try:
-                data_end = max(data_end, int(meta["data_offsets"][1]))
-            except (KeyError, TypeError, ValueError, IndexError):
-                raise CorruptCheckpointError(f"{file}: bad header entry for {name!r}") from None
-        with open(file, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-        if file.stat().st_size < 8 + header_len + data_end:
-            raise CorruptCheckpointError(
-                f"{file} is truncated ({file.stat().st_size} bytes, "
-                f"header promises {8 + header_len + data_end})"
-            )
+        hub.checked_safetensors_header(file)
 
 
 def load_weight_files(path: Path) -> dict[str, mx.array]:

@@ -300,6 +300,16 @@ def _put_all(items: list[tuple[Any, Any]]) -> None:  # on the caller's event loo
         stream.put(item)
 
 
+def _settle(stream: Any, item: Any) -> Any:
+    """One queued item for a stream: an event (the last one ends it) or the error that ended it."""
+    if isinstance(item, BaseException):
+        stream.finished = True
+        raise item
+    if item.finish_reason is not None:
+        stream.finished = True
+    return item
+
+
 class RequestStream:
     """A request's events as an async iterator (from Engine.submit). Leaving an `async with`
     block early, or `abort()`, stops the request."""
@@ -318,13 +328,7 @@ class RequestStream:
     async def __anext__(self) -> Any:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if item.finish_reason is not None:
-            self.finished = True
-        return item
+        return _settle(self, await self._queue.get())
 
     def abort(self) -> None:
         if not self.finished:
@@ -356,13 +360,7 @@ class SyncStream:
     def __next__(self) -> Any:
         if self.finished:
             raise StopIteration
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if item.finish_reason is not None:
-            self.finished = True
-        return item
+        return _settle(self, self._queue.get())
 
     def abort(self) -> None:
         if not self.finished:

@@ -91,11 +91,12 @@ def _choose_recipe(model, config: dict, opts: ConvertOptions) -> Recipe | None:
 def default_output(source: str, recipe: Recipe | None) -> Path:
     from mlxrun.store import default_name, models_dir
 
-    suffix = (
-        recipe.name.replace("q", "", 1) + "bit"
-        if recipe and recipe.high_bits is None
-        else (recipe.name if recipe else "mlx")
-    )
+    if recipe is None:
+        suffix = "mlx"
+    elif recipe.high_bits is None:
+        suffix = f"{recipe.bits}bit"  # as the mlx-community models are named
+    else:
+        suffix = recipe.name
     return models_dir() / f"{default_name(source)}-{suffix}"
 
 

@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 def _start(name: str, model: str, port: int, log: Path) -> subprocess.Popen:
     if name == "mlxrun":
-        cmd = [sys.executable, "-m", "mlxrun.cli_serve", model, "--port", str(port)]
+        cmd = [sys.executable, "-m", "mlxrun.server.cli", model, "--port", str(port)]
     else:
         cmd = [sys.executable, "-m", "mlx_lm.server", "--model", model, "--port", str(port)]
     out = log.open("w")

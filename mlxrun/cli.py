@@ -26,8 +26,8 @@ def _register() -> None:
     from mlxrun.cli_chat import chat_cmd
     from mlxrun.cli_convert import convert_cmd
     from mlxrun.cli_generate import generate_cmd
-    from mlxrun.cli_serve import serve_cmd
     from mlxrun.cli_store import list_cmd, pull_cmd, rm_cmd, show_cmd
+    from mlxrun.server.cli import serve_cmd
 
     for cmd in (
         convert_cmd,

@@ -5,9 +5,7 @@ from __future__ import annotations
 import click
 
 from mlxrun.cli_common import friendly_errors
-
-_RECIPES = ["q2", "q3", "q4", "q5", "q6", "q8",
-            "mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6", "mixed_4_8", "mixed_6_8"]  # fmt: skip
+from mlxrun.convert.recipes import recipe_names  # pure Python: keeps --help light
 
 
 @click.command("convert")
@@ -18,7 +16,7 @@ _RECIPES = ["q2", "q3", "q4", "q5", "q6", "q8",
               show_default=True, help="Bits per weight (affine).")  # fmt: skip
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64",
               show_default=True, help="Quantization group size.")  # fmt: skip
-@click.option("--recipe", type=click.Choice(_RECIPES), help="Named recipe; mixed_L_H keeps "
+@click.option("--recipe", type=click.Choice(recipe_names()), help="Named recipe; mixed_L_H keeps "
               "embeddings, lm_head and sensitive v/down projections at H bits.")  # fmt: skip
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               help="dtype for tensors that stay unquantized (default: the source's).")  # fmt: skip

@@ -7,10 +7,9 @@ import json
 import click
 
 from mlxrun.cli_common import friendly_errors
+from mlxrun.convert.recipes import recipe_names  # pure Python: keeps --help light
 
 _BITS = ["2", "3", "4", "5", "6", "8"]
-_RECIPES = ["q2", "q3", "q4", "q5", "q6", "q8",
-            "mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6", "mixed_4_8", "mixed_6_8"]  # fmt: skip
 
 
 def _context(n: int | None) -> str:
@@ -106,7 +105,7 @@ def rm_cmd(name: str, yes: bool) -> None:
 @click.option("--revision", help="Hub revision (branch, tag or commit).")
 @click.option("--bits", type=click.Choice(_BITS), help="Bits per weight when converting [4].")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), help="Group size [64].")
-@click.option("--recipe", type=click.Choice(_RECIPES), help="Named recipe when converting.")
+@click.option("--recipe", type=click.Choice(recipe_names()), help="Named recipe when converting.")
 @click.option("--no-verify", is_flag=True, help="Skip the quality report when converting.")
 @click.option("--force", is_flag=True, help="Replace a stored model of the same name.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlxrun.sampling import (
@@ -111,12 +112,13 @@ def batch_merge(model: Any, make_cache: Any) -> Any:
 class RowSampler:
     """One request's sampling state: params, its Sampler (own RNG), generated-token history."""
 
-    __slots__ = ("params", "sampler", "history")
+    __slots__ = ("params", "sampler", "history", "constraint")
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, constraint: Any = None):
         self.params = params
         self.sampler = Sampler(params)
         self.history: mx.array | None = None  # (n,) generated ids, kept only for penalties
+        self.constraint = constraint  # a mlxrun.constrain.Constraint, or None
 
     def process(self, logits: mx.array, new_token: mx.array | None) -> mx.array:
         """Penalties + logit_bias on this row's logits (1, V); `new_token` (1,) joins the history."""
@@ -147,6 +149,8 @@ def sample_rows(
             for i, r in enumerate(rows)
         ]
         logits = mx.concatenate(parts, axis=0)
+    if any(r.constraint is not None for r in rows):
+        logits = _constrain(logits, rows, inputs, generated)
     logprobs = compute_logprobs(logits)  # (B, V) float32
     if all(r.params.is_greedy for r in rows):
         tokens = mx.argmax(logprobs, axis=-1)
@@ -164,6 +168,27 @@ def sample_rows(
     return tokens.astype(mx.uint32), extras
 
 
+def _constrain(
+    logits: mx.array,
+    rows: Sequence[RowSampler],
+    inputs: mx.array | None,
+    generated: Sequence[bool] | None,
+) -> mx.array:
+    """Grammar masks on the constrained rows. Each grammar first takes the token its row fed in,
+    so this waits for the previous step's sample: only batches with a constrained row lose the
+    overlap of sampling and the next forward pass."""
+    from mlxrun.constrain import allowed_mask
+
+    fed = None
+    if inputs is not None and generated and any(generated):
+        fed = np.array(inputs)  # waits for the last step's sampling
+    for i, r in enumerate(rows):
+        if r.constraint is not None and fed is not None and generated[i]:
+            r.constraint.advance(int(fed[i]))
+    mask = allowed_mask([r.constraint for r in rows], logits.shape[-1])
+    return mx.where(mx.array(mask), logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+
 class RequestState:
     """The engine thread's state of one request (a `mlxrun.engine.Request`)."""
 
@@ -174,6 +199,7 @@ class RequestState:
         self.id, self.namespace = request.id, namespace
         self.prompt = [int(t) for t in request.prompt_token_ids]
         self.params = request.params
+        self.constraint = getattr(request, "constraint", None)
         self.row: RowSampler  # made at admission, on the engine thread (MLX streams are per thread)
         self.generated: list[int] = []  # every sampled token read back, a final stop token too
         self.cache: list | None = None  # its own KV cache while prefilling

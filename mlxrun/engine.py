@@ -70,6 +70,7 @@ class Request:
     priority: int = 0  # higher first (interactive requests, e.g. autocomplete: 1)
     group: str | None = None  # a new request aborts older unfinished ones of its group
     namespace: str | None = None  # prefix-cache key beside the model's (e.g. an adapter)
+    constraint: Any = None  # a mlxrun.constrain.Constraint: sampling follows its grammar
 
 
 @dataclass(frozen=True)
@@ -366,7 +367,7 @@ class Engine:
 
     def _admit(self, rid: str) -> int:
         seq = self._seqs[rid]
-        seq.row = RowSampler(seq.params)
+        seq.row = RowSampler(seq.params, seq.constraint)
         seq.cache = models.make_cache(self.model)
         blocks, hit = self._lookup(seq.namespace, seq.prompt[:-1])  # >= 1 token left to compute
         if hit:

@@ -25,6 +25,9 @@ class ChoiceSpec:
     prompt_ids: list[int]
     params: SamplingParams
     stops: tuple[str, ...] = ()
+    priority: int = 0  # higher first: interactive requests (autocomplete) use 1
+    group: str | None = None  # a new request cancels unfinished older ones of its group
+    constraint: Any = None  # a mlxrun.constrain.Constraint: decoding follows its grammar
 
 
 @dataclass
@@ -96,8 +99,16 @@ class Generation:
         """Submit every choice; on a refusal, abort the ones already queued and re-raise."""
         try:
             for c in self.choices:
+                spec = c.spec
                 c.stream = self.engine.submit(
-                    Request(c.request_id, c.spec.prompt_ids, c.spec.params)
+                    Request(
+                        c.request_id,
+                        spec.prompt_ids,
+                        spec.params,
+                        priority=spec.priority,
+                        group=spec.group,
+                        constraint=spec.constraint,
+                    )
                 )
         except BaseException:
             self._abort_all()

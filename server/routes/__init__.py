@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from . import chat, completions, models, ops
+from . import anthropic, chat, completions, fim, models, ollama, ops
 
 routes = [
     Route("/v1/chat/completions", chat.create, methods=["POST"]),
@@ -15,4 +15,7 @@ routes = [
     Route("/metrics", ops.metrics, methods=["GET"]),
     Route("/tokenize", ops.tokenize, methods=["POST"]),
     Route("/detokenize", ops.detokenize, methods=["POST"]),
+    *fim.routes,
+    *anthropic.routes,
+    *ollama.routes,
 ]

@@ -200,6 +200,7 @@ class RequestState:
         self.prompt = [int(t) for t in request.prompt_token_ids]
         self.params = request.params
         self.constraint = getattr(request, "constraint", None)
+        self.pin = min(getattr(request, "pin_prefix", 0), len(self.prompt))
         self.row: RowSampler  # made at admission, on the engine thread (MLX streams are per thread)
         self.generated: list[int] = []  # every sampled token read back, a final stop token too
         self.cache: list | None = None  # its own KV cache while prefilling

@@ -71,6 +71,7 @@ class Request:
     group: str | None = None  # a new request aborts older unfinished ones of its group
     namespace: str | None = None  # prefix-cache key beside the model's (e.g. an adapter)
     constraint: Any = None  # a mlxrun.constrain.Constraint: sampling follows its grammar
+    pin_prefix: int = 0  # keep this many prompt tokens' KV in the prefix cache (cache_control)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ class EngineConfig:
     namespace: str = ""  # the model's id: prefixes never match across models
     context_length: int | None = None
     default_max_tokens: int = 4096  # when a request has no max_tokens and there is no context
+    max_pinned_prefixes: int = 8  # pinned prefixes beyond it release the oldest
+    pin_ttl_s: float = 300.0  # a pin lasts this long after its last use (Anthropic's 5 minutes)
 
 
 class Engine:
@@ -129,9 +132,11 @@ class Engine:
         self._rates: deque = deque()  # (time, prompt tokens, generated tokens) per step
         self._counts = dict.fromkeys(
             ("prompt_tokens", "generation_tokens", "cache_hits", "cache_hit_tokens",
-             "disk_hits", "disk_hit_tokens", "aborted", "group_cancellations", "finished"), 0)  # fmt: skip
+             "disk_hits", "disk_hit_tokens", "aborted", "group_cancellations", "finished",
+             "pinned_prefixes"), 0)  # fmt: skip
         self._cache_stats: dict = {}
         self._outbox: list = []  # (stream, event) pairs, delivered once per step
+        self._pins: dict[tuple, tuple[Any, float]] = {}  # (ns, prefix) -> (locked node, expiry)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -326,10 +331,13 @@ class Engine:
         for rid in list(self._seqs):
             self._abort(rid)
         if self._radix is not None and self._disk is not None:
+            self._release_pins(float("inf"))
             self._radix.evict(self._radix.total_bytes)  # every path goes to disk
         self._publish_cache_stats()
 
     def _step(self) -> None:
+        if self._pins:
+            self._release_pins(time.monotonic())
         plan = self._plan()
         computed: dict[str, int] = {}
         joiners = self._prefill(plan.prefill, computed)
@@ -476,6 +484,33 @@ class Engine:
             return
         if self._radix.insert(seq.namespace, tokens, block) == len(tokens):
             block.materialize()  # stored whole: copy it out of the batch buffer
+        if seq.pin:
+            self._pin(seq.namespace, seq.prompt[: seq.pin])
+
+    def _pin(self, namespace: tuple, prefix: list[int]) -> None:
+        """Lock a stored prefix against eviction for pin_ttl_s (renewed by each use)."""
+        assert self._radix is not None
+        key, now = (namespace, tuple(prefix)), time.monotonic()
+        expiry = now + self.config.pin_ttl_s
+        held = self._pins.pop(key, None)
+        if held is None:
+            match = self._radix.match_prefix(namespace, prefix)
+            if match.length != len(prefix) or match.node is None:
+                return  # not stored whole (the cache is too small for it)
+            self._radix.lock(match.node)
+            held = (match.node, expiry)
+        self._pins[key] = (held[0], expiry)  # re-inserted: the dict's order is last use
+        self._release_pins(now)
+
+    def _release_pins(self, now: float) -> None:
+        assert self._radix is not None
+        over = len(self._pins) - self.config.max_pinned_prefixes
+        for key, (node, expiry) in list(self._pins.items()):
+            if over > 0 or expiry <= now:
+                del self._pins[key]
+                self._radix.unlock(node)
+                over -= 1
+        self._counts["pinned_prefixes"] = len(self._pins)
 
     def _abort(self, rid: str) -> None:
         with self._lock:

@@ -32,12 +32,19 @@ __all__ = ["ServerConfig", "ServerState", "create_app"]
 
 log = logging.getLogger("mlxrun.server")
 
+# Endpoints whose full duration is a generation (the request-duration histogram).
+GENERATION_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/fim/completions", "/infill",
+     "/v1/messages", "/api/chat", "/api/generate"}
+)  # fmt: skip
+
 
 # ---------------------------------------------------------------- middleware
 
 
 class AuthMiddleware:
-    """Bearer API key on every path but /health; constant-time comparison."""
+    """The API key on every path but /health, as a bearer token or (Anthropic's clients) an
+    x-api-key header; constant-time comparison."""
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
@@ -46,10 +53,15 @@ class AuthMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        header = dict(scope["headers"]).get(b"authorization", b"")
+        headers = dict(scope["headers"])
+        header = headers.get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
             return await self.app(scope, receive, send)
+        x_api_key = headers.get(b"x-api-key")
+        if x_api_key is not None and hmac.compare_digest(x_api_key.strip(), self.key):
+            return await self.app(scope, receive, send)
+        header = header or (x_api_key or b"")
         if header:
             message = "Incorrect API key provided."
         else:
@@ -94,7 +106,7 @@ class MetricsMiddleware:
         finally:
             self.metrics.in_flight -= 1
             self.metrics.count_request(endpoint, status)
-            if endpoint in ("/v1/chat/completions", "/v1/completions"):
+            if endpoint in GENERATION_PATHS:
                 self.metrics.duration.observe(time.perf_counter() - start)
 
 

@@ -94,6 +94,9 @@ def _banner(info: Any, base_url: str, aliases: tuple[str, ...], api_key: str | N
               help="Directory for the prefix cache's disk tier (off by default).")  # fmt: skip
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow browser requests from this origin (repeatable; off by default).")  # fmt: skip
+@click.option("--tool-parser", default=None,
+              help="Tool-call format (hermes, llama3, mistral…); detected from the model's chat "
+              "template by default.")  # fmt: skip
 @friendly_errors
 def serve_cmd(
     model: str,
@@ -106,6 +109,7 @@ def serve_cmd(
     cache_memory: str | None,
     cache_dir: str | None,
     cors_origins: tuple[str, ...],
+    tool_parser: str | None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…)."""
     cache_bytes = _cache_bytes(cache_memory)
@@ -126,6 +130,7 @@ def serve_cmd(
         aliases=tuple(a for a in aliases if a != info.name),
         api_key=api_key or None,
         cors_origins=cors_origins,
+        tool_parser=tool_parser,
     )
     uv_config = uvicorn.Config(
         None,  # set below: the app needs on_fatal, which needs the server

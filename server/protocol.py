@@ -2,30 +2,39 @@
 
 Parsing is strict the way OpenAI's is: wrong types, out-of-range values and unknown parameters are
 400s naming the parameter; nothing is silently ignored. Optional fields sent as null count as absent.
-A few parameters we cannot honour yet are accepted only at their no-op value (e.g. tools: [],
-response_format: {"type": "text"}) and refused otherwise with "not supported yet".
+A few parameters we cannot honour are accepted only at their no-op value (e.g. store: false) and
+refused otherwise with "not supported". Tools and structured output: server/protocol_tools.py.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mlxrun.errors import InvalidRequestError
 from mlxrun.sampling import SamplingParams
 
 from .errors import APIError, from_mlxrun, invalid
+from .protocol_tools import (
+    OutputFormat,
+    ToolChoice,
+    parse_openai_calls,
+    parse_openai_response_format,
+    parse_openai_tool_choice,
+    parse_openai_tools,
+)
 
 MAX_N = 128  # OpenAI's limit on n
 MAX_CHOICES = 128  # prompts x n for one /v1/completions call
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions logprobs
 MAX_TEMPERATURE = 2
 
-_ROLES = ("system", "developer", "user", "assistant")
-_LATER_ROLES = ("tool", "function")
-_MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "function_call", "refusal"})
+_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+_MESSAGE_KEYS = frozenset(
+    {"role", "content", "name", "tool_calls", "function_call", "refusal", "tool_call_id"}
+)
 
 # Sampling fields passed straight to SamplingParams (which validates them and names the field).
 _SAMPLING = (
@@ -34,23 +43,19 @@ _SAMPLING = (
     "top_k", "min_p", "repetition_penalty",
 )  # fmt: skip
 _COMMON = frozenset({"model", "n", "stream", "stream_options", "stop", "logit_bias", "user", "max_tokens", *_SAMPLING})  # fmt: skip
-_CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
-_COMPLETION = _COMMON | {"prompt", "suffix", "echo", "logprobs", "best_of"}
+_FORMAT = frozenset({"response_format", "grammar"})
+_CHAT = _COMMON | _FORMAT | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
+    "tools", "functions", "tool_choice", "function_call", "parallel_tool_calls",
+    "reasoning_effort", "chat_template_kwargs"}  # fmt: skip
+_COMPLETION = _COMMON | _FORMAT | {"prompt", "suffix", "echo", "logprobs", "best_of"}
 
 # Parameters we accept only at a value that asks for nothing we do not do.
 _NOOP_VALUES: dict[str, Callable[[Any], bool]] = {
-    "tools": lambda v: v == [],
-    "functions": lambda v: v == [],
-    "tool_choice": lambda v: v in ("none", "auto"),
-    "function_call": lambda v: v in ("none", "auto"),
-    "parallel_tool_calls": lambda v: isinstance(v, bool),  # meaningless without tools
-    "response_format": lambda v: v == {"type": "text"},
     "modalities": lambda v: v == ["text"],
     "store": lambda v: v is False,
     "metadata": lambda v: isinstance(v, dict),  # tags for stored completions: nothing to do
     "service_tier": lambda v: v in ("auto", "default"),
 }
-_LATER = ("tools", "functions", "tool_choice", "function_call", "response_format")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,10 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     max_tokens_param: str = "max_tokens"  # the field the client used, for error messages
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: ToolChoice = ToolChoice("none")
+    output: OutputFormat | None = None  # response_format / grammar
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class CompletionRequest:
     logprobs: int | None = None  # alternatives per token (0..5); None: no logprobs
     suffix: str | None = None
     max_tokens_param: str = "max_tokens"
+    output: OutputFormat | None = None
 
 
 # ---------------------------------------------------------------- JSON and types
@@ -166,9 +176,8 @@ def _check_known(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
         if noop is not None and noop(value):
             continue
         if name in _NOOP_VALUES:
-            later = "; it is planned" if name in _LATER else ""
             raise invalid(
-                f"The parameter '{name}' with this value is not supported yet by this server{later}.",
+                f"The parameter '{name}' with this value is not supported by this server.",
                 name,
                 code="unsupported_parameter",
             )
@@ -303,12 +312,6 @@ def _message(message: Any, i: int) -> dict[str, Any]:
     if role is None:
         raise invalid(f"Missing required parameter: '{at}.role'.", f"{at}.role")
     check_kind(role, "string", f"{at}.role")
-    if role in _LATER_ROLES:
-        raise invalid(
-            f"Messages with role '{role}' are not supported yet (tool calling is planned).",
-            f"{at}.role",
-            code="unsupported_parameter",
-        )
     if role not in _ROLES:
         raise invalid(
             f"Invalid value for '{at}.role': '{role}'. Supported values are: "
@@ -317,21 +320,29 @@ def _message(message: Any, i: int) -> dict[str, Any]:
             f"{at}.role",
             code="invalid_value",
         )
-    for key in ("tool_calls", "function_call"):
-        if message.get(key):
-            raise invalid(
-                f"'{at}.{key}' is not supported yet (tool calling is planned).",
-                f"{at}.{key}",
-                code="unsupported_parameter",
-            )
     content = message.get("content")
+    calls = message.get("tool_calls")
+    if message.get("function_call") is not None:  # the legacy single call
+        legacy = check_kind(message["function_call"], "object", f"{at}.function_call")
+        calls = [{"id": "call_0", "type": "function", "function": legacy}]
     if content is None and role != "assistant":
         raise invalid(f"Missing required parameter: '{at}.content'.", f"{at}.content")
     out: dict[str, Any] = {
-        # Chat templates know "system"; "developer" is OpenAI's newer name for it.
-        "role": "system" if role == "developer" else role,
+        # Chat templates know "system" and "tool"; "developer" and "function" are OpenAI's
+        # newer and older names for them.
+        "role": {"developer": "system", "function": "tool"}.get(role, role),
         "content": "" if content is None else _content(content, f"{at}.content"),
     }
+    if calls:
+        if role != "assistant":
+            raise invalid(f"Only assistant messages carry tool calls ({at}).", f"{at}.tool_calls")
+        out["tool_calls"] = parse_openai_calls(calls, f"{at}.tool_calls")
+    if role in ("tool", "function"):
+        call_id = optional(message, "tool_call_id", "string")
+        if call_id is None and role == "tool":
+            raise invalid(f"Missing required parameter: '{at}.tool_call_id'.", f"{at}.tool_call_id")
+        if call_id is not None:
+            out["tool_call_id"] = call_id
     name = optional(message, "name", "string")
     if name is not None:
         out["name"] = name
@@ -352,6 +363,10 @@ def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
     top = optional(body, "top_logprobs", "integer", 0)
     optional(body, "user", "string")
     params = _sampling(body, max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top)
+    tools = parse_openai_tools(body)
+    effort = optional(body, "reasoning_effort", "string")
+    if effort is not None and effort not in ("minimal", "low", "medium", "high", "none"):
+        raise invalid(f"Invalid value for 'reasoning_effort': '{effort}'.", "reasoning_effort")
     return ChatRequest(
         model=model,
         messages=parsed,
@@ -360,6 +375,10 @@ def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
         stream=stream,
         include_usage=include_usage,
         max_tokens_param=max_param,
+        tools=tools,
+        tool_choice=parse_openai_tool_choice(body, tools),
+        output=parse_openai_response_format(body),
+        template_kwargs=optional(body, "chat_template_kwargs", "object", {}),
     )
 
 
@@ -435,6 +454,7 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
         logprobs=logprobs,
         suffix=optional(body, "suffix", "string"),
         max_tokens_param=max_param,
+        output=parse_openai_response_format(body),
     )
 
 

@@ -5,6 +5,7 @@ One ServerState per app (on `app.state.server`), never module globals.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = DEFAULT_MAX_BODY
     owned_by: str = "mlxrun"
+    tool_parser: str | None = None  # a mlxrun.tools format name; None: detected from the model
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -53,6 +55,32 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.on_fatal: Any = None  # called with the error if the engine fails to start
         self._ids = 0
+        self._grammars: Any = None
+
+    @property
+    def grammars(self) -> Any:
+        """The model's mlxrun.constrain.GrammarCompiler (its token trie is built on first use)."""
+        if self._grammars is None:
+            from mlxrun.constrain import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer)
+        return self._grammars
+
+    @functools.cached_property
+    def tool_format(self) -> Any:
+        """How this model writes tool calls (mlxrun.tools.ToolFormat), or None."""
+        from mlxrun import tools
+
+        if self.config.tool_parser:
+            return tools.tool_format_by_name(self.config.tool_parser)
+        return tools.detect_tool_format(self.tokenizer)
+
+    @functools.cached_property
+    def reasoning_format(self) -> Any:
+        """How this model marks reasoning (mlxrun.reasoning.ReasoningFormat), or None."""
+        from mlxrun.reasoning import detect_reasoning
+
+        return detect_reasoning(self.tokenizer)
 
     def check_model(self, name: str) -> str:
         """The served id for a requested model name; 404 for names we do not serve."""

@@ -51,7 +51,9 @@ def test_models_list_and_get(client):
     extra = card.model_extra
     assert extra["context_length"] == 512 and extra["max_output_tokens"] == 512
     assert extra["capabilities"]["fim"] is True  # the fixture's BPE vocab has <|fim_*|>
-    assert extra["capabilities"]["tools"] is False and extra["capabilities"]["json_schema"] is False
+    caps = extra["capabilities"]
+    assert caps["tools"] is True and caps["json_schema"] is True  # ChatML template with tools
+    assert caps["reasoning"] is False
     with pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve("no-such-model")
     assert info.value.body["code"] == "model_not_found"

@@ -128,19 +128,64 @@ def test_missing_required_fields():
 def test_unknown_and_unsupported_parameters_are_refused():
     err = _error(parse_chat, {**CHAT, "frobnicate": 1})
     assert err.param == "frobnicate" and "Unrecognized" in err.message
-    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
-    for field, value in [
-        ("tools", [tool]),
-        ("tool_choice", "required"),
-        ("response_format", {"type": "json_object"}),
-        ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
-        ("store", True),
-    ]:
-        err = _error(parse_chat, {**CHAT, field: value})
-        assert err.param == field and "not supported yet" in err.message
+    err = _error(parse_chat, {**CHAT, "store": True})
+    assert err.param == "store" and "not supported" in err.message
 
 
-def test_noop_values_of_later_features_are_accepted():
+def test_tools_tool_choice_and_response_format_are_parsed():
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    req = parse_chat({**CHAT, "tools": [tool], "tool_choice": "required"})
+    assert req.tools == [tool] and req.tool_choice.mode == "required"
+    named = {"type": "function", "function": {"name": "f"}}
+    req = parse_chat({**CHAT, "tools": [tool], "tool_choice": named, "parallel_tool_calls": True})
+    assert (req.tool_choice.mode, req.tool_choice.name) == ("named", "f")
+    assert parse_chat({**CHAT, "tools": [tool]}).tool_choice.mode == "auto"
+    assert parse_chat(CHAT).tool_choice.mode == "none"
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    req = parse_chat({**CHAT, "response_format": fmt})
+    assert req.output.kind == "json_schema" and req.output.schema == {"type": "object"}
+    assert parse_chat({**CHAT, "response_format": {"type": "json_object"}}).output.kind == (
+        "json_object"
+    )
+    for patch, param in [
+        ({"tool_choice": "required"}, "tool_choice"),  # no tools
+        ({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+         "tool_choice"),
+        ({"tools": [tool], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [tool, tool]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "has space"}}]},
+         "tools[0].function.name"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
+         "response_format.json_schema.schema"),
+        ({"grammar": "", }, "grammar"),
+    ]:  # fmt: skip
+        assert _error(parse_chat, {**CHAT, **patch}).param == param
+
+
+def test_tool_messages_reach_the_template_shape():
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    req = parse_chat(
+        {**CHAT, "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        ]}
+    )  # fmt: skip
+    assert req.messages[1]["tool_calls"] == [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    ]
+    assert req.messages[2] == {"role": "tool", "content": "42", "tool_call_id": "c1"}
+    bad = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}
+    err = _error(
+        parse_chat,
+        {**CHAT, "messages": [{"role": "assistant", "content": None, "tool_calls": [bad]}]},
+    )
+    assert err.param == "messages[0].tool_calls[0].function.arguments"
+
+
+def test_noop_values_are_accepted():
     parse_chat(
         {**CHAT, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
          "parallel_tool_calls": False, "store": False, "metadata": {"a": "b"}}
@@ -171,15 +216,15 @@ def test_messages_content_parts_and_roles():
         ({"role": "user"}, "messages[0].content"),
         ({"content": "x"}, "messages[0].role"),
         ({"role": "wizard", "content": "x"}, "messages[0].role"),
-        ({"role": "tool", "content": "x", "tool_call_id": "1"}, "messages[0].tool_call_id"),
-        ({"role": "tool", "content": "x"}, "messages[0].role"),
+        ({"role": "tool", "content": "x"}, "messages[0].tool_call_id"),
         ({"role": "user", "content": 5}, "messages[0].content"),
         ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
          "messages[0].content[0].type"),
         ({"role": "user", "content": [{"text": "x"}]}, "messages[0].content[0].type"),
         ({"role": "user", "content": [{"type": "text"}]}, "messages[0].content[0].text"),
         ({"role": "user", "content": "x", "extra": 1}, "messages[0].extra"),
-        ({"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, "messages[0].tool_calls"),
+        ({"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+         "messages[0].tool_calls[0].function"),
         ("hello", "messages[0]"),
     ],
 )  # fmt: skip

@@ -1,25 +1,27 @@
-"""POST /v1/chat/completions: messages -> chat template -> n choices, as JSON or SSE chunks."""
+"""POST /v1/chat/completions: messages -> chat template -> n choices, as JSON or SSE chunks, with
+tools, structured output and reasoning through the shared chat pipeline (server/dialogue.py)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ..dialogue import ChatPlan, Message, collect_messages, message_deltas, plan_chat
 from ..errors import guarded
-from ..generation import ChoiceSpec, Generation
+from ..generation import Generation
 from ..protocol import ChatRequest, parse_chat
 from ..sse import EventStreamResponse
 from ..state import ServerState, server_state
+
+if TYPE_CHECKING:
+    from mlxrun.tools import ToolCall, ToolCallDelta
 from .common import (
     SYSTEM_FINGERPRINT,
     chat_logprobs,
-    choice_params,
-    collect,
-    fit_context,
     in_thread,
     now,
     sse_stream,
@@ -35,31 +37,37 @@ async def create(request: Request) -> Response:
     req = parse_chat(await state.read_json(request))
     model = state.check_model(req.model)
     state.check_ready()
-    tokenizer = state.tokenizer
-    prompt_ids = await in_thread(tokenizer.apply_chat_template, req.messages)
-    params = fit_context(state, len(prompt_ids), req.params, req.max_tokens_param, "messages")
-    stops = (*params.stop, *tokenizer.chat_stop_strings)
-    specs = [ChoiceSpec(prompt_ids, choice_params(params, i), stops) for i in range(req.n)]
+    plan = await in_thread(
+        plan_chat,
+        state,
+        req.messages,
+        req.params,
+        tools=req.tools,
+        choice=req.tool_choice,
+        output=req.output,
+        n=req.n,
+        max_param=req.max_tokens_param,
+        template_kwargs=req.template_kwargs,
+    )
     request_id = state.next_id("chatcmpl")
-    gen = start_generation(state, specs, request_id, arrival)
+    gen = start_generation(state, plan.specs, request_id, arrival)
     head = {"id": request_id, "created": now(), "model": model}
     if req.stream:
-        chunks = _chunks(state, req, gen, head)
+        chunks = _chunks(state, req, gen, plan, head)
         closing = lambda: _usage_chunk(req, gen, head)  # noqa: E731
         return EventStreamResponse(sse_stream(gen, chunks, closing))
-    results = await collect(request, gen)
-    choices = []
-    for i, (text, logprobs, finish) in enumerate(results):
-        choices.append(
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": chat_logprobs(state.token_texts, logprobs)
-                if req.params.logprobs
-                else None,
-                "finish_reason": finish,
-            }
-        )
+    results = await collect_messages(request, gen, plan)
+    choices = [
+        {
+            "index": i,
+            "message": _message(m),
+            "logprobs": chat_logprobs(state.token_texts, m.logprobs)
+            if req.params.logprobs
+            else None,
+            "finish_reason": m.finish_reason,
+        }
+        for i, m in enumerate(results)
+    ]
     body = {
         **head,
         "object": "chat.completion",
@@ -68,6 +76,34 @@ async def create(request: Request) -> Response:
         "usage": usage(gen),
     }
     return JSONResponse(body)
+
+
+def _message(m: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "role": "assistant",
+        "content": m.content if m.content or not m.tool_calls else None,
+        "refusal": None,
+    }
+    if m.reasoning:
+        out["reasoning_content"] = m.reasoning
+    if m.tool_calls:
+        out["tool_calls"] = [_call(c) for c in m.tool_calls]
+    return out
+
+
+def _call(c: ToolCall) -> dict[str, Any]:
+    return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+
+
+def _call_delta(d: ToolCallDelta) -> dict[str, Any]:
+    out: dict[str, Any] = {"index": d.index}
+    function: dict[str, Any] = {"arguments": d.arguments}
+    if d.id is not None:
+        out.update(id=d.id, type="function")
+    if d.name is not None:
+        function["name"] = d.name
+    out["function"] = function
+    return out
 
 
 def _chunk(head: dict, req: ChatRequest, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -83,31 +119,37 @@ def _chunk(head: dict, req: ChatRequest, choices: list[dict[str, Any]]) -> dict[
 
 
 async def _chunks(
-    state: ServerState, req: ChatRequest, gen: Generation, head: dict
+    state: ServerState, req: ChatRequest, gen: Generation, plan: ChatPlan, head: dict
 ) -> AsyncIterator[dict[str, Any]]:
-    """The role first (one chunk per choice), then content deltas; finish_reason on the last."""
+    """The role first (one chunk per choice), then reasoning / content / tool-call deltas; the
+    finish_reason travels alone in each choice's last chunk."""
     for i in range(req.n):
         delta = {"role": "assistant", "content": ""}
         yield _chunk(
             head, req, [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]
         )
-    async for d in gen.deltas():
-        choice: dict[str, Any] = {
-            "index": d.index,
-            "delta": {},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        if d.text or d.logprobs:
-            choice["delta"] = {"content": d.text}
-        if req.params.logprobs and d.logprobs:
-            choice["logprobs"] = chat_logprobs(state.token_texts, d.logprobs)
-        if d.finish_reason is not None and choice["delta"]:
-            # Content and the finish reason travel apart: the last chunk has an empty delta.
+    async for d in message_deltas(gen, plan):
+        if d:
+            delta: dict[str, Any] = {}
+            if d.reasoning:
+                delta["reasoning_content"] = d.reasoning
+            if d.content or (d.logprobs and not d.tool_calls):
+                delta["content"] = d.content
+            if d.tool_calls:
+                delta["tool_calls"] = [_call_delta(c) for c in d.tool_calls]
+            logprobs = None
+            if req.params.logprobs and d.logprobs:
+                logprobs = chat_logprobs(state.token_texts, d.logprobs)
+            choice = {"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}
             yield _chunk(head, req, [choice])
-            choice = {"index": d.index, "delta": {}, "logprobs": None, "finish_reason": None}
-        choice["finish_reason"] = d.finish_reason
-        yield _chunk(head, req, [choice])
+        if d.finish_reason is not None:
+            choice = {
+                "index": d.index,
+                "delta": {},
+                "logprobs": None,
+                "finish_reason": d.finish_reason,
+            }
+            yield _chunk(head, req, [choice])
 
 
 def _usage_chunk(req: ChatRequest, gen: Generation, head: dict) -> list[dict[str, Any]]:

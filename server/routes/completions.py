@@ -1,10 +1,29 @@
 """POST /v1/completions: text or token-id prompts (several at once), echo, legacy logprobs, n,
-streaming, and fill-in-the-middle through `suffix` on models with FIM tokens."""
+streaming, and fill-in-the-middle through `suffix` on models with FIM tokens; and the FIM request
+plumbing all three FIM dialects share (the other two are in fim.py): priority and stale requests.
+
+Stale requests. FIM requests (here with `suffix`, /v1/fim/completions, /infill) run at priority 1,
+before chat and batch work, in a cancellation group: a new request makes the engine abort its
+group's unfinished older ones, whose responses end cleanly with the text so far (finish_reason
+"abort" here; each dialect's own way in fim.py). Groups never span clients; a client is its API key
+(Authorization bearer token, else x-api-key, else none). Within a client the group is:
+
+1. the `X-Mlxrun-Group` header when sent: each request supersedes the previous one with that value;
+2. else prompt-prefix lineage: the request joins the group of the newest in-flight FIM request with
+   an equal suffix whose prefix (all text before the cursor) is one typing run away: the shorter
+   prefix, cut after its last whitespace (its partial word or line dropped), starts the longer one.
+   Typing, deleting and new lines at the cursor thus supersede; a request elsewhere in the file (or
+   after the editor's prefix window slid) starts a group of its own.
+
+Requests with several choices, and llama.cpp warm-ups (n_predict 0, at priority 0), join no group.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.requests import Request
@@ -12,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 
 from mlxrun.engine import TokenLogprob
 
+from ..dialogue import format_constraint
 from ..errors import guarded, invalid
 from ..generation import ChoiceSpec, Generation
 from ..protocol import CompletionRequest, parse_completion
@@ -28,6 +48,10 @@ from .common import (
     start_generation,
     usage,
 )
+
+GROUP_HEADER = "x-mlxrun-group"
+FIM_PRIORITY = 1
+_TRACKED_PER_CLIENT = 64  # remembered in-flight requests per client: a bound against leaks
 
 
 def _encode(state: ServerState, req: CompletionRequest) -> list[list[int]]:
@@ -73,20 +97,32 @@ async def create(request: Request) -> Response:
             code="unsupported_parameter",
         )
     prompts = await in_thread(_encode, state, req)
+    constraint = await in_thread(format_constraint, state, req.output)
     specs = []
     for i, ids in enumerate(prompts):
         where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         params = fit_context(state, len(ids), req.params, req.max_tokens_param, where)
-        specs += [ChoiceSpec(ids, choice_params(params, j), params.stop) for j in range(req.n)]
+        specs += [
+            ChoiceSpec(
+                ids,
+                choice_params(params, j),
+                params.stop,
+                constraint=None if constraint is None else constraint.copy(),
+            )
+            for j in range(req.n)
+        ]
     echoes = [_echo_text(state, req, p) for p in req.prompts for _ in range(req.n)]
     request_id = state.next_id("cmpl")
-    gen = start_generation(state, specs, request_id, arrival)
+    gen, ticket = _start(state, request, req, specs, request_id, arrival)
     head = {"id": request_id, "object": "text_completion", "created": now(), "model": model}
     if req.stream:
         chunks = _chunks(state, req, gen, head, echoes)
         closing = lambda: _usage_chunk(req, gen, head)  # noqa: E731
-        return EventStreamResponse(sse_stream(gen, chunks, closing))
-    results = await collect(request, gen)
+        return EventStreamResponse(released(sse_stream(gen, chunks, closing), ticket))
+    try:
+        results = await collect(request, gen)
+    finally:
+        ticket.release()
     choices = []
     for i, (text, logprobs, finish) in enumerate(results):
         choices.append(
@@ -102,6 +138,23 @@ async def create(request: Request) -> Response:
     return JSONResponse(
         {**head, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, "usage": usage(gen)}
     )
+
+
+def _start(
+    state: ServerState,
+    request: Request,
+    req: CompletionRequest,
+    specs: list[ChoiceSpec],
+    request_id: str,
+    arrival: float,
+) -> tuple[Generation, Ticket]:
+    """Plain completions start as they are, FIM ones through start_fim (grouped when single)."""
+    if req.suffix is None:
+        return start_generation(state, specs, request_id, arrival), NO_GROUP
+    prompt = req.prompts[0]
+    assert isinstance(prompt, str)  # _encode refused token ids with a suffix
+    cursor = (prompt, req.suffix) if len(specs) == 1 else None  # choices must not cancel each other
+    return start_fim(state, request, specs, request_id, arrival, cursor)
 
 
 def _echo_text(state: ServerState, req: CompletionRequest, prompt: str | list[int]) -> str:
@@ -159,3 +212,118 @@ def _usage_chunk(req: CompletionRequest, gen: Generation, head: dict) -> list[di
     if not req.include_usage:
         return []
     return [{**_chunk(head, req, []), "usage": usage(gen)}]
+
+
+# ---------------------------------------------------------------- cancellation groups
+
+
+def same_lineage(a: str, b: str) -> bool:
+    """Whether two prefixes are one typing run apart (see the module docstring)."""
+    short, long = (a, b) if len(a) <= len(b) else (b, a)
+    end = len(short)
+    while end and not short[end - 1].isspace():
+        end -= 1
+    return long.startswith(short[:end] or short)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A FIM request's group; release() once its response has ended."""
+
+    group: str | None
+    prefix: str = ""
+    suffix: str = ""
+    client: str = ""
+    owner: FimGroups | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        if self.owner is not None:
+            self.owner.drop(self)
+            self.owner = None
+
+
+NO_GROUP = Ticket(None)
+
+
+class FimGroups:
+    """In-flight FIM requests per client, to find the group a new request belongs to."""
+
+    def __init__(self) -> None:
+        self._live: dict[str, list[Ticket]] = {}
+        self._made = 0
+
+    def claim(self, client: str, header: str | None, prefix: str, suffix: str) -> Ticket:
+        if header:
+            return Ticket(f"fim:{client}:header:{header}")
+        live = self._live.setdefault(client, [])
+        for older in reversed(live):
+            if older.suffix == suffix and same_lineage(older.prefix, prefix):
+                group = older.group
+                break
+        else:
+            self._made += 1
+            group = f"fim:{client}:lineage:{self._made}"
+        ticket = Ticket(group, prefix, suffix, client, self)
+        live.append(ticket)
+        del live[:-_TRACKED_PER_CLIENT]
+        return ticket
+
+    def drop(self, ticket: Ticket) -> None:
+        live = self._live.get(ticket.client, [])
+        if ticket in live:
+            live.remove(ticket)
+        if not live:
+            self._live.pop(ticket.client, None)
+
+    def in_flight(self) -> int:
+        return sum(len(v) for v in self._live.values())
+
+
+def fim_groups(request: Request) -> FimGroups:
+    """The app's registry, made on first use and kept on app.state beside the ServerState."""
+    groups = getattr(request.app.state, "fim_groups", None)
+    if groups is None:
+        groups = request.app.state.fim_groups = FimGroups()
+    return groups
+
+
+def client_id(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    key = (token.strip() if scheme.lower() == "bearer" else "") or request.headers.get("x-api-key")
+    # A digest: group ids live on in the engine and must not carry keys.
+    return hashlib.sha256((key or "").encode("utf-8")).hexdigest()[:16]
+
+
+def start_fim(
+    state: ServerState,
+    request: Request,
+    specs: Sequence[ChoiceSpec],
+    request_id: str,
+    arrival: float,
+    cursor: tuple[str, str] | None,
+    priority: int = FIM_PRIORITY,
+) -> tuple[Generation, Ticket]:
+    """Submit FIM choices at `priority`; with the (prefix, suffix) `cursor`, in a group."""
+    ticket = NO_GROUP
+    if cursor is not None:
+        header = request.headers.get(GROUP_HEADER)
+        ticket = fim_groups(request).claim(client_id(request), header, *cursor)
+    specs = [replace(s, priority=priority, group=ticket.group) for s in specs]
+    try:
+        return start_generation(state, specs, request_id, arrival), ticket
+    except BaseException:
+        ticket.release()
+        raise
+
+
+async def released(
+    stream: AsyncIterator[bytes], ticket: Ticket, skip: bytes | None = None
+) -> AsyncIterator[bytes]:
+    """`stream` without `skip` frames, releasing `ticket` when it ends or the client leaves."""
+    try:
+        async for frame in stream:
+            if frame != skip:
+                yield frame
+    finally:
+        ticket.release()
+        await stream.aclose()  # type: ignore[attr-defined]

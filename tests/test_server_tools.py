@@ -1,0 +1,284 @@
+"""Tools, structured output and reasoning on /v1/chat/completions with the official `openai`
+client against a real server. Random weights never call a tool by themselves, so calls are
+forced with tool_choice "required" or a named function (the grammar makes them valid)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import openai
+import pytest
+
+from serverutil import MODEL_ID, make_app, serve_in_thread
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 10},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+ADD = {
+    "type": "object",
+    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "add", "description": "Adds.", "parameters": ADD}},
+]
+SCHEMAS = {"get_weather": WEATHER, "add": ADD}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+GREEDY = {"temperature": 0, "max_tokens": 120}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    app = make_app(tiny_llama, context=2048)
+    with serve_in_thread(app) as url:
+        yield app, url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused", max_retries=0)
+
+
+def _chat(client, **kw):
+    return client.chat.completions.create(**{"model": MODEL_ID, "messages": MESSAGES, **kw})
+
+
+def _check_calls(calls, names=None):
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        assert names is None or call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def _reassemble(stream):
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            for d in choice.delta.tool_calls or ():
+                call = calls.setdefault(d.index, {"id": None, "name": None, "arguments": ""})
+                if d.id:
+                    assert call["id"] is None, "the id comes once, on the call's first delta"
+                    call["id"] = d.id
+                if d.function and d.function.name:
+                    assert call["name"] is None
+                    call["name"] = d.function.name
+                if d.function and d.function.arguments:
+                    call["arguments"] += d.function.arguments
+            finish = choice.finish_reason or finish
+    return [calls[i] for i in sorted(calls)], finish
+
+
+def test_required_tool_call_is_valid_and_streams_the_same(client):
+    reply = _chat(client, tools=TOOLS, tool_choice="required", **GREEDY)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    _check_calls(choice.message.tool_calls)
+    stream = _chat(client, tools=TOOLS, tool_choice="required", stream=True, **GREEDY)
+    streamed, finish = _reassemble(stream)
+    assert finish == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in streamed] == [
+        (c.function.name, c.function.arguments) for c in choice.message.tool_calls
+    ]
+    assert all(c["id"].startswith("call_") for c in streamed)
+
+
+def test_sampled_required_calls_always_validate(client):
+    for seed in range(3):
+        reply = _chat(
+            client, tools=TOOLS, tool_choice="required", temperature=1.0, seed=seed, max_tokens=200
+        )
+        assert reply.choices[0].finish_reason == "tool_calls"
+        _check_calls(reply.choices[0].message.tool_calls)
+
+
+def test_named_tool_choice_calls_exactly_that_function(client):
+    named = {"type": "function", "function": {"name": "add"}}
+    for seed in range(2):
+        reply = _chat(
+            client, tools=TOOLS, tool_choice=named, temperature=1.0, seed=seed, max_tokens=80
+        )
+        calls = reply.choices[0].message.tool_calls
+        assert len(calls) == 1  # a named choice is one call
+        _check_calls(calls, names={"add"})
+
+
+def test_tool_choice_none_leaves_the_tools_out(client):
+    plain = _chat(client, **GREEDY)
+    none = _chat(client, tools=TOOLS, tool_choice="none", **GREEDY)
+    auto = _chat(client, tools=TOOLS, **GREEDY)
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert none.choices[0].message.tool_calls is None
+    assert none.choices[0].finish_reason in ("stop", "length")
+    assert auto.usage.prompt_tokens > plain.usage.prompt_tokens  # the template lists the tools
+
+
+def test_tool_results_round_trip_through_the_template(server, client):
+    app = server[0]
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'},
+    }
+    messages = [
+        {"role": "user", "content": "add 2 and 3"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    ]
+    reply = _chat(client, messages=messages, tools=TOOLS, **GREEDY)
+    tokenizer = app.state.server.tokenizer
+    neutral = [
+        messages[0],
+        {**messages[1], "content": "", "tool_calls": [
+            {**call, "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+        ]},
+        {"role": "tool", "content": "5", "tool_call_id": "call_1"},
+    ]  # fmt: skip
+    text = tokenizer.render_chat(neutral, tools=TOOLS)
+    assert '<tool_response>\n5\n</tool_response>' in text and '"a": 2' in text
+    assert reply.usage.prompt_tokens == len(tokenizer.apply_chat_template(neutral, tools=TOOLS))
+
+
+def test_json_schema_output_validates_beside_unconstrained_requests(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}}
+
+    def constrained(seed):
+        return _chat(
+            client, response_format=fmt, temperature=1.0, seed=seed, max_tokens=80, n=2
+        )
+
+    def free(seed):
+        return _chat(client, temperature=1.0, seed=seed, max_tokens=30)
+
+    with ThreadPoolExecutor(6) as pool:
+        jobs = [pool.submit(constrained, s) for s in range(3)]
+        jobs += [pool.submit(free, s) for s in range(3)]
+        replies = [j.result() for j in jobs]
+    for reply in replies[:3]:
+        for choice in reply.choices:
+            assert choice.finish_reason == "stop"
+            jsonschema.validate(json.loads(choice.message.content), WEATHER)
+    assert all(r.choices[0].message.content is not None for r in replies[3:])
+
+
+def test_json_object_and_grammar_formats(client):
+    reply = _chat(client, response_format={"type": "json_object"}, temperature=0, max_tokens=60)
+    text = reply.choices[0].message.content
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    assert text.startswith("{")
+    grammar = 'root ::= "yes" | "no"'
+    for seed in range(3):
+        reply = _chat(client, extra_body={"grammar": grammar}, temperature=1.0, seed=seed)
+        assert reply.choices[0].message.content in ("yes", "no")
+
+
+def test_unsupported_schema_and_tool_errors_are_400s(client):
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(?=x)"}}}}}  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, response_format=bad, max_tokens=5)
+    assert e.value.body["param"] == "response_format"
+    assert "look-around" in e.value.body["message"]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"if": {"type": "string"}, "then": {}}}}}}]  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, tools=tools, tool_choice="required", max_tokens=5)
+    assert e.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, tools=TOOLS, tool_choice="required", response_format={"type": "json_object"})
+    assert e.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError) as e:
+        named = {"type": "function", "function": {"name": "nope"}}
+        _chat(client, tools=TOOLS, tool_choice=named)
+    assert e.value.body["param"] == "tool_choice"
+
+
+def test_a_model_without_a_tool_template_refuses_tools(checkpoint_factory):
+    spm = checkpoint_factory("llama", tokenizer="spm")  # [INST] template, no tools
+    with serve_in_thread(make_app(spm)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as e:
+            _chat(client, tools=TOOLS, max_tokens=4)
+        assert e.value.body["param"] == "tools"
+        assert client.models.retrieve(MODEL_ID).model_extra["capabilities"]["tools"] is False
+        ok = _chat(client, tools=TOOLS, tool_choice="none", max_tokens=4, temperature=0)
+        assert ok.choices[0].message.tool_calls is None
+
+
+# ---------------------------------------------------------------- reasoning
+
+THINKING_TEMPLATE = """\
+{%- for message in messages %}
+{%- set content = message.content %}
+{%- if message.role == 'assistant' and '</think>' in content %}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+{%- endif %}
+{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}
+"""
+
+
+@pytest.fixture(scope="module")
+def thinking_model(tiny_llama, tmp_path_factory):
+    """The tiny model with a template that opens a <think> block, as Qwen3/DeepSeek-R1 do."""
+    path = tmp_path_factory.mktemp("thinking") / "model"
+    shutil.copytree(tiny_llama, path)
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = THINKING_TEMPLATE
+    config_path.write_text(json.dumps(config))
+    return path
+
+
+def test_reasoning_is_split_into_reasoning_content(thinking_model):
+    # The grammar makes random weights think first: "<reasoning></think>\n\n<answer>".
+    grammar = 'root ::= [a-z ]{3,20} "</think>" "\\n\\n" [a-z]{1,8}'
+    with serve_in_thread(make_app(thinking_model)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert client.models.retrieve(MODEL_ID).model_extra["capabilities"]["reasoning"] is True
+        body = {"grammar": grammar}
+        reply = _chat(client, extra_body=body, temperature=1.0, seed=3, max_tokens=60)
+        message = reply.choices[0].message
+        reasoning = message.model_extra["reasoning_content"]
+        assert reasoning and set(reasoning) <= set("abcdefghijklmnopqrstuvwxyz \n")
+        assert "think>" not in message.content and message.content.strip().isalpha()
+        stream = _chat(
+            client, extra_body=body, temperature=1.0, seed=3, max_tokens=60, stream=True
+        )
+        parts = {"reasoning": "", "content": ""}
+        for chunk in stream:
+            delta = chunk.choices[0].delta if chunk.choices else None
+            if delta is not None:
+                parts["reasoning"] += (delta.model_extra or {}).get("reasoning_content") or ""
+                parts["content"] += delta.content or ""
+        assert parts == {"reasoning": reasoning, "content": message.content}
+
+
+def test_completions_take_a_schema_or_grammar_too(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "add", "schema": ADD}}
+    reply = client.completions.create(
+        model=MODEL_ID, prompt="def f():", max_tokens=60, temperature=1.0, seed=1, n=2,
+        extra_body={"response_format": fmt},
+    )  # fmt: skip
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.text), ADD)
+    reply = client.completions.create(
+        model=MODEL_ID, prompt="x", max_tokens=5, extra_body={"grammar": 'root ::= "a" | "b"'}
+    )
+    assert reply.choices[0].text in ("a", "b")

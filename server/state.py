@@ -19,7 +19,8 @@ from .protocol import parse_json
 from .tokens import TokenTexts
 
 DEFAULT_MAX_BODY = 32 << 20  # 32 MiB: a 128k-token prompt as JSON token ids is ~1 MB
-OPEN_PATHS = frozenset({"/health"})
+# Probes that must work without the key: health checks, and Ollama clients asking "is it running?".
+OPEN_PATHS = frozenset({"/health", "/"})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,134 @@
+"""Reasoning models: split `<think>…</think>` out of generated text, streaming.
+
+The block counts only at the start of the output (after whitespace), or from the first token when
+the prompt already opened it (`starts_open`: DeepSeek-R1 style templates end with "<think>\\n").
+Whitespace next to the markers is dropped; the markers themselves never reach either side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_WS = " \t\r\n"
+# (start, end) pairs models use, first match wins.
+_MARKERS: tuple[tuple[str, str], ...] = (("<think>", "</think>"),)
+
+
+@dataclass(frozen=True)
+class ReasoningFormat:
+    start: str = "<think>"
+    end: str = "</think>"
+    starts_open: bool = False  # the generation prompt already opened the block
+
+
+def template_texts(tokenizer: Any) -> list[str]:
+    """Every chat template a checkpoint ships (default and named ones), as text."""
+    found: list[str] = []
+    raw = getattr(getattr(tokenizer, "backend", None), "chat_template", None)
+    items: Iterable[Any] = (
+        raw.values() if isinstance(raw, Mapping) else raw if isinstance(raw, list) else [raw]
+    )
+    for item in items:
+        text = item.get("template") if isinstance(item, Mapping) else item
+        if isinstance(text, str):
+            found.append(text)
+    default = getattr(tokenizer, "chat_template", None)
+    if isinstance(default, str) and default not in found:
+        found.append(default)
+    return found
+
+
+def detect_reasoning(tokenizer: Any, prompt_text: str | None = None) -> ReasoningFormat | None:
+    """A format when the vocabulary or a chat template knows both markers; `starts_open` when the
+    rendered prompt ends with the start marker (plus whitespace)."""
+    vocab = tokenizer.backend.get_vocab()
+    templates = "\n".join(template_texts(tokenizer))
+    for start, end in _MARKERS:
+        if (start in vocab and end in vocab) or (start in templates and end in templates):
+            is_open = prompt_text is not None and prompt_text.rstrip(_WS).endswith(start)
+            return ReasoningFormat(start, end, is_open)
+    return None
+
+
+def partial_marker_len(text: str, marker: str) -> int:
+    """Length of the longest proper prefix of `marker` that `text` ends with."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
+_START, _THINK, _CONTENT = "start", "reasoning", "content"
+
+
+class ReasoningParser:
+    """Text in, (reasoning, content) deltas out; partial markers are held back until decided."""
+
+    def __init__(self, fmt: ReasoningFormat):
+        self.fmt = fmt
+        self.state = _THINK if fmt.starts_open else _START
+        self._held = ""  # text not yet assigned to either side
+        self._strip = True  # drop whitespace at the start of the current side
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self.state == _THINK
+
+    def push(self, text: str) -> tuple[str, str]:
+        return self._feed(self._held + text, eof=False)
+
+    def finish(self) -> tuple[str, str]:
+        return self._feed(self._held, eof=True)
+
+    def _feed(self, s: str, eof: bool) -> tuple[str, str]:
+        self._held = ""
+        reasoning, content = [], []
+        while s:
+            if self.state == _START:
+                s = self._opening(s, eof, content)
+            elif self.state == _THINK:
+                s = self._thinking(s, eof, reasoning)
+            else:
+                if self._strip:
+                    s = s.lstrip(_WS)
+                    self._strip = not s
+                content.append(s)
+                s = ""
+        return "".join(reasoning), "".join(content)
+
+    def _opening(self, s: str, eof: bool, content: list[str]) -> str:
+        """Before any output: does it open with the start marker?"""
+        body = s.lstrip(_WS)
+        start = self.fmt.start
+        if body.startswith(start):
+            self.state, self._strip = _THINK, True
+            return body[len(start) :]
+        if not eof and start.startswith(body):
+            self._held = s  # whitespace or a partial marker: wait
+            return ""
+        self.state, self._strip = _CONTENT, False
+        return s
+
+    def _thinking(self, s: str, eof: bool, reasoning: list[str]) -> str:
+        if self._strip:
+            s = s.lstrip(_WS)
+            if not s:
+                return ""
+            self._strip = False
+        end = self.fmt.end
+        at = s.find(end)
+        if at >= 0:
+            reasoning.append(s[:at].rstrip(_WS))
+            self.state, self._strip = _CONTENT, True
+            return s[at + len(end) :]
+        if eof:
+            reasoning.append(s.rstrip(_WS))
+            return ""
+        keep = partial_marker_len(s, end)
+        cut = len(s) - keep
+        cut = len(s[:cut].rstrip(_WS))  # trailing whitespace waits too: it may precede the end
+        reasoning.append(s[:cut])
+        self._held = s[cut:]
+        return ""

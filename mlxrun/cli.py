@@ -25,6 +25,7 @@ def main() -> None:
 def _register() -> None:
     from mlxrun.cli_chat import chat_cmd
     from mlxrun.cli_convert import convert_cmd
+    from mlxrun.cli_doctor import doctor_cmd
     from mlxrun.cli_generate import generate_cmd
     from mlxrun.cli_store import list_cmd, pull_cmd, rm_cmd, show_cmd
     from mlxrun.server.cli import serve_cmd
@@ -38,6 +39,7 @@ def _register() -> None:
         generate_cmd,
         chat_cmd,
         serve_cmd,
+        doctor_cmd,
     ):
         main.add_command(cmd)
 

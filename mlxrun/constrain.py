@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from mlxrun.errors import InvalidRequestError
 
 # Compact JSON, as OpenAI's structured outputs write it: free whitespace would let a model loop
 # on blanks until max_tokens.
+GRAMMAR_CACHE_SIZE = 64
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -106,6 +108,8 @@ class GrammarCompiler:
         self.tokenizer = tokenizer
         self._lltok: Any = None
         self._lock = threading.Lock()
+        # Compiled grammars by text: editors resend the same tools and schemas on every turn.
+        self._compiled: OrderedDict[str, Constraint] = OrderedDict()
 
     @property
     def lltokenizer(self) -> Any:
@@ -159,6 +163,19 @@ class GrammarCompiler:
     def compile(self, grammar: str, param: str, what: str = "grammar") -> Constraint:
         """A Constraint for an llguidance grammar string; InvalidRequestError when it is not
         valid or uses what llguidance does not support (its message names the feature)."""
+        with self._lock:
+            hit = self._compiled.get(grammar)
+            if hit is not None:
+                self._compiled.move_to_end(grammar)
+                return hit.copy()
+        built = self._build(grammar, param, what)
+        with self._lock:
+            self._compiled[grammar] = built
+            while len(self._compiled) > GRAMMAR_CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        return built.copy()
+
+    def _build(self, grammar: str, param: str, what: str) -> Constraint:
         lg = _llguidance()
         lltok = self.lltokenizer
         is_error, messages = lg.LLMatcher.validate_grammar_with_warnings(grammar, lltok)

@@ -85,7 +85,9 @@ def _banner(info: Any, base_url: str, aliases: tuple[str, ...], api_key: str | N
     default=None,
     help="Require this bearer key on every request but /health (or set MLXRUN_API_KEY).",
 )
-@click.option("--alias", "aliases", multiple=True, help="Another model id clients may use.")
+@click.option("--alias", "aliases", multiple=True,
+              help="Another model id clients may use; a pattern such as 'claude-*' accepts every "
+              "matching name (Claude Code asks for its own model names).")  # fmt: skip
 @click.option("--context", type=click.IntRange(min=1), default=None, help="Context length.")
 @click.option("--max-running", type=click.IntRange(min=1), default=16, show_default=True,
               help="Requests decoded together in one batch.")  # fmt: skip
@@ -113,6 +115,10 @@ def serve_cmd(
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…)."""
     cache_bytes = _cache_bytes(cache_memory)
+    if tool_parser is not None:
+        from mlxrun.tools import tool_format_by_name
+
+        tool_format_by_name(tool_parser)  # an unknown name fails before the model loads
     sock = _bind(host, port)
     import uvicorn
 

@@ -51,6 +51,7 @@ class MessageDelta:
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
+    calls: list[ToolCall] = field(default_factory=list)  # on the last delta: the complete calls
 
     def __bool__(self) -> bool:
         return bool(self.content or self.reasoning or self.tool_calls or self.logprobs)
@@ -90,18 +91,28 @@ def plan_chat(
             "tools",
             code="unsupported_parameter",
         )
+    from mlxrun.reasoning import detect_reasoning
+
     try:
         prompt_ids = tokenizer.apply_chat_template(
             list(messages), tools=tools if use_tools else None, **dict(template_kwargs or {})
         )
-        constraint = _constraint(state, fmt, tools, choice, output) if use_tools or output else None
+        # The prompt's end tells whether the template opened a thinking block already.
+        reasoning = detect_reasoning(tokenizer, tokenizer.decode(prompt_ids[-8:]))
+        if output is not None and output.kind != "grammar":
+            reasoning = None  # a JSON grammar leaves no room for a thinking block
+        constraint = None
+        if use_tools or output is not None:
+            constraint = _constraint(state, fmt, tools, choice, output, reasoning)
     except InvalidRequestError as e:
         raise from_mlxrun(e) from None
     params = fit_context(state, len(prompt_ids), params, max_param, "messages")
     stops = (*params.stop, *tokenizer.chat_stop_strings)
-    from mlxrun.reasoning import detect_reasoning
-
-    tail = tokenizer.decode(prompt_ids[-8:])
+    # Markers that are special tokens must survive detokenizing, or the parsers never see them.
+    keep_special = any(
+        tokenizer.is_special(i)
+        for _, i in (*(fmt.token_ids if fmt else ()), *(reasoning.token_ids if reasoning else ()))
+    )
     specs = [
         ChoiceSpec(
             prompt_ids,
@@ -109,17 +120,11 @@ def plan_chat(
             stops,
             priority=priority,
             constraint=None if constraint is None else constraint.copy(),
+            keep_special=keep_special,
         )
         for i in range(n)
     ]
-    return ChatPlan(
-        prompt_ids,
-        specs,
-        fmt,
-        tool_names(tools) if use_tools else [],
-        # A JSON grammar leaves no room for a thinking block; a free grammar may spell one out.
-        None if output is not None and output.kind != "grammar" else detect_reasoning(tokenizer, tail),
-    )
+    return ChatPlan(prompt_ids, specs, fmt, tool_names(tools) if use_tools else [], reasoning)
 
 
 def _constraint(
@@ -128,6 +133,7 @@ def _constraint(
     tools: list[dict] | None,
     choice: ToolChoice,
     output: OutputFormat | None,
+    reasoning: ReasoningFormat | None,
 ) -> Any:
     forced = fmt is not None and choice.mode in ("required", "named")
     if forced and output is not None:
@@ -139,7 +145,7 @@ def _constraint(
         from mlxrun.tools import tool_call_grammar
 
         assert tools is not None and fmt is not None
-        lark = tool_call_grammar(fmt, tools, choice.name, choice.parallel)
+        lark = tool_call_grammar(fmt, tools, choice.name, choice.parallel, reasoning)
         return state.grammars.lark(lark, "tools")
     return format_constraint(state, output)
 
@@ -203,25 +209,11 @@ async def message_deltas(gen: Generation, plan: ChatPlan) -> AsyncIterator[Messa
             out.content += c
             out.tool_calls += more
             out.finish_reason = d.finish_reason
+            out.calls = parser.calls
             if parser.calls and d.finish_reason == "stop":
                 out.finish_reason = "tool_calls"
         if out or out.finish_reason is not None:
             yield out
-
-
-def assemble_calls(deltas: Sequence[ToolCallDelta]) -> list[ToolCall]:
-    """Tool-call deltas of one choice put back together (id and name from each call's first)."""
-    from mlxrun.tools import ToolCall
-
-    heads: dict[int, ToolCallDelta] = {}
-    args: dict[int, list[str]] = {}
-    for d in deltas:
-        if d.index not in heads:
-            heads[d.index] = d
-        args.setdefault(d.index, []).append(d.arguments)
-    return [
-        ToolCall(heads[i].id or "", heads[i].name or "", "".join(args[i])) for i in sorted(heads)
-    ]
 
 
 async def collect_messages(request: Request, gen: Generation, plan: ChatPlan) -> list[Message]:
@@ -239,7 +231,8 @@ async def collect_messages(request: Request, gen: Generation, plan: ChatPlan) ->
             Message(
                 "".join(d.content for d in ds),
                 "".join(d.reasoning for d in ds),
-                assemble_calls([c for d in ds for c in d.tool_calls]),
+                # Complete calls only: one cut off by max_tokens came back as content.
+                next((d.calls for d in ds if d.finish_reason), []),
                 [lp for d in ds for lp in d.logprobs],
                 next((d.finish_reason for d in ds if d.finish_reason), "stop"),
             )

@@ -28,6 +28,8 @@ class ChoiceSpec:
     priority: int = 0  # higher first: interactive requests (autocomplete) use 1
     group: str | None = None  # a new request cancels unfinished older ones of its group
     constraint: Any = None  # a mlxrun.constrain.Constraint: decoding follows its grammar
+    pin_prefix: int = 0  # prompt tokens to keep in the prefix cache (Anthropic cache_control)
+    keep_special: bool = False  # special tokens stay in the text (tool-call / reasoning markers)
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Delta:
 class _Choice:
     def __init__(self, index: int, request_id: str, spec: ChoiceSpec, tokenizer: Any):
         self.index, self.request_id, self.spec = index, request_id, spec
-        self.output = TextOutput(tokenizer, spec.stops)
+        self.output = TextOutput(tokenizer, spec.stops, skip_special_tokens=not spec.keep_special)
         self.stream: Any = None
         self.finish_reason: str | None = None
         self.completion_tokens = 0
@@ -91,6 +93,10 @@ class Generation:
             seen[key] = max(seen.get(key, 0), c.cached_tokens)
         return sum(seen.values())
 
+    def matched_stop(self, index: int) -> str | None:
+        """The stop string that ended choice `index`, if one did."""
+        return self.choices[index].output.matched_stop
+
     @property
     def completion_tokens(self) -> int:
         return sum(c.completion_tokens for c in self.choices)
@@ -108,6 +114,7 @@ class Generation:
                         priority=spec.priority,
                         group=spec.group,
                         constraint=spec.constraint,
+                        pin_prefix=spec.pin_prefix,
                     )
                 )
         except BaseException:

@@ -5,6 +5,7 @@ One ServerState per app (on `app.state.server`), never module globals.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,17 @@ class ServerConfig:
 
     @property
     def model_ids(self) -> tuple[str, ...]:
-        return (self.model_id, *(a for a in self.aliases if a != self.model_id))
+        """The ids /v1/models lists: the model's and its plain aliases (not the patterns)."""
+        plain = (a for a in self.aliases if a != self.model_id and not _is_pattern(a))
+        return (self.model_id, *plain)
+
+    def serves(self, name: str) -> bool:
+        """Whether `name` means this model: an id, an alias pattern ("claude-*": Claude Code
+        asks for its own model names), or Ollama's tag form "id:latest"."""
+        for candidate in (name, name.removesuffix(":latest")):
+            if candidate in self.model_ids:
+                return True
+        return any(_is_pattern(a) and fnmatch.fnmatchcase(name, a) for a in self.aliases)
 
 
 class ServerState:
@@ -73,7 +84,7 @@ class ServerState:
         from mlxrun import tools
 
         if self.config.tool_parser:
-            return tools.tool_format_by_name(self.config.tool_parser)
+            return tools.tool_format_by_name(self.config.tool_parser, self.tokenizer)
         return tools.detect_tool_format(self.tokenizer)
 
     @functools.cached_property
@@ -84,8 +95,9 @@ class ServerState:
         return detect_reasoning(self.tokenizer)
 
     def check_model(self, name: str) -> str:
-        """The served id for a requested model name; 404 for names we do not serve."""
-        if name not in self.config.model_ids:
+        """The name as the client sent it when we serve it; 404 otherwise. Ollama's tag form
+        "id:latest" names the same model (clients that list /api/tags send it back)."""
+        if not self.config.serves(name):
             raise errors.model_not_found(name)
         return name
 
@@ -119,6 +131,10 @@ class ServerState:
                 raise _too_large(limit)
             chunks.append(chunk)
         return parse_json(b"".join(chunks))
+
+
+def _is_pattern(alias: str) -> bool:
+    return any(c in alias for c in "*?[")
 
 
 def _too_large(limit: int) -> APIError:

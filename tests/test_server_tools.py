@@ -282,3 +282,24 @@ def test_completions_take_a_schema_or_grammar_too(client):
         model=MODEL_ID, prompt="x", max_tokens=5, extra_body={"grammar": 'root ::= "a" | "b"'}
     )
     assert reply.choices[0].text in ("a", "b")
+
+
+def test_alias_patterns_accept_matching_names_without_listing_them():
+    from mlxrun.server.state import ServerConfig
+
+    config = ServerConfig("m", 64, aliases=("claude-*", "short"))
+    assert config.model_ids == ("m", "short")
+    for name in ("m", "short", "m:latest", "claude-sonnet-4-5", "claude-haiku-4-5-20251001"):
+        assert config.serves(name), name
+    for name in ("gpt-4", "claude", "mm", "short:v2"):
+        assert not config.serves(name), name
+
+
+def test_an_unknown_tool_parser_fails_before_loading(tiny_llama):
+    from click.testing import CliRunner
+
+    from mlxrun.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(tiny_llama), "--tool-parser", "nope"])
+    assert result.exit_code != 0
+    assert "unknown tool-call format 'nope'" in result.output and "hermes" in result.output

@@ -1,0 +1,180 @@
+"""`mlxrun doctor` against real servers on loopback: the tiny model passes every client, an API
+key is asked for and used, a closed port is one line and exit 2, and a server that breaks a
+client's stream fails that client's check by name."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from mlxrun.cli_doctor import doctor_cmd
+from mlxrun.doctor_checks import CLIENTS
+from serverutil import MODEL_ID, make_app, serve_in_thread
+
+
+def doctor(*args: str, env: dict | None = None):
+    return CliRunner().invoke(doctor_cmd, list(args), env=env)
+
+
+def _report(result) -> dict:
+    report = json.loads(result.stdout)
+    return {c["client"]: c for c in report["clients"]} | {"_": report}
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_llama):
+    with serve_in_thread(make_app(tiny_llama)) as url:
+        yield url
+
+
+def test_every_client_passes_on_the_tiny_model(base_url):
+    result = doctor(base_url, "--json")
+    report = _report(result)
+    failed = [
+        f"{key}/{c['name']}: {c['detail']}"
+        for key in CLIENTS
+        for c in report[key]["checks"]
+        if c["status"] != "pass"
+    ]
+    assert not failed, failed  # the fixture has tools and FIM tokens: nothing is skipped
+    assert result.exit_code == 0 and report["_"]["ok"] and report["_"]["model"] == MODEL_ID
+    for key in CLIENTS:
+        text = report[key]["snippet"]["text"]
+        assert MODEL_ID in text and base_url in text, (key, text)
+    zed = json.loads(report["zed"]["snippet"]["text"])["language_models"]["openai_compatible"]
+    assert zed["mlxrun"]["available_models"][0]["max_tokens"] == 512  # the served context
+    assert "roles: [chat, edit, apply, autocomplete]" in report["continue"]["snippet"]["text"]
+
+
+def test_human_report_one_line_per_check_and_snippets(base_url):
+    result = doctor(base_url.removeprefix("http://") + "/v1/", "--client", "Aider")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "Aider: pass" in lines
+    assert "  ok    chat: POST /v1/chat/completions stream, no tools" in lines
+    assert "Zed" not in result.stdout  # --client restricts
+    command = f"aider --model openai/{MODEL_ID} --openai-api-base {base_url}/v1"
+    assert any(line.startswith(command) for line in lines)
+
+
+@pytest.fixture(scope="module")
+def keyed_url(tiny_llama):
+    with serve_in_thread(make_app(tiny_llama, api_key="sekret")) as url:
+        yield url
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    return lines[0]
+
+
+def test_api_key_missing_wrong_and_given(keyed_url):
+    result = doctor(keyed_url, env={"MLXRUN_API_KEY": ""})
+    assert result.exit_code == 1 and result.stdout == ""
+    line = _one_error_line(result.stderr)
+    assert "wants an API key" in line and "--api-key" in line
+    result = doctor(keyed_url, "--api-key", "wrong")
+    assert result.exit_code == 1 and "refused the API key" in _one_error_line(result.stderr)
+
+    args = ["--client", "claude-code", "--client", "copilot", "--json"]
+    report = _report(doctor(keyed_url, "--api-key", "sekret", *args))
+    assert report["_"]["ok"], report
+    # Copilot's Ollama provider cannot send a key: its discovery is skipped, not failed.
+    assert [c["status"] for c in report["copilot"]["checks"]] == ["skip"] * 3 + ["pass"]
+    assert all(c["status"] == "pass" for c in report["claude-code"]["checks"])
+    result = doctor(keyed_url, "--client", "claude-code", env={"MLXRUN_API_KEY": "sekret"})
+    assert result.exit_code == 0, result.output
+    assert "sekret" not in result.output  # snippets point at $MLXRUN_API_KEY instead
+    assert 'ANTHROPIC_AUTH_TOKEN="$MLXRUN_API_KEY"' in result.stdout
+
+
+def test_closed_port_is_one_line_and_exit_2():
+    with socket.socket() as sock:  # bound, never listening: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        command = [sys.executable, "-m", "mlxrun.cli_doctor", url, "--timeout", "5"]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        as_json = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    line = _one_error_line(proc.stderr)
+    assert f"cannot reach the server at {url}" in line and "mlxrun serve MODEL" in line
+    assert as_json.returncode == 2 and json.loads(as_json.stdout)["ok"] is False
+
+
+def test_a_model_without_fim_or_tools(checkpoint_factory):
+    """FIM is a model property: its checks are skipped. Tools are what agents need: those fail."""
+    spm = checkpoint_factory("llama", tokenizer="spm")  # [INST] template, no tools, no FIM
+    with serve_in_thread(make_app(spm)) as url:
+        result = doctor(url, "--client", "continue", "--json")
+    checks = {c["name"]: c for c in _report(result)["continue"]["checks"]}
+    assert checks["autocomplete"]["status"] == checks["autocomplete (FIM API)"]["status"] == "skip"
+    assert "FIM" in checks["autocomplete"]["detail"]
+    assert checks["agent"]["status"] == "fail" and "HTTP 400" in checks["agent"]["detail"]
+    assert checks["chat"]["status"] == "pass" and result.exit_code == 1
+    assert "autocomplete" not in _report(result)["continue"]["snippet"]["text"]
+
+
+# ---------------------------------------------------------------- a server that breaks Zed
+
+
+def _frame(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+async def _models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [{"id": "broken", "object": "model"}]})
+
+
+async def _chat(request: Request) -> StreamingResponse:
+    """Tool-call arguments as an object instead of JSON text; plain streams stop without usage
+    and without [DONE]."""
+    body = await request.json()
+    head = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "broken"}
+
+    async def chunks():
+        if body.get("tool_choice"):
+            function = {"name": "get_weather", "arguments": {"city": "Paris"}}  # not a string
+            call = {"index": 0, "id": "call_1", "type": "function", "function": function}
+            delta = {"role": "assistant", "tool_calls": [call]}
+            yield _frame({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            yield _frame(
+                {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+            )
+            yield "data: [DONE]\n\n"
+        else:
+            delta = {"role": "assistant", "content": "hi"}
+            yield _frame(
+                {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": "stop"}]}
+            )
+
+    return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
+def test_a_broken_stream_fails_the_client_and_names_the_check():
+    app = Starlette(routes=[Route("/v1/models", _models),
+                            Route("/v1/chat/completions", _chat, methods=["POST"])])  # fmt: skip
+    with serve_in_thread(app, wait=False) as url:
+        report = _report(doctor(url, "--client", "zed", "--json"))
+        result = doctor(url, "--client", "zed")
+    assert report["_"]["model"] == "broken" and not report["_"]["ok"]
+    agent, tool_result = report["zed"]["checks"]
+    assert agent["status"] == tool_result["status"] == "fail"
+    assert "function.arguments" in agent["detail"] and "a string" in agent["detail"]
+    assert "does not end with data: [DONE]" in tool_result["detail"]
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert "Zed: FAIL" in lines
+    failing = [
+        line for line in lines if line.startswith("  FAIL  agent: POST /v1/chat/completions")
+    ]
+    assert len(failing) == 1 and "-> a tool_calls delta: function.arguments" in failing[0]

@@ -7,6 +7,8 @@ Whitespace next to the markers is dropped; the markers themselves never reach ei
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,7 @@ class ReasoningFormat:
     start: str = "<think>"
     end: str = "</think>"
     starts_open: bool = False  # the generation prompt already opened the block
+    token_ids: tuple[tuple[str, int], ...] = ()  # markers that are added tokens, and their ids
 
 
 def template_texts(tokenizer: Any) -> list[str]:
@@ -48,8 +51,28 @@ def detect_reasoning(tokenizer: Any, prompt_text: str | None = None) -> Reasonin
     for start, end in _MARKERS:
         if (start in vocab and end in vocab) or (start in templates and end in templates):
             is_open = prompt_text is not None and prompt_text.rstrip(_WS).endswith(start)
-            return ReasoningFormat(start, end, is_open)
+            added = {t.content: i for i, t in tokenizer.backend.added_tokens_decoder.items()}
+            ids = tuple((m, added[m]) for m in (start, end) if m in added)
+            return ReasoningFormat(start, end, is_open, ids)
     return None
+
+
+def think_rules(fmt: ReasoningFormat) -> str:
+    """Lark rules (llguidance) for `think`: the reasoning block a constrained reply may open
+    with; required when the prompt opened it. Use as `start: think <the reply's rule>`."""
+    ids = dict(fmt.token_ids)
+
+    def mark(m: str) -> str:  # an added token must be matched as one
+        return f"<[{ids[m]}]>" if m in ids else json.dumps(m)
+
+    if fmt.end in ids:
+        body, text = f"THINK_TEXT {mark(fmt.end)}", "THINK_TEXT: /(.|\\n)*/"
+    else:  # the shortest text that ends with the end marker
+        end = re.escape(fmt.end).replace("/", "\\/")
+        body, text = "think_text", f"think_text[lazy]: /(.|\\n)*{end}/"
+    block = body if fmt.starts_open else f"{mark(fmt.start)} {body}"
+    optional = "" if fmt.starts_open else "?"
+    return f"think: ({block} THINK_WS){optional}\n{text}\nTHINK_WS: /[ \\t\\r\\n]*/\n"
 
 
 def partial_marker_len(text: str, marker: str) -> int:

@@ -1,5 +1,6 @@
 """Tool calls on the model side: which syntax a checkpoint writes calls in, a streaming parser from
-generated text to OpenAI-style calls, and a llguidance grammar that forces a valid call.
+generated text to OpenAI-style calls, and (from tool_grammar) a llguidance grammar that forces a
+valid call.
 
 Formats (what the model writes):
   hermes   <tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>   (Qwen, Hermes; repeated)
@@ -11,8 +12,8 @@ Formats (what the model writes):
 The parser reads every syntax of its format's family and takes "arguments" or "parameters".
 
 Arguments come out normalised, as json.dumps(..., ensure_ascii=False) writes them: the JSON is
-re-written while it streams (_JsonReader), so argument deltas can be sent before a call ends and
-still add up to ToolCall.arguments.
+re-written while it streams (jsonstream.JsonReader), so argument deltas can be sent before a call
+ends and still add up to ToolCall.arguments.
 """
 
 from __future__ import annotations
@@ -21,14 +22,28 @@ import json
 import re
 import secrets
 import string
-from collections.abc import Callable, Collection, Generator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import InvalidRequestError
+from .jsonstream import DONE, ERROR, VALUE_END, VALUE_START, Cursor, JsonReader
+from .jsonstream import WHITESPACE as _WS
 from .reasoning import partial_marker_len, template_texts
+from .tool_grammar import tool_call_grammar
 
-_WS = " \t\r\n"
+__all__ = [
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolFormat",
+    "ToolParser",
+    "detect_tool_format",
+    "new_call_id",
+    "parse_tool_calls",
+    "tool_call_grammar",
+    "tool_format_by_name",
+]
+
 _ARGS_KEYS = ("arguments", "parameters")
 _ID_CHARS = string.ascii_letters + string.digits
 _NAME_CHARS = frozenset(_ID_CHARS + "_.-")
@@ -79,10 +94,9 @@ def new_call_id() -> str:
 
 def _bind(fmt: ToolFormat, tokenizer: Any) -> ToolFormat:
     """`fmt` with the Mistral variant and the marker token ids of this tokenizer."""
-    vocab = tokenizer.backend.get_vocab()
     templates = "\n".join(template_texts(tokenizer))
-    if fmt.name == "mistral":
-        args = "[ARGS]" if "[ARGS]" in vocab or "[ARGS]" in templates else None
+    if fmt.name == "mistral":  # v7 vocabularies reserve [ARGS] but their templates write lists
+        args = "[ARGS]" if "[ARGS]" in templates else None
         call_id = "[CALL_ID]" if args and "[CALL_ID]" in templates else None
         fmt = replace(fmt, args_marker=args, call_id_marker=call_id)
     added = {t.content: i for i, t in tokenizer.backend.added_tokens_decoder.items()}
@@ -121,216 +135,6 @@ def tool_format_by_name(name: str, tokenizer: Any = None) -> ToolFormat:
     return fmt if tokenizer is None else _bind(fmt, tokenizer)
 
 
-# --- streaming JSON -------------------------------------------------------------------------------
-
-_VALUE, _KEY, _COLON, _NEXT, _STRING, _SCALAR, _END = range(7)
-_MORE, _ERROR, _VALUE_START, _VALUE_END, _DONE = range(5)
-_PLAIN = re.compile(r'[^"\\\x00-\x1f]+')
-_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
-_NUM_CHARS = frozenset("0123456789+-.eE")
-_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-_LITERALS = ("true", "false", "null")
-
-
-def _canon_char(c: str) -> str:
-    if c in '"\\' or c < " ":
-        return json.dumps(c)[1:-1]
-    if "\ud800" <= c <= "\udfff":  # a lone surrogate: keep the text encodable
-        return f"\\u{ord(c):04x}"
-    return c
-
-
-def _canon_number(tok: str) -> str:
-    if not any(c in tok for c in ".eE"):
-        return str(int(tok))
-    value = float(tok)
-    return repr(value) if value not in (float("inf"), float("-inf")) else tok
-
-
-class _Cursor:
-    """The text a block generator reads: s[i:] is unread; eof means no more will come."""
-
-    def __init__(self) -> None:
-        self.s, self.i, self.eof = "", 0, False
-
-
-class _JsonReader:
-    """Reads one JSON object, a piece at a time, into `pieces`: its json.dumps form. Stops at
-    events about the top-level members (`key`, `value_start` index into pieces, `first_char`)."""
-
-    def __init__(self) -> None:
-        self.pieces: list[str] = []
-        self.key: str | None = None
-        self.value_start = 0
-        self.first_char = ""
-        self._stack: list[str] = []
-        self._state = _VALUE
-        self._first = True  # the innermost container has no item yet
-        self._is_key = False
-        self._keybuf: list[str] | None = None  # a top-level key being read
-        self._esc = ""  # an escape sequence read so far
-        self._high = ""  # a high surrogate waiting for its pair
-        self._tok = ""  # a number or literal read so far
-
-    def feed(self, cur: _Cursor) -> int:
-        s, n = cur.s, len(cur.s)
-        while cur.i < n:
-            ev = self._string(s, cur) if self._state == _STRING else self._step(s[cur.i], cur)
-            if ev != _MORE:
-                return ev
-        return _MORE
-
-    def _step(self, c: str, cur: _Cursor) -> int:
-        st = self._state
-        if st == _SCALAR:
-            return self._scalar(c, cur)
-        if c in _WS:
-            cur.i += 1
-            return _MORE
-        if st == _VALUE:
-            return self._value(c, cur)
-        if st == _KEY and c == '"':
-            self.pieces.append('"' if self._first else ', "')
-            self._state, self._is_key = _STRING, True
-            self._keybuf = [] if len(self._stack) == 1 else None
-        elif st == _KEY and c == "}" and self._first:
-            return self._close(c, cur)
-        elif st == _COLON and c == ":":
-            self.pieces.append(": ")
-            self._state = _VALUE
-        elif st == _NEXT and c == ",":
-            self._first = False
-            self._state = _KEY if self._stack[-1] == "{" else _VALUE
-        elif st == _NEXT and c == ("}" if self._stack[-1] == "{" else "]"):
-            return self._close(c, cur)
-        else:
-            return _ERROR
-        cur.i += 1
-        return _MORE
-
-    def _value(self, c: str, cur: _Cursor) -> int:
-        depth = len(self._stack)
-        if depth == 0 and c != "{":
-            return _ERROR
-        if depth and self._stack[-1] == "[":
-            if c == "]" and self._first:
-                return self._close(c, cur)
-            if not self._first:
-                self.pieces.append(", ")
-        mark = len(self.pieces)
-        if c in "{[":
-            self._stack.append(c)
-            self.pieces.append(c)
-            self._state, self._first = (_KEY if c == "{" else _VALUE), True
-        elif c == '"':
-            self.pieces.append(c)
-            self._state, self._is_key = _STRING, False
-        elif c in "-0123456789tfn":
-            self._state, self._tok = _SCALAR, c
-        else:
-            return _ERROR
-        cur.i += 1
-        if depth == 1:
-            self.value_start, self.first_char = mark, c
-            return _VALUE_START
-        return _MORE
-
-    def _scalar(self, c: str, cur: _Cursor) -> int:
-        tok = self._tok
-        if tok[0] in "tfn":
-            if not any(w.startswith(tok + c) for w in _LITERALS):
-                return _ERROR
-            cur.i += 1
-            self._tok = tok = tok + c
-            if tok not in _LITERALS:
-                return _MORE
-            self.pieces.append(tok)
-            return self._value_done()
-        if c in _NUM_CHARS:
-            self._tok += c
-            cur.i += 1
-            return _MORE
-        if not _NUMBER.match(tok):
-            return _ERROR
-        self.pieces.append(_canon_number(tok))
-        return self._value_done()  # c is read again, as what follows the number
-
-    def _string(self, s: str, cur: _Cursor) -> int:
-        if self._esc:
-            return self._escape(s[cur.i], cur)
-        m = _PLAIN.match(s, cur.i)
-        if m:
-            self._text(m.group(), m.group())
-            cur.i = m.end()
-            return _MORE
-        c = s[cur.i]
-        cur.i += 1
-        if c == "\\":
-            self._esc = c
-            return _MORE
-        if c != '"':
-            self._char(c)  # a raw control character: tolerated, written escaped
-            return _MORE
-        self._text("", "")  # flushes a lone high surrogate
-        self.pieces.append('"')
-        if not self._is_key:
-            return self._value_done()
-        if self._keybuf is not None:
-            self.key, self._keybuf = "".join(self._keybuf), None
-        self._state = _COLON
-        return _MORE
-
-    def _escape(self, c: str, cur: _Cursor) -> int:
-        esc = self._esc + c
-        if len(esc) == 2 and c != "u":
-            if c not in _ESCAPES:
-                return _ERROR
-            self._esc = ""
-            self._char(_ESCAPES[c])
-        elif len(esc) > 2 and c not in string.hexdigits:
-            return _ERROR
-        elif len(esc) == 6:
-            self._esc = ""
-            self._char(chr(int(esc[2:], 16)))
-        else:
-            self._esc = esc
-        cur.i += 1
-        return _MORE
-
-    def _char(self, c: str) -> None:
-        """One decoded character; UTF-16 surrogate pairs from \\u escapes are joined."""
-        if self._high and "\udc00" <= c <= "\udfff":
-            high, self._high = self._high, ""
-            c = chr(0x10000 + ((ord(high) - 0xD800) << 10) + (ord(c) - 0xDC00))
-        elif "\ud800" <= c <= "\udbff":
-            self._text("", "")
-            self._high = c
-            return
-        self._text(c, _canon_char(c))
-
-    def _text(self, decoded: str, canonical: str) -> None:
-        if self._high:
-            high, self._high = self._high, ""
-            self._text(high, _canon_char(high))
-        if canonical:
-            self.pieces.append(canonical)
-            if self._keybuf is not None:
-                self._keybuf.append(decoded)
-
-    def _value_done(self) -> int:
-        self._state = _NEXT
-        return _VALUE_END if len(self._stack) == 1 else _MORE
-
-    def _close(self, c: str, cur: _Cursor) -> int:
-        self.pieces.append(c)
-        self._stack.pop()
-        cur.i += 1
-        if not self._stack:
-            self._state = _END
-            return _DONE
-        return self._value_done()
-
-
 # --- parsing --------------------------------------------------------------------------------------
 
 _Block = Generator[None, None, bool]
@@ -351,7 +155,7 @@ class ToolParser:
         self.fmt = fmt
         self._names = None if tool_names is None else frozenset(tool_names)
         self._markers = (fmt.call_start,) if fmt.call_start else ()
-        self._cur = _Cursor()
+        self._cur = Cursor()
         self._held = ""  # undecided content: trailing whitespace, a partial marker
         self._lead = fmt.bare_json  # a bare JSON call may start here
         self._after_call = False  # whitespace (and ";") here follows a call: dropped
@@ -563,16 +367,16 @@ class ToolParser:
     def _call_object(self, name: str | None = None, need_args: bool = False) -> _Block:
         """At "{": a call object {"name": ..., "arguments": {...}} (`need_args`: the arguments
         member must be there); or, given `name`, the arguments object itself."""
-        cur, reader = self._cur, _JsonReader()
+        cur, reader = self._cur, JsonReader()
         call = _Pending(name, args_at=None if name is None else 0)
         while True:
             if not (yield from self._need()):
                 return False
             ev = reader.feed(cur)
-            if ev == _ERROR or (name is None and not _member(ev, reader, call, self._allowed)):
+            if ev == ERROR or (name is None and not _member(ev, reader, call, self._allowed)):
                 return False
             pieces = reader.pieces
-            if ev == _DONE:
+            if ev == DONE:
                 if call.name is None or (need_args and call.args_at is None):
                     return False
                 if call.args_at is None:  # no arguments member: a call without arguments
@@ -580,7 +384,7 @@ class ToolParser:
                     call.args_at = len(pieces) - 1
                 call.args_end = len(pieces) if call.args_end is None else call.args_end
             self._stream(call, pieces)
-            if ev == _DONE:
+            if ev == DONE:
                 args = "".join(pieces[call.args_at : call.args_end])
                 self._calls.append(ToolCall(call.id, call.name, args))
                 self._head, self._raw, self._raw_from = "", [], cur.i
@@ -617,16 +421,16 @@ class _Pending:
     sent: int = 0
 
 
-def _member(ev: int, reader: _JsonReader, call: _Pending, allowed: Callable[[Any], bool]) -> bool:
+def _member(ev: int, reader: JsonReader, call: _Pending, allowed: Callable[[Any], bool]) -> bool:
     """Note the "name" and arguments members of a call object; False when it cannot be a call."""
-    if ev == _VALUE_START:
+    if ev == VALUE_START:
         if reader.key == "name" and call.name_at is None:
             call.name_at = reader.value_start
         elif reader.key in _ARGS_KEYS and call.args_at is None:
             if reader.first_char != "{":
                 return False
             call.args_at = reader.value_start
-    elif ev == _VALUE_END:
+    elif ev == VALUE_END:
         if reader.key == "name" and call.name is None:
             call.name = json.loads("".join(reader.pieces[call.name_at :]))
             return allowed(call.name)
@@ -643,102 +447,3 @@ def parse_tool_calls(
     head, _ = parser.push(text)
     tail, _ = parser.finish()
     return head + tail, parser.calls
-
-
-# --- grammar --------------------------------------------------------------------------------------
-
-# How the chat templates write arguments (tojson): one space after ":" and ",", no other whitespace.
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-
-
-def _functions(tools: Sequence[Mapping]) -> list[tuple[str, dict]]:
-    """(name, arguments schema) of OpenAI tool objects (or bare function objects)."""
-    out = []
-    for k, tool in enumerate(tools):
-        fn = tool.get("function", tool) if isinstance(tool, Mapping) else None
-        name = fn.get("name") if isinstance(fn, Mapping) else None
-        if not isinstance(name, str) or not name:
-            raise InvalidRequestError(f"tools[{k}] has no function name", param="tools")
-        params = fn.get("parameters")  # type: ignore[union-attr]
-        if params is None:
-            params = {"type": "object", "properties": {}, "additionalProperties": False}
-        if not isinstance(params, Mapping) or params.get("type", "object") != "object":
-            raise InvalidRequestError(
-                f"the parameters of tool {name!r} must be a JSON schema of type object",
-                param="tools",
-            )
-        style = {**_JSON_STYLE, **(params.get("x-guidance") or {})}
-        out.append((name, {**params, "type": "object", "x-guidance": style}))
-    return out
-
-
-def _check(grammar: str, what: str) -> None:
-    from llguidance import LLMatcher
-
-    failed, messages = LLMatcher.validate_grammar_with_warnings(
-        LLMatcher.grammar_from_lark(grammar)
-    )
-    if failed:
-        text = re.split(r"\n\s*\d+ \| ", messages[0] if messages else "")[0]  # drop the excerpt
-        text = re.sub(r"^at \d+\(\d+\): (failed to compile JSON schema: )?", "", text.strip())
-        detail = " ".join(text.split())
-        raise InvalidRequestError(
-            f"{what} cannot be enforced: {detail}",
-            param="tools",
-            hint="Simplify the schema (unsupported keywords are named above) or use "
-            'tool_choice "auto".',
-        )
-
-
-def _lit(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
-
-
-def tool_call_grammar(
-    fmt: ToolFormat, tools: Sequence[Mapping], choice: str | None = None, parallel: bool = True
-) -> str:
-    """A llguidance Lark grammar whose complete strings are one call (several if `parallel`) in
-    `fmt`'s syntax to `choice` (None: any of `tools`), with arguments valid against the tool's
-    parameters schema. Raises InvalidRequestError(param="tools" or "tool_choice")."""
-    funcs = _functions(tools)
-    if choice is not None:
-        funcs = [f for f in funcs if f[0] == choice]
-        if not funcs:
-            raise InvalidRequestError(
-                f"tool_choice names function {choice!r}, which is not in tools",
-                param="tool_choice",
-            )
-    if not funcs:
-        raise InvalidRequestError("tool calls were required but tools is empty", param="tools")
-    ids = dict(fmt.token_ids)
-
-    def mark(m: str | None) -> str:
-        return f"<[{ids[m]}]>" if m in ids else _lit(m or "")
-
-    rules, alts = [], []
-    for k, (name, schema) in enumerate(funcs):
-        rule = f"args{k}: %json {json.dumps(schema, ensure_ascii=False)}"
-        _check(rule.replace(f"args{k}:", "start:", 1), f"the parameters schema of tool {name!r}")
-        rules.append(rule)
-        head = '{"name": ' + _lit(name) + ', "' + fmt.args_key + '": '
-        if fmt.call_end:
-            alts.append(f"{mark(fmt.call_start)} {_lit(chr(10) + head)} args{k} "
-                        f"{_lit('}' + chr(10))} {mark(fmt.call_end)}")  # fmt: skip
-        elif fmt.args_marker:
-            call_id = f"({mark(fmt.call_id_marker)} CALL_ID)? " if fmt.call_id_marker else ""
-            alts.append(f"{mark(fmt.call_start)} {_lit(name)} {call_id}{mark(fmt.args_marker)} "
-                        f"args{k}")  # fmt: skip
-        else:
-            alts.append(f'{_lit(head)} args{k} "}}"')
-    many = "call+" if fmt.args_marker else "call ({sep} call)*"
-    if fmt.call_end:
-        start = many.format(sep=_lit("\n")) if parallel else "call"
-    elif fmt.name == "mistral" and not fmt.args_marker:
-        calls = many.format(sep='", "') if parallel else "call"
-        start = f'{mark(fmt.call_start)} " "? "[" {calls} "]"'
-    else:
-        start = many.format(sep='"; "') if parallel else "call"
-    lines = [f"start: {start}", "call: " + " | ".join(alts), *rules, "CALL_ID: /[A-Za-z0-9]{9}/"]
-    grammar = "\n".join(lines) + "\n"
-    _check(grammar, "the tool-call grammar")
-    return grammar

@@ -44,7 +44,9 @@ def with_template(path: Path, template: str, added: tuple[str, ...] = ()) -> Tok
 def test_detection(bpe_path: Path) -> None:
     assert detect_reasoning(load_tokenizer(bpe_path)) is None  # ChatML + tools, no <think>
     by_vocab = with_template(bpe_path, "{{ messages[0].content }}", ("<think>", "</think>"))
-    assert detect_reasoning(by_vocab) == ReasoningFormat("<think>", "</think>", False)
+    vocab = by_vocab.backend.get_vocab()
+    ids = (("<think>", vocab["<think>"]), ("</think>", vocab["</think>"]))
+    assert detect_reasoning(by_vocab) == ReasoningFormat("<think>", "</think>", False, ids)
     tok = with_template(bpe_path, THINK_TEMPLATE)  # markers only in the template
     msgs = [{"role": "user", "content": "Hi"}]
     assert detect_reasoning(tok, tok.render_chat(msgs)) == ReasoningFormat(starts_open=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -25,6 +26,8 @@ from transformers import AutoTokenizer
 
 from fixtures import build_tokenizer
 from mlxrun.errors import InvalidRequestError
+from mlxrun.jsonstream import DONE, ERROR, MORE, VALUE_END, VALUE_START, Cursor, JsonReader
+from mlxrun.reasoning import ReasoningFormat, ReasoningParser, detect_reasoning
 from mlxrun.tokenizer import Tokenizer, load_tokenizer
 from mlxrun.tools import (
     ToolCall,
@@ -65,15 +68,20 @@ LLAMA31_TEMPLATE = """\
 """
 LLAMA_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>")
 
-# Mistral v3 (7B-Instruct-v0.3): a JSON list after [TOOL_CALLS], ids of 9 characters.
-MISTRAL_V3_TEMPLATE = """\
+# Mistral's user turn; v3 writes a space after [AVAILABLE_TOOLS] and [INST], v11+ does not.
+MISTRAL_USER = """\
 {{- bos_token }}
 {%- for message in messages %}
 {%- if message.role == 'user' %}
-{%- if tools and loop.first %}{{- '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' }}
+{%- if tools and loop.first %}{{- '[AVAILABLE_TOOLS]_' + tools | tojson + '[/AVAILABLE_TOOLS]' }}
 {%- endif %}
-{{- '[INST] ' + message.content + '[/INST]' }}
+{{- '[INST]_' + message.content + '[/INST]' }}
 {%- elif message.tool_calls %}
+"""
+# Mistral v3 (7B-Instruct-v0.3): a JSON list after [TOOL_CALLS], ids of 9 characters.
+MISTRAL_V3_TEMPLATE = (
+    MISTRAL_USER.replace("]_'", "] '")
+    + """\
 {{- '[TOOL_CALLS] [' }}
 {%- for tool_call in message.tool_calls %}
 {%- set out = tool_call.function | tojson %}{{- out[:-1] + ', "id": "' + tool_call.id + '"}' }}
@@ -82,15 +90,11 @@ MISTRAL_V3_TEMPLATE = """\
 {%- endif %}
 {%- endfor %}
 """
+)
 # Mistral v11+ (Magistral, Devstral): one [TOOL_CALLS]name[CALL_ID]id[ARGS]{...} per call.
-MISTRAL_V13_TEMPLATE = """\
-{{- bos_token }}
-{%- for message in messages %}
-{%- if message.role == 'user' %}
-{%- if tools and loop.first %}{{- '[AVAILABLE_TOOLS]' + tools | tojson + '[/AVAILABLE_TOOLS]' }}
-{%- endif %}
-{{- '[INST]' + message.content + '[/INST]' }}
-{%- elif message.tool_calls %}
+MISTRAL_V13_TEMPLATE = (
+    MISTRAL_USER.replace("]_'", "]'")
+    + """\
 {%- for tool_call in message.tool_calls %}
 {{- '[TOOL_CALLS]' + tool_call.function.name + '[CALL_ID]' + tool_call.id }}
 {{- '[ARGS]' + tool_call.function.arguments | tojson }}
@@ -98,6 +102,7 @@ MISTRAL_V13_TEMPLATE = """\
 {%- endif %}
 {%- endfor %}
 """
+)
 MISTRAL_TOKENS = ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]")
 MISTRAL_V13_TOKENS = (*MISTRAL_TOKENS, "[ARGS]", "[CALL_ID]")
 
@@ -135,11 +140,11 @@ ADD = {
     "required": ["a", "b"],
     "additionalProperties": False,
 }
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
-    {"type": "function", "function": {"name": "add", "description": "Sum", "parameters": ADD}},
-]
 SCHEMAS = {"get_weather": WEATHER, "add": ADD}
+TOOLS = [  # OpenAI tool objects; the grammar passes over their descriptions
+    {"type": "function", "function": {"name": n, "description": n.upper(), "parameters": s}}
+    for n, s in SCHEMAS.items()
+]
 
 
 @pytest.fixture(scope="module")
@@ -482,6 +487,43 @@ def test_text_without_calls_passes_through(text: str, cuts: list[int]) -> None:
     assert (s_content, pairs(s_calls)) == (content, pairs(calls))
 
 
+# --- the streaming JSON reader -------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(obj=ARGS, style=STYLES, cuts=st.lists(st.integers(0, 10**6), max_size=8))
+def test_json_reader_rewrites_an_object_fed_in_pieces(obj: dict, style: dict, cuts: list[int]):
+    text = json.dumps(obj, **style) + " after"
+    reader, cur, events = JsonReader(), Cursor(), []
+    for end in sorted({c % len(text) for c in cuts} | {len(text)}):
+        cur.s = text[:end]  # more text arrives; cur.i stays where reading stopped
+        while (ev := reader.feed(cur)) not in (MORE, DONE):
+            assert ev != ERROR
+            start = reader.value_start if ev == VALUE_START else None
+            events.append((ev, reader.key, reader.first_char, start, len(reader.pieces)))
+        if ev == DONE:
+            break
+    assert ev == DONE and text[cur.i :] == " after"
+    assert "".join(reader.pieces) == json.dumps(obj, ensure_ascii=False)
+    starts, ends = events[0::2], events[1::2]
+    assert [e[0] for e in starts] == [VALUE_START] * len(obj)
+    assert [e[0] for e in ends] == [VALUE_END] * len(obj)
+    for (_, key, first, at, _), (_, _, _, _, upto) in zip(starts, ends, strict=True):
+        value = json.dumps(obj[key], ensure_ascii=False)
+        assert first == json.dumps(obj[key])[0] and "".join(reader.pieces[at:upto]) == value
+
+
+@pytest.mark.parametrize(
+    "text", ['[{"a": 1}]', '{"a" 1}', '{"a": tru}', '{"a": 01x}', '{"a": "\\q"}']
+)
+def test_json_reader_stops_at_what_is_not_json(text: str) -> None:
+    reader, cur = JsonReader(), Cursor()
+    cur.s = text
+    while (ev := reader.feed(cur)) in (VALUE_START, VALUE_END):
+        pass
+    assert ev == ERROR
+
+
 # --- the grammar ----------------------------------------------------------------------------------
 
 
@@ -524,16 +566,23 @@ def test_grammar_accepts_valid_calls_only(hermes_tok: Tokenizer) -> None:
 
 
 def random_walk(
-    m: llguidance.LLMatcher, lltok: llguidance.LLTokenizer, rng: np.random.Generator
+    m: llguidance.LLMatcher,
+    lltok: llguidance.LLTokenizer,
+    rng: np.random.Generator,
+    prefer: int | None = None,
 ) -> list[int]:
-    """Tokens picked uniformly from the grammar's mask until it stops (EOS included)."""
+    """Tokens picked uniformly from the grammar's mask until it stops (EOS included); `prefer`,
+    when allowed, is picked one time in five (so that free text ends)."""
     mask = llnp.allocate_token_bitmask(1, lltok.vocab_size)
     tokens: list[int] = []
     while not m.is_stopped():
         assert len(tokens) < 2000, "the walk does not end"
         llnp.fill_next_token_bitmask(m, mask)
         bits = np.unpackbits(mask[0].view(np.uint8), bitorder="little")[: lltok.vocab_size]
-        token = int(rng.choice(np.flatnonzero(bits)))
+        allowed = np.flatnonzero(bits)
+        token = int(rng.choice(allowed))
+        if prefer is not None and prefer in allowed and rng.random() < 0.2:
+            token = prefer
         assert m.consume_token(token), m.get_error()
         tokens.append(token)
     assert m.is_accepting() and not m.is_error()
@@ -592,3 +641,48 @@ def test_grammar_errors_name_the_problem(hermes_tok: Tokenizer) -> None:
     call = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
     assert accepts(hermes_tok, lltok, no_params, call)
     assert not accepts(hermes_tok, lltok, no_params, call.replace("{}", '{"x": 1}'))
+
+
+def test_grammar_allows_a_thinking_block_first(bpe_path: Path, hermes_tok: Tokenizer) -> None:
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    thought = "<think>\nadd them\n</think>\n\n" + call
+    opened = "add them\n</think>\n\n" + call
+    with_tokens = variant(bpe_path, hermes_tok.chat_template or "", ("<think>", "</think>"))
+    as_tokens = detect_reasoning(with_tokens)
+    assert as_tokens is not None and len(as_tokens.token_ids) == 2
+    # Think markers as added tokens, then as plain text (the fixture has no such tokens).
+    for t, closed in ((with_tokens, as_tokens), (hermes_tok, ReasoningFormat())):
+        fmt, lltok = detect_tool_format(t), ll_tokenizer(t)
+        assert fmt is not None
+        grammar = tool_call_grammar(fmt, TOOLS, reasoning=closed)
+        assert accepts(t, lltok, grammar, call) and accepts(t, lltok, grammar, thought)
+        assert not accepts(t, lltok, grammar, opened)
+        grammar = tool_call_grammar(fmt, TOOLS, reasoning=replace(closed, starts_open=True))
+        assert accepts(t, lltok, grammar, opened)
+        assert not accepts(t, lltok, grammar, call)
+
+
+@pytest.mark.parametrize("starts_open", [False, True])
+def test_random_walks_through_thinking(
+    bpe_path: Path, hermes_tok: Tokenizer, starts_open: bool
+) -> None:
+    tok = variant(bpe_path, hermes_tok.chat_template or "", ("<think>", "</think>"))
+    fmt, think = detect_tool_format(tok), detect_reasoning(tok)
+    assert fmt is not None and think is not None
+    think = replace(think, starts_open=starts_open)
+    lltok = ll_tokenizer(tok)
+    grammar = tool_call_grammar(fmt, TOOLS, reasoning=think)
+    end = dict(think.token_ids)["</think>"]
+    rng = np.random.default_rng(7)
+    thought = 0
+    for _ in range(8):
+        text = tok.decode(random_walk(matcher(lltok, grammar), lltok, rng, prefer=end))
+        split = ReasoningParser(think)
+        reasoning, content = split.push(text)
+        more_reasoning, more_content = split.finish()
+        thought += bool(reasoning + more_reasoning)
+        _, calls = parse_tool_calls(fmt, content + more_content, tool_names=SCHEMAS)
+        assert calls, text
+        for call in calls:
+            jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+    assert (thought > 0) if starts_open else (0 < thought < 8)  # closed: thinking is optional

@@ -21,10 +21,10 @@ from starlette.requests import Request
 from mlxrun.errors import InvalidRequestError
 from mlxrun.sampling import SamplingParams
 
+from .common import choice_params, fit_context, until_disconnect
 from .errors import from_mlxrun, invalid
 from .generation import ChoiceSpec, Generation
 from .protocol_tools import OutputFormat, ToolChoice, tool_names
-from .routes.common import choice_params, fit_context, until_disconnect
 from .state import ServerState
 
 if TYPE_CHECKING:

@@ -186,16 +186,22 @@ EXCEPTION_HANDLERS = {
 }
 
 
+def _openai_error(e: Exception) -> Response:
+    return to_api_error(e).response()
+
+
 def guarded(
     handler: Callable[[Request], Awaitable[Response]],
+    respond: Callable[[Exception], Response] = _openai_error,
 ) -> Callable[[Request], Awaitable[Response]]:
-    """An endpoint that turns every exception into its error object (never a bare 500 page)."""
+    """An endpoint that turns every exception into its error object (never a bare 500 page);
+    `respond` writes it in the endpoint's dialect (OpenAI's by default)."""
 
     @functools.wraps(handler)
     async def endpoint(request: Request) -> Response:
         try:
             return await handler(request)
         except Exception as e:  # noqa: BLE001 - the HTTP edge: everything becomes an error object
-            return to_api_error(e).response()
+            return respond(e)
 
     return endpoint

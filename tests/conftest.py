@@ -20,7 +20,9 @@ A session-end check fails loudly if a shared checkpoint was modified.
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -99,3 +101,29 @@ def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
 def tiny_llama(checkpoint_factory: Callable[..., Path]) -> Path:
     """The default checkpoint: llama, byte-level BPE tokenizer, 2 shards, float32. Read-only."""
     return checkpoint_factory("llama")
+
+
+# A Qwen3/DeepSeek-R1 style template: the generation prompt opens a <think> block, and replies in
+# the history lose theirs.
+THINKING_TEMPLATE = """\
+{%- for message in messages %}
+{%- set content = message.content %}
+{%- if message.role == 'assistant' and '</think>' in content %}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+{%- endif %}
+{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}
+"""
+
+
+@pytest.fixture(scope="session")
+def thinking_model(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with THINKING_TEMPLATE: a model that thinks. Read-only."""
+    path = tmp_path_factory.mktemp("thinking") / "model"
+    shutil.copytree(tiny_llama, path)
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = THINKING_TEMPLATE
+    config_path.write_text(json.dumps(config))
+    return path

@@ -25,6 +25,23 @@ import uvicorn
 
 MODEL_ID = "tiny"
 
+# Tool parameter schemas the dialect tests share (small enough for random weights to finish).
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 10},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+ADD = {
+    "type": "object",
+    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
+
 
 def make_app(
     model_dir: Path,

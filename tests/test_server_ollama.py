@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import threading
 import time
 from datetime import datetime
@@ -20,19 +19,10 @@ from ollama._types import ChatResponse
 
 from mlxrun.server.protocol_tools import function_tool
 from mlxrun.tokenizer import load_tokenizer
-from serverutil import MODEL_ID, make_app, serve_in_thread
+from serverutil import MODEL_ID, WEATHER, make_app, serve_in_thread
 
 GREEDY = {"temperature": 0, "seed": 7, "num_predict": 8}
 MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers."}]
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 10},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
 TOOLS = [
     {
         "type": "function",
@@ -425,23 +415,8 @@ def test_model_without_fim_or_tools(checkpoint_factory):
         assert e.value.status_code == 400 and "tools" in e.value.error
 
 
-def _thinking_model(src, dst):
-    """The tiny checkpoint with a template whose generation prompt opens <think> (as DeepSeek-R1's
-    does): everything the random model writes is reasoning, since it never closes the block."""
-    shutil.copytree(src, dst)
-    config_path = dst / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    opening = "{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    assert opening in config["chat_template"]
-    config["chat_template"] = config["chat_template"].replace(
-        opening, "{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}{# ends at </think> #}"
-    )
-    config_path.write_text(json.dumps(config))
-    return dst
-
-
-def test_thinking_is_split_into_its_own_field(tiny_llama, tmp_path):
-    with serve_in_thread(make_app(_thinking_model(tiny_llama, tmp_path / "thinker"))) as url:
+def test_thinking_is_split_into_its_own_field(thinking_model):
+    with serve_in_thread(make_app(thinking_model)) as url:
         client = ollama.Client(host=url)
         assert "thinking" in client.show(MODEL_ID).capabilities
         whole = client.chat(MODEL_ID, messages=MESSAGES, think=True, options=GREEDY)

@@ -5,30 +5,14 @@ forced with tool_choice "required" or a named function (the grammar makes them v
 from __future__ import annotations
 
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import openai
 import pytest
 
-from serverutil import MODEL_ID, make_app, serve_in_thread
+from serverutil import ADD, MODEL_ID, WEATHER, make_app, serve_in_thread
 
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 10},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-ADD = {
-    "type": "object",
-    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-    "required": ["a", "b"],
-    "additionalProperties": False,
-}
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
     {"type": "function", "function": {"name": "add", "description": "Adds.", "parameters": ADD}},
@@ -148,7 +132,7 @@ def test_tool_results_round_trip_through_the_template(server, client):
         {"role": "tool", "content": "5", "tool_call_id": "call_1"},
     ]  # fmt: skip
     text = tokenizer.render_chat(neutral, tools=TOOLS)
-    assert '<tool_response>\n5\n</tool_response>' in text and '"a": 2' in text
+    assert "<tool_response>\n5\n</tool_response>" in text and '"a": 2' in text
     assert reply.usage.prompt_tokens == len(tokenizer.apply_chat_template(neutral, tools=TOOLS))
 
 
@@ -156,9 +140,7 @@ def test_json_schema_output_validates_beside_unconstrained_requests(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}}
 
     def constrained(seed):
-        return _chat(
-            client, response_format=fmt, temperature=1.0, seed=seed, max_tokens=80, n=2
-        )
+        return _chat(client, response_format=fmt, temperature=1.0, seed=seed, max_tokens=80, n=2)
 
     def free(seed):
         return _chat(client, temperature=1.0, seed=seed, max_tokens=30)
@@ -221,29 +203,6 @@ def test_a_model_without_a_tool_template_refuses_tools(checkpoint_factory):
 
 # ---------------------------------------------------------------- reasoning
 
-THINKING_TEMPLATE = """\
-{%- for message in messages %}
-{%- set content = message.content %}
-{%- if message.role == 'assistant' and '</think>' in content %}
-{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
-{%- endif %}
-{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}
-"""
-
-
-@pytest.fixture(scope="module")
-def thinking_model(tiny_llama, tmp_path_factory):
-    """The tiny model with a template that opens a <think> block, as Qwen3/DeepSeek-R1 do."""
-    path = tmp_path_factory.mktemp("thinking") / "model"
-    shutil.copytree(tiny_llama, path)
-    config_path = path / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["chat_template"] = THINKING_TEMPLATE
-    config_path.write_text(json.dumps(config))
-    return path
-
 
 def test_reasoning_is_split_into_reasoning_content(thinking_model):
     # The grammar makes random weights think first: "<reasoning></think>\n\n<answer>".
@@ -257,9 +216,7 @@ def test_reasoning_is_split_into_reasoning_content(thinking_model):
         reasoning = message.model_extra["reasoning_content"]
         assert reasoning and set(reasoning) <= set("abcdefghijklmnopqrstuvwxyz \n")
         assert "think>" not in message.content and message.content.strip().isalpha()
-        stream = _chat(
-            client, extra_body=body, temperature=1.0, seed=3, max_tokens=60, stream=True
-        )
+        stream = _chat(client, extra_body=body, temperature=1.0, seed=3, max_tokens=60, stream=True)
         parts = {"reasoning": "", "content": ""}
         for chunk in stream:
             delta = chunk.choices[0].delta if chunk.choices else None

@@ -19,7 +19,7 @@ from ..state import ServerState, server_state
 
 if TYPE_CHECKING:
     from mlxrun.tools import ToolCall, ToolCallDelta
-from .common import (
+from ..common import (
     SYSTEM_FINGERPRINT,
     chat_logprobs,
     in_thread,

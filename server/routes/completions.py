@@ -31,13 +31,7 @@ from starlette.responses import JSONResponse, Response
 
 from mlxrun.engine import TokenLogprob
 
-from ..dialogue import format_constraint
-from ..errors import guarded, invalid
-from ..generation import ChoiceSpec, Generation
-from ..protocol import CompletionRequest, parse_completion
-from ..sse import EventStreamResponse
-from ..state import ServerState, server_state
-from .common import (
+from ..common import (
     SYSTEM_FINGERPRINT,
     choice_params,
     collect,
@@ -48,6 +42,12 @@ from .common import (
     start_generation,
     usage,
 )
+from ..dialogue import format_constraint
+from ..errors import guarded, invalid
+from ..generation import ChoiceSpec, Generation
+from ..protocol import CompletionRequest, parse_completion
+from ..sse import EventStreamResponse
+from ..state import ServerState, server_state
 
 GROUP_HEADER = "x-mlxrun-group"
 FIM_PRIORITY = 1

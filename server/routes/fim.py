@@ -35,12 +35,12 @@ from starlette.routing import Route
 from mlxrun.errors import InvalidRequestError
 from mlxrun.sampling import SamplingParams
 
+from .. import common
 from ..errors import from_mlxrun, guarded, invalid
 from ..generation import ChoiceSpec, Generation
 from ..protocol import check_kind, is_kind, optional, required
 from ..sse import DONE, EventStreamResponse
 from ..state import ServerState, server_state
-from . import common
 from .completions import released, start_fim
 
 _SNIPPET = "\n\n--- snippet ---\n\n"  # llama.cpp's chunk separator without a file-separator token

@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from mlxrun.errors import InvalidRequestError
 
+from ..common import chat_logprobs, fit_context, in_thread, start_generation, until_disconnect
 from ..dialogue import ChatPlan, MessageDelta, format_constraint, message_deltas, plan_chat
 from ..errors import from_mlxrun, to_api_error
 from ..generation import ChoiceSpec, Generation
@@ -42,7 +43,6 @@ from ..protocol_ollama import (
 from ..sse import EventStreamResponse
 from ..state import ServerState, server_state
 from . import ollama_models
-from .common import chat_logprobs, fit_context, in_thread, start_generation, until_disconnect
 from .completions import NO_GROUP, Ticket, released, start_fim
 from .ollama_models import ollama_errors, rfc3339
 

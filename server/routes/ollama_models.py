@@ -5,7 +5,6 @@ errors as Ollama sends them and its timestamps. Chat and generate are in ollama.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
 import json
 import logging
@@ -20,10 +19,10 @@ from starlette.routing import Route
 from mlxrun import store
 from mlxrun.reasoning import detect_reasoning
 
-from ..errors import APIError, to_api_error
+from ..common import in_thread
+from ..errors import APIError, guarded, to_api_error
 from ..protocol_ollama import served_model
 from ..state import ServerState, server_state
-from .common import in_thread
 
 log = logging.getLogger("mlxrun.server")
 
@@ -31,18 +30,14 @@ log = logging.getLogger("mlxrun.server")
 OLLAMA_VERSION = "0.12.0"
 
 
+def _ollama_error(e: Exception) -> Response:
+    err = to_api_error(e)
+    return JSONResponse({"error": err.message}, err.status, headers=err.headers)
+
+
 def ollama_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable:
     """Every failure as Ollama sends it: {"error": message} with the HTTP status."""
-
-    @functools.wraps(handler)
-    async def endpoint(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except Exception as e:  # noqa: BLE001 - the HTTP edge
-            err = to_api_error(e)
-            return JSONResponse({"error": err.message}, err.status, headers=err.headers)
-
-    return endpoint
+    return guarded(handler, _ollama_error)
 
 
 def rfc3339(at: dt.datetime | None = None) -> str:

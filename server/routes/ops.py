@@ -8,10 +8,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from .. import errors
+from ..common import in_thread
 from ..errors import guarded, invalid
 from ..protocol import parse_detokenize, parse_tokenize
 from ..state import ServerState, server_state
-from .common import in_thread
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

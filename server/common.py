@@ -16,12 +16,12 @@ from mlxrun import __version__
 from mlxrun.engine import TokenLogprob
 from mlxrun.sampling import SamplingParams
 
-from .. import errors
-from ..errors import APIError, to_api_error
-from ..generation import ChoiceSpec, Generation
-from ..sse import DONE, event
-from ..state import ServerState
-from ..tokens import TokenTexts
+from . import errors
+from .errors import APIError, to_api_error
+from .generation import ChoiceSpec, Generation
+from .sse import DONE, event
+from .state import ServerState
+from .tokens import TokenTexts
 
 T = TypeVar("T")
 

@@ -99,6 +99,13 @@ def _object(value: Any, where: str) -> dict:
     return value
 
 
+def _objects(raw: Any, where: str) -> list[tuple[str, dict]]:
+    """An array of objects, each with its place for error messages."""
+    if not isinstance(raw, list):
+        raise invalid(f"'{where}' must be an array.", where, code="invalid_type")
+    return [(f"{where}[{i}]", _object(item, f"{where}[{i}]")) for i, item in enumerate(raw)]
+
+
 def parse_openai_tools(body: Mapping[str, Any]) -> list[dict] | None:
     """`tools` (or the legacy `functions`) as neutral tools; None when absent or empty."""
     raw, param, legacy = body.get("tools"), "tools", False
@@ -106,12 +113,8 @@ def parse_openai_tools(body: Mapping[str, Any]) -> list[dict] | None:
         raw, param, legacy = body["functions"], "functions", True
     if raw is None:
         return None
-    if not isinstance(raw, list):
-        raise invalid(f"'{param}' must be an array.", param, code="invalid_type")
     tools = []
-    for i, item in enumerate(raw):
-        where = f"{param}[{i}]"
-        item = _object(item, where)
+    for where, item in _objects(raw, param):
         if not legacy:
             if item.get("type") != "function":
                 raise invalid(
@@ -210,12 +213,8 @@ def parse_openai_response_format(body: Mapping[str, Any]) -> OutputFormat | None
 
 def parse_openai_calls(raw: Any, where: str) -> list[dict[str, Any]]:
     """An assistant message's `tool_calls` in the neutral shape."""
-    if not isinstance(raw, list):
-        raise invalid(f"'{where}' must be an array.", where, code="invalid_type")
     calls = []
-    for j, call in enumerate(raw):
-        at = f"{where}[{j}]"
-        call = _object(call, at)
+    for j, (at, call) in enumerate(_objects(raw, where)):
         function = _object(call.get("function"), f"{at}.function")
         name = function.get("name")
         if not isinstance(name, str) or not name:

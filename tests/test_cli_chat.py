@@ -40,21 +40,12 @@ def first_reply(model_dir) -> str:
 def spawn(model_dir: Path, *args: str) -> pexpect.spawn:
     env = {**os.environ, "TERM": "dumb"}
     env.pop("MLXRUN_DEBUG", None)
-    for attempt in range(3):
-        child = pexpect.spawn(
-            sys.executable, [*CHAT, str(model_dir), *args],
-            env=env, encoding="utf-8", timeout=90, dimensions=(50, 300),
-        )  # fmt: skip
-        try:
-            child.expect_exact(PROMPT, timeout=45)
-            return child
-        except pexpect.TIMEOUT:
-            # In long pytest sessions the pty sometimes delivers nothing at all although the
-            # program sits at its prompt (seen with py-spy); that is the harness, so start anew.
-            if child.before or attempt == 2:
-                raise
-            child.terminate(force=True)
-    raise AssertionError("unreachable")
+    child = pexpect.spawn(
+        sys.executable, [*CHAT, str(model_dir), *args],
+        env=env, encoding="utf-8", timeout=90, dimensions=(50, 300),
+    )  # fmt: skip
+    child.expect_exact(PROMPT)
+    return child
 
 
 def say(child: pexpect.spawn, line: str) -> str:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -129,7 +130,11 @@ def test_a_session_end_to_end(model_dir, first_reply, tmp_path):
     assert users[-3:] == ["/usr is a directory", "first line\nsecond line", "a\nb"]
 
     # Ctrl-C at the prompt drops the line being typed; Ctrl-D exits cleanly.
+    # Let readline settle at the prompt first: keys typed while it sets the terminal up can be
+    # lost on a loaded machine, and then neither the text nor the Ctrl-C reaches it.
+    time.sleep(0.5)
     child.send("half a line")
+    child.expect_exact("half a line")
     child.sendintr()
     child.expect_exact(PROMPT)
     assert "turns: 6" in say(child, "/stats")  # the dropped line was not sent

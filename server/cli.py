@@ -99,6 +99,9 @@ def _banner(info: Any, base_url: str, aliases: tuple[str, ...], api_key: str | N
 @click.option("--tool-parser", default=None,
               help="Tool-call format (hermes, llama3, mistral…); detected from the model's chat "
               "template by default.")  # fmt: skip
+@click.option("--strict", is_flag=True, default=False,
+              help="Reject what OpenAI rejects: unknown request fields and a max_tokens past the "
+              "context (by default they are reported and ignored, or clamped).")  # fmt: skip
 @friendly_errors
 def serve_cmd(
     model: str,
@@ -112,6 +115,7 @@ def serve_cmd(
     cache_dir: str | None,
     cors_origins: tuple[str, ...],
     tool_parser: str | None,
+    strict: bool,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…)."""
     cache_bytes = _cache_bytes(cache_memory)
@@ -137,6 +141,7 @@ def serve_cmd(
         api_key=api_key or None,
         cors_origins=cors_origins,
         tool_parser=tool_parser,
+        strict=strict,
     )
     uv_config = uvicorn.Config(
         None,  # set below: the app needs on_fatal, which needs the server

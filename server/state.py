@@ -37,6 +37,8 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY
     owned_by: str = "mlxrun"
     tool_parser: str | None = None  # a mlxrun.tools format name; None: detected from the model
+    # OpenAI's rules to the letter: unknown fields and a max_tokens past the context are 400s.
+    strict: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property

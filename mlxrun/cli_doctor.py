@@ -1,5 +1,5 @@
 """`mlxrun doctor [URL]`: replay what editors send to a running server, report pass/fail per
-client, and print a config snippet for each. The checks live in mlxrun.doctor_checks, the
+client (and what the model lacks, apart from failures), and print a config snippet for each. The checks live in mlxrun.doctor_checks, the
 machinery that runs them in mlxrun.doctor.
 """
 
@@ -11,7 +11,7 @@ import sys
 import click
 
 from mlxrun.cli_common import friendly_errors, report_error
-from mlxrun.doctor import Ctx, discover, run_clients
+from mlxrun.doctor import Ctx, discover, measured, run_clients
 from mlxrun.doctor_checks import CLIENTS
 from mlxrun.errors import MlxrunError
 
@@ -21,38 +21,55 @@ DEFAULT_URL = "http://127.0.0.1:8080"  # where `mlxrun serve` listens by default
 # ---------------------------------------------------------------- config snippets
 
 
-def snippets(url: str, model: str, card: dict, keyed: bool) -> dict[str, dict[str, str]]:
-    """{where, text} per client. With a key on the server, clients that can read it from
-    MLXRUN_API_KEY do; with none a placeholder stands in (most clients insist on some key)."""
+def _continue(model: str, v1: str, size: int, out: int, keyed: bool, tools: bool,
+              fim: bool) -> list[str]:  # fmt: skip
+    """Chat roles on one entry; autocomplete on a second one that sends FIM prompts to
+    /v1/completions (useLegacyCompletionsEndpoint), as Continue needs for a server like ours."""
+
+    def entry(name: str) -> list[str]:
+        key = "${{ secrets.MLXRUN_API_KEY }}" if keyed else "mlxrun"
+        return [f"  - name: {json.dumps(name)}", "    provider: openai",
+                f"    model: {json.dumps(model)}", f"    apiBase: {v1}", f"    apiKey: {key}"]  # fmt: skip
+
+    lines = ["name: mlxrun", "version: 0.0.1", "schema: v1", "models:",
+             *entry(f"{model} (mlxrun)"), "    roles: [chat, edit, apply]",
+             *(["    capabilities: [tool_use]"] if tools else []),
+             "    defaultCompletionOptions:", f"      contextLength: {size}",
+             f"      maxTokens: {out}"]  # fmt: skip
+    if fim:
+        lines += [*entry(f"{model} autocomplete (mlxrun)"),
+                  "    useLegacyCompletionsEndpoint: true  # FIM prompts go to /v1/completions",
+                  "    roles: [autocomplete]"]  # fmt: skip
+    return lines
+
+
+def snippets(url: str, model: str, card: dict, keyed: bool,
+             caps: dict[str, bool | None]) -> dict[str, dict[str, str]]:  # fmt: skip
+    """{where, text} per client, shaped by the capabilities doctor measured (`caps`: tools and
+    fim; None where unknown, which leaves tools on and autocomplete out). With a key on the
+    server, clients that can read it from MLXRUN_API_KEY do; with none a placeholder stands in
+    (most clients insist on some key)."""
     v1, size = f"{url}/v1", int(card.get("context_length") or 4096)
     out = max(1, min(int(card.get("max_output_tokens") or size), 4096, size // 2))
     key = '"$MLXRUN_API_KEY"' if keyed else "mlxrun"
-    fim = (card.get("capabilities") or {}).get("fim")
-    roles = "chat, edit, apply" + (", autocomplete" if fim else "")
+    tools, fim = caps.get("tools") is not False, bool(caps.get("fim"))
     name = f"{model} (mlxrun)"
     zed = {"language_models": {"openai_compatible": {"mlxrun": {"api_url": v1, "available_models": [
         {"name": model, "display_name": name, "max_tokens": size, "max_output_tokens": out,
-         "capabilities": {"tools": True, "images": False, "parallel_tool_calls": False,
+         "capabilities": {"tools": tools, "images": False, "parallel_tool_calls": False,
                           "prompt_cache_key": False}}]}}}}  # fmt: skip
     aider = {f"openai/{model}": {"max_input_tokens": size - out, "max_output_tokens": out,
              "input_cost_per_token": 0, "output_cost_per_token": 0, "litellm_provider": "openai",
              "mode": "chat"}}  # fmt: skip
     custom = [{"name": "mlxrun", "vendor": "customendpoint", "models": [
-        {"id": model, "name": name, "url": f"{v1}/chat/completions", "toolCalling": True,
+        {"id": model, "name": name, "url": f"{v1}/chat/completions", "toolCalling": tools,
          "vision": False, "maxInputTokens": size - out, "maxOutputTokens": out}]}]  # fmt: skip
     ollama = ("// (its Ollama provider sends no API key: use the Custom Endpoint)" if keyed
               else f'"github.copilot.chat.byok.ollamaEndpoint": "{url}"')  # fmt: skip
     where_continue = "~/.continue/config.yaml" + (" (the key in ~/.continue/.env)" if keyed else "")
+    no_tools = [] if tools else ["# the model has no tool calling, which Claude Code's agent needs"]
     texts = {
-        "continue": (where_continue, [
-            "name: mlxrun", "version: 0.0.1", "schema: v1", "models:",
-            f"  - name: {json.dumps(name)}", "    provider: openai",
-            f"    model: {json.dumps(model)}",
-            f"    apiBase: {v1}",
-            "    apiKey: " + ("${{ secrets.MLXRUN_API_KEY }}" if keyed else "mlxrun"),
-            f"    roles: [{roles}]", "    capabilities: [tool_use]",
-            "    defaultCompletionOptions:",
-            f"      contextLength: {size}", f"      maxTokens: {out}"]),
+        "continue": (where_continue, _continue(model, v1, size, out, keyed, tools, fim)),
         "zed": ("settings.json; Zed reads the key from MLXRUN_API_KEY (any value if none)",
                 [json.dumps(zed, indent=2)]),
         "aider": ("command line, and .aider.model.metadata.json for the context size", [
@@ -62,7 +79,7 @@ def snippets(url: str, model: str, card: dict, keyed: bool) -> dict[str, dict[st
             "API Provider:        OpenAI Compatible", f"Base URL:            {v1}",
             "API Key:             " + ("(your MLXRUN_API_KEY)" if keyed else "mlxrun"),
             f"Model ID:            {model}", f"Context Window Size: {size}"]),
-        "claude-code": ("shell, or the env block of ~/.claude/settings.json", [
+        "claude-code": ("shell, or the env block of ~/.claude/settings.json", [*no_tools,
             f"export ANTHROPIC_BASE_URL={url}", f"export ANTHROPIC_AUTH_TOKEN={key}",
             f"export ANTHROPIC_MODEL={model}",
             f"export ANTHROPIC_DEFAULT_HAIKU_MODEL={model}  # background tasks",
@@ -92,16 +109,33 @@ def _give_up(error: MlxrunError, code: int, url: str, as_json: bool) -> None:
     sys.exit(code)
 
 
+def _verdict(client: dict) -> str:
+    if not client["ok"]:
+        return "FAIL"
+    return (
+        f"works, but the model lacks {' and '.join(client['lacks'])}" if client["lacks"] else "pass"
+    )
+
+
+def _summary(clients: list[dict]) -> str:
+    full = sum(c["ok"] and not c["lacks"] for c in clients)
+    limited = sum(c["ok"] and bool(c["lacks"]) for c in clients)
+    failed = sum(not c["ok"] for c in clients)
+    text = f"{full} of {len(clients)} clients pass"
+    if limited:
+        text += f", {limited} limited by what the model lacks (not a server fault)"
+    return text + (f", {failed} FAIL" if failed else "") + "."
+
+
 def _print(report: dict) -> None:
-    labels = {"pass": "ok", "fail": "FAIL", "skip": "skip"}
+    labels = {"pass": "ok", "fail": "FAIL", "skip": "skip", "unsupported": "n/a"}
     click.echo(f"mlxrun doctor: {report['url']}, model {report['model']}")
     for client in report["clients"]:
-        click.echo(f"\n{client['name']}: {'pass' if client['ok'] else 'FAIL'}")
+        click.echo(f"\n{client['name']}: {_verdict(client)}")
         for c in client["checks"]:
             detail = f" -> {c['detail']}" if c["detail"] else ""
             click.echo(f"  {labels[c['status']]:<4}  {c['name']}: {c['sent']}{detail}")
-    passed = sum(c["ok"] for c in report["clients"])
-    click.echo(f"\n{passed} of {len(report['clients'])} clients pass.\n\nConfig snippets")
+    click.echo(f"\n{_summary(report['clients'])}\n\nConfig snippets")
     for client in report["clients"]:
         click.echo(f"\n== {client['name']}: {client['snippet']['where']} ==")
         click.echo(client["snippet"]["text"])
@@ -123,8 +157,10 @@ def doctor_cmd(url: str, api_key: str | None, model: str | None, clients: tuple[
     """Check that editors can use the server at URL (default http://127.0.0.1:8080).
 
     Replays the requests Continue, Zed, Aider, Cline, Claude Code and GitHub Copilot send, prints
-    pass/fail per client and a config snippet for each. Exit status: 0 all pass, 1 a check
-    failed, 2 the server cannot be reached.
+    pass/fail per client and a config snippet for each, shaped by what the model turned out to
+    support. A capability the model lacks (tools, fill-in-the-middle) is reported as such
+    ("n/a"), not as a failure. Exit status: 0 no check failed, 1 a check failed (the server is
+    at fault), 2 the server cannot be reached.
     """
     import httpx
 
@@ -142,10 +178,11 @@ def doctor_cmd(url: str, api_key: str | None, model: str | None, clients: tuple[
         except MlxrunError as e:
             _give_up(e, 1, url, as_json)
         results = run_clients(ctx, {k: v for k, v in CLIENTS.items() if not wanted or k in wanted})
-    texts = snippets(url, ctx.model, ctx.card, bool(ctx.api_key))
+    caps = measured(ctx, results)
+    texts = snippets(url, ctx.model, ctx.card, bool(ctx.api_key), caps)
     clients_out = [{**c, "snippet": texts[c["client"]]} for c in results]
     report = {"url": url, "model": ctx.model, "ok": all(c["ok"] for c in results),
-              "clients": clients_out}  # fmt: skip
+              "capabilities": caps, "clients": clients_out}  # fmt: skip
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

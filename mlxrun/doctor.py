@@ -2,6 +2,11 @@
 request shapes, and running a client's checks into a report. The checks themselves live in
 mlxrun.doctor_checks, the command in mlxrun.cli_doctor.
 
+A check ends in one of four statuses: pass; fail (the server broke what the client parses);
+skip (the check does not apply, e.g. a client that cannot send the key); unsupported (the model
+lacks a capability the check needs: the server refused it cleanly, or says so itself). Only
+fail means the server is at fault.
+
 Light to import (the CLI's --help loads it): httpx is imported only where a request is sent.
 """
 
@@ -22,11 +27,26 @@ TYPE_NAMES = {int: "an integer", str: "a string", list: "a list", dict: "an obje
 
 
 class Failure(Exception):
-    """The answer breaks what the client parses."""
+    """The answer breaks what the client parses; `status` is the HTTP status of a refusal."""
+
+    def __init__(self, why: str, status: int | None = None):
+        super().__init__(why)
+        self.status = status
 
 
 class Skip(Exception):
-    """The check does not apply to this model."""
+    """The check does not apply here."""
+
+
+class Lacks(Exception):
+    """The model lacks `capability` (as the server reports it): no fault of the server's."""
+
+    def __init__(self, capability: str, why: str):
+        super().__init__(why)
+        self.capability = capability
+
+
+CAPABILITIES = ("tools", "fim")  # what checks may need and snippets are shaped by
 
 
 def expect(ok: Any, why: str) -> None:
@@ -97,18 +117,25 @@ def _headers(ctx: Ctx, extra: dict | None = None, auth: bool = True) -> dict[str
 
 
 def _error_text(r: httpx.Response) -> str:
+    """The server's error message, whole: its last sentence is often the fix."""
     try:
         err = r.json()
     except ValueError:
         return short(r.text.strip() or r.reason_phrase)
     err = err.get("error", err) if isinstance(err, dict) else err
-    return short(err.get("message", err) if isinstance(err, dict) else err)
+    message = err.get("message", err) if isinstance(err, dict) else err
+    return message if isinstance(message, str) and len(message) <= 400 else short(message)
+
+
+def refused(r: httpx.Response) -> Failure:
+    return Failure(f"HTTP {r.status_code}: {_error_text(r)}", r.status_code)
 
 
 def request_json(ctx: Ctx, method: str, path: str, body: Any = None, headers: dict | None = None,
                  auth: bool = True) -> Any:  # fmt: skip
     r = ctx.http.request(method, path, json=body, headers=_headers(ctx, headers, auth))
-    expect(r.status_code == 200, f"HTTP {r.status_code}: {_error_text(r)}")
+    if r.status_code != 200:
+        raise refused(r)
     return parse(r.text)
 
 
@@ -120,7 +147,7 @@ def sse_events(
     with ctx.http.stream("POST", path, json=body, headers=_headers(ctx, headers)) as r:
         if r.status_code != 200:
             r.read()
-            raise Failure(f"HTTP {r.status_code}: {_error_text(r)}")
+            raise refused(r)
         kind = r.headers.get("content-type", "")
         expect(kind.startswith("text/event-stream"), f"Content-Type is {kind!r}")
         for line in [*r.iter_lines(), ""]:
@@ -140,28 +167,53 @@ class Check(NamedTuple):
     name: str
     sent: str
     run: Callable[[Ctx], Any]
+    needs: str = ""  # a capability of the model's (CAPABILITIES) the check exercises
 
 
 Client = tuple[str, list[Check]]  # (title, checks) per client key
 
 
+def declared(ctx: Ctx, capability: str) -> bool | None:
+    """What the model's /v1/models entry says of a capability (None: it says nothing)."""
+    value = at(ctx.card, f"capabilities.{capability}")
+    return value if isinstance(value, bool) else None
+
+
+def _judge(check: Check, ctx: Ctx, error: Exception) -> tuple[str, str]:
+    """(status, detail) for a check that did not pass. A capability the model lacks is
+    "unsupported" when the server agrees with itself: it declared the lack and refused the
+    request with a 4xx, or the check found the lack and the server did not claim otherwise."""
+    if isinstance(error, Lacks):
+        if declared(ctx, error.capability):
+            return "fail", f"{error} although /v1/models says the model has {error.capability}"
+        return "unsupported", str(error)
+    status = getattr(error, "status", None)
+    if check.needs and declared(ctx, check.needs) is False and status and 400 <= status < 500:
+        return "unsupported", f"the model has no {check.needs}: {error}"
+    return "fail", str(error)
+
+
 def run_check(check: Check, ctx: Ctx) -> dict[str, str]:
     import httpx
 
-    status, detail = "pass", ""
+    status, detail, needs = "pass", "", check.needs
     try:
         check.run(ctx)
     except Skip as e:
         status, detail = "skip", str(e)
+    except Lacks as e:  # the check found the lack itself (e.g. in a capability list)
+        status, detail = _judge(check, ctx, e)
+        needs = e.capability
     except Failure as e:
-        status, detail = "fail", str(e)
+        status, detail = _judge(check, ctx, e)
     except httpx.TimeoutException:
         status, detail = "fail", f"no answer within {ctx.http.timeout.read:g} s"
     except httpx.TransportError as e:
         status, detail = "fail", f"connection failed: {e}"
     except (LookupError, TypeError, AttributeError) as e:  # a shape no check foresaw
         status, detail = "fail", f"unexpected answer: {type(e).__name__}: {e}"
-    return {"name": check.name, "sent": check.sent, "status": status, "detail": detail}
+    out = {"name": check.name, "sent": check.sent, "status": status, "detail": detail}
+    return out | ({"needs": needs} if needs else {})
 
 
 def discover(ctx: Ctx, url: str, model: str | None) -> tuple[str, dict]:
@@ -187,10 +239,23 @@ def discover(ctx: Ctx, url: str, model: str | None) -> tuple[str, dict]:
 
 
 def run_clients(ctx: Ctx, clients: Mapping[str, Client]) -> list[dict[str, Any]]:
-    """Each client's checks, in order; a client passes when none of its checks fails."""
+    """Each client's checks, in order. A client is ok when none of its checks fails; `lacks`
+    names the capabilities of the model's it would need for the checks that were unsupported."""
     out = []
     for key, (title, checks) in clients.items():
         results = [run_check(check, ctx) for check in checks]
         ok = all(r["status"] != "fail" for r in results)
-        out.append({"client": key, "name": title, "ok": ok, "checks": results})
+        lacks = sorted({r["needs"] for r in results if r["status"] == "unsupported"})
+        out.append({"client": key, "name": title, "ok": ok, "lacks": lacks, "checks": results})
     return out
+
+
+def measured(ctx: Ctx, clients: list[dict[str, Any]]) -> dict[str, bool | None]:
+    """Per capability: True when every check that exercised it passed, False when one did not,
+    else what /v1/models declares (None: unknown). Snippets are shaped by this."""
+    caps = {}
+    for cap in CAPABILITIES:
+        seen = [c["status"] for client in clients for c in client["checks"]
+                if c.get("needs") == cap and c["status"] != "skip"]  # fmt: skip
+        caps[cap] = all(s == "pass" for s in seen) if seen else declared(ctx, cap)
+    return caps

@@ -1,6 +1,8 @@
 """The checks of `mlxrun doctor`, one list per client: each check is one request shaped like that
 client's own (streaming where it streams) plus assertions on what that client parses. Content is
 never judged (a small model may write anything), so tool calls are forced with tool_choice.
+Checks that exercise tools or fill-in-the-middle say so (`needs`): on a model that lacks them the
+server's clean refusal is reported as "unsupported", not as a failure.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from mlxrun.doctor import (
     Client,
     Ctx,
     Failure,
+    Lacks,
     Skip,
     at,
     expect,
@@ -153,8 +156,6 @@ def _forced(ctx: Ctx, limit: str = "max_tokens", **kw: Any) -> dict:
 def _fim(ctx: Ctx, path: str, delta: bool) -> None:
     """/v1/completions answers `text`; /v1/fim/completions chat-style `delta.content` (what
     Continue reads)."""
-    if at(ctx.card, "capabilities.fim") is False:
-        raise Skip("the model has no FIM tokens: autocomplete needs a model that has them")
     body = {"model": ctx.model, "prompt": PREFIX, "suffix": SUFFIX, "max_tokens": SHORT,
             "temperature": 0.01, "stop": ["\n\n\n"], "stream": True}  # fmt: skip
     finish = None
@@ -299,9 +300,10 @@ def copilot_tags(ctx: Ctx) -> None:
 def copilot_show(ctx: Ctx) -> None:
     info = _ollama(ctx, "POST", "/api/show", {"model": ctx.found.get("tag") or ctx.model})
     need(info, {"capabilities": list, "model_info.general.architecture": str})
-    expect("tools" in info["capabilities"], "capabilities lack 'tools' (agent mode needs it)")
     arch = at(info, "model_info.general.architecture")
     need(info, {f"model_info.{arch}.context_length": int})
+    if "tools" not in info["capabilities"]:
+        raise Lacks("tools", "capabilities lack 'tools' (Copilot's agent mode needs it)")
 
 
 def copilot_chat(ctx: Ctx) -> None:
@@ -326,7 +328,7 @@ def _openai_client(agent: str) -> list[Check]:
     return [
         Check("model list", "GET /v1/models", models_list),
         Check("chat", f"{CHAT}, include_usage", openai_chat),
-        Check(agent, f"{CHAT}, {FORCED}", openai_agent),
+        Check(agent, f"{CHAT}, {FORCED}", openai_agent, "tools"),
     ]
 
 
@@ -334,15 +336,15 @@ CLIENTS: dict[str, Client] = {
     "continue": ("Continue", [
         *_openai_client("agent"),
         Check("autocomplete", "POST /v1/completions stream, prompt + suffix",
-              lambda c: _fim(c, "/v1/completions", delta=False)),
+              lambda c: _fim(c, "/v1/completions", delta=False), "fim"),
         Check("autocomplete (FIM API)", "POST /v1/fim/completions stream, prompt + suffix",
-              lambda c: _fim(c, "/v1/fim/completions", delta=True)),
+              lambda c: _fim(c, "/v1/fim/completions", delta=True), "fim"),
     ]),
     "zed": ("Zed", [
         Check("agent", f"{CHAT}, {FORCED}", lambda c: _chat_stream(
-            c, _forced(c, "max_completion_tokens", stream_options=USAGE), forced=True)),
+            c, _forced(c, "max_completion_tokens", stream_options=USAGE), forced=True), "tools"),
         Check("tool result", f"{CHAT}, include_usage, assistant tool_calls + role tool",
-              zed_tool_result),
+              zed_tool_result, "tools"),
     ]),
     "aider": ("Aider", [
         Check("chat", f"{CHAT}, no tools", lambda c: _chat_stream(c, _chat(c, max_tokens=SHORT))),
@@ -353,13 +355,14 @@ CLIENTS: dict[str, Client] = {
     "claude-code": ("Claude Code", [
         Check("count tokens", "POST /v1/messages/count_tokens, system + tools", claude_count),
         Check("agent", "POST /v1/messages stream, cache_control, tools, tool_choice=any",
-              claude_agent),
-        Check("tool result", "POST /v1/messages, tool_use + tool_result", claude_tool_result),
+              claude_agent, "tools"),
+        Check("tool result", "POST /v1/messages, tool_use + tool_result", claude_tool_result,
+              "tools"),
     ]),
     "copilot": ("GitHub Copilot (BYOK)", [
         Check("Ollama version", "GET /api/version", copilot_version),
         Check("Ollama models", "GET /api/tags", copilot_tags),
         Check("Ollama model info", "POST /api/show", copilot_show),
-        Check("agent", f"{CHAT}, {FORCED}", copilot_chat),
+        Check("agent", f"{CHAT}, {FORCED}", copilot_chat, "tools"),
     ]),
 }  # fmt: skip

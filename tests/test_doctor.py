@@ -1,6 +1,7 @@
 """`mlxrun doctor` against real servers on loopback: the tiny model passes every client, an API
-key is asked for and used, a closed port is one line and exit 2, and a server that breaks a
-client's stream fails that client's check by name."""
+key is asked for and used, a closed port is one line and exit 2, a server that breaks a client's
+stream fails that client's check by name, and a model that lacks tools or FIM is reported as
+such (not as a failure) with snippets that do not claim what it lacks."""
 
 from __future__ import annotations
 
@@ -52,7 +53,30 @@ def test_every_client_passes_on_the_tiny_model(base_url):
         assert MODEL_ID in text and base_url in text, (key, text)
     zed = json.loads(report["zed"]["snippet"]["text"])["language_models"]["openai_compatible"]
     assert zed["mlxrun"]["available_models"][0]["max_tokens"] == 512  # the served context
-    assert "roles: [chat, edit, apply, autocomplete]" in report["continue"]["snippet"]["text"]
+    # Snippets follow what was measured: this model has tools and FIM tokens.
+    assert report["_"]["capabilities"] == {"tools": True, "fim": True}
+    assert zed["mlxrun"]["available_models"][0]["capabilities"]["tools"] is True
+    assert _copilot_model(report)["toolCalling"] is True
+    chat, autocomplete = _continue_entries(report["continue"]["snippet"]["text"])
+    assert "    roles: [chat, edit, apply]" in chat and "    capabilities: [tool_use]" in chat
+    assert "useLegacyCompletionsEndpoint" not in "\n".join(chat)
+    assert "    roles: [autocomplete]" in autocomplete
+    assert any(line.startswith("    useLegacyCompletionsEndpoint: true") for line in autocomplete)
+
+
+def _copilot_model(report: dict) -> dict:
+    text = report["copilot"]["snippet"]["text"]
+    return json.loads(text[text.index("\n[") :])[0]["models"][0]
+
+
+def _continue_entries(text: str) -> list[list[str]]:
+    """The lines of each model entry in a Continue config.yaml snippet."""
+    entries: list[list[str]] = []
+    for line in text.splitlines()[text.splitlines().index("models:") + 1 :]:
+        if line.startswith("  - "):
+            entries.append([])
+        entries[-1].append(line)
+    return entries
 
 
 def test_human_report_one_line_per_check_and_snippets(base_url):
@@ -111,17 +135,51 @@ def test_closed_port_is_one_line_and_exit_2():
     assert as_json.returncode == 2 and json.loads(as_json.stdout)["ok"] is False
 
 
-def test_a_model_without_fim_or_tools(checkpoint_factory):
-    """FIM is a model property: its checks are skipped. Tools are what agents need: those fail."""
+@pytest.fixture(scope="module")
+def no_tools_url(checkpoint_factory):
     spm = checkpoint_factory("llama", tokenizer="spm")  # [INST] template, no tools, no FIM
     with serve_in_thread(make_app(spm)) as url:
-        result = doctor(url, "--client", "continue", "--json")
-    checks = {c["name"]: c for c in _report(result)["continue"]["checks"]}
-    assert checks["autocomplete"]["status"] == checks["autocomplete (FIM API)"]["status"] == "skip"
-    assert "FIM" in checks["autocomplete"]["detail"]
-    assert checks["agent"]["status"] == "fail" and "HTTP 400" in checks["agent"]["detail"]
-    assert checks["chat"]["status"] == "pass" and result.exit_code == 1
-    assert "autocomplete" not in _report(result)["continue"]["snippet"]["text"]
+        yield url
+
+
+def test_a_model_without_fim_or_tools_is_not_a_server_failure(no_tools_url):
+    """What the model lacks is "unsupported" with the server's whole message (its fix
+    included); nothing fails, the exit status is 0, and no snippet claims tools or FIM."""
+    result = doctor(no_tools_url, "--json")
+    report = _report(result)
+    assert result.exit_code == 0 and report["_"]["ok"], result.output
+    assert report["_"]["capabilities"] == {"tools": False, "fim": False}
+    checks = [(key, c) for key in CLIENTS for c in report[key]["checks"]]
+    assert not [c for _, c in checks if c["status"] == "fail"]
+    lacking = {(key, c["name"]): c for key, c in checks if c["status"] == "unsupported"}
+    assert {("continue", "agent"), ("zed", "agent"), ("zed", "tool result"),
+            ("cline", "native tools"), ("claude-code", "agent"), ("copilot", "agent"),
+            ("copilot", "Ollama model info"), ("continue", "autocomplete"),
+            ("continue", "autocomplete (FIM API)")} <= set(lacking)  # fmt: skip
+    agent = lacking[("zed", "agent")]
+    assert "HTTP 400" in agent["detail"] and "Serve it with --tool-parser" in agent["detail"]
+    assert "fill-in-the-middle" in lacking[("continue", "autocomplete")]["detail"]
+    assert report["aider"]["lacks"] == [] and report["aider"]["ok"]
+    assert report["continue"]["lacks"] == ["fim", "tools"] and report["continue"]["ok"]
+
+    zed = json.loads(report["zed"]["snippet"]["text"])["language_models"]["openai_compatible"]
+    assert zed["mlxrun"]["available_models"][0]["capabilities"]["tools"] is False
+    assert _copilot_model(report)["toolCalling"] is False
+    text = report["continue"]["snippet"]["text"]
+    assert "tool_use" not in text and "autocomplete" not in text
+    assert len(_continue_entries(text)) == 1
+    assert "no tool calling" in report["claude-code"]["snippet"]["text"]
+
+
+def test_human_report_tells_a_lacking_model_from_a_failure(no_tools_url):
+    result = doctor(no_tools_url, "--client", "zed", "--client", "aider")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "Zed: works, but the model lacks tools" in lines and "Aider: pass" in lines
+    agent = next(line for line in lines if line.startswith("  n/a   agent: "))
+    assert agent.endswith("Serve it with --tool-parser to name its format, or send no tools.")
+    assert "FAIL" not in result.stdout
+    assert "1 of 2 clients pass, 1 limited by what the model lacks (not a server fault)." in lines
 
 
 # ---------------------------------------------------------------- a server that breaks Zed
@@ -178,3 +236,24 @@ def test_a_broken_stream_fails_the_client_and_names_the_check():
         line for line in lines if line.startswith("  FAIL  agent: POST /v1/chat/completions")
     ]
     assert len(failing) == 1 and "-> a tool_calls delta: function.arguments" in failing[0]
+
+
+async def _models_without_tools(request: Request) -> JSONResponse:
+    card = {"id": "broken", "object": "model", "capabilities": {"tools": False}}
+    return JSONResponse({"object": "list", "data": [card]})
+
+
+async def _crash(request: Request) -> JSONResponse:
+    return JSONResponse({"error": {"message": "Internal error", "type": "server_error"}}, 500)
+
+
+def test_a_server_error_is_a_failure_even_where_the_model_lacks_the_capability():
+    """A model without tools excuses a clean 4xx refusal, never a 500."""
+    app = Starlette(routes=[Route("/v1/models", _models_without_tools),
+                            Route("/v1/chat/completions", _crash, methods=["POST"])])  # fmt: skip
+    with serve_in_thread(app, wait=False) as url:
+        result = doctor(url, "--client", "zed", "--json")
+    report = _report(result)
+    assert result.exit_code == 1 and not report["_"]["ok"]
+    assert [c["status"] for c in report["zed"]["checks"]] == ["fail", "fail"]
+    assert "HTTP 500: Internal error" in report["zed"]["checks"][0]["detail"]

@@ -327,9 +327,7 @@ class ChatSession:
 
     def settings(self) -> dict[str, Any]:
         """The settable sampling fields, JSON-ready."""
-        values = {name: getattr(self.params, name) for name in SETTABLE}
-        values["stop"] = list(self.params.stop)
-        return values
+        return _settings_of(self.params)
 
     def transcript(self) -> dict[str, Any]:
         return {"system": self.system, "messages": list(self.messages), "params": self.settings()}
@@ -350,12 +348,29 @@ class ChatSession:
             ) from None  # fmt: skip
         return path
 
-    def load(self, path: str | Path) -> None:
-        """Replace system, messages and settings with a transcript's (all or nothing)."""
+    def load(self, path: str | Path, settings: bool = False) -> dict[str, tuple[Any, Any]]:
+        """Replace the system prompt and messages with a transcript's (all or nothing). The
+        sampling settings stay unless `settings`. Returns the settings the file holds that differ
+        from the current ones, as name -> (current, saved): changed when `settings`, else kept."""
         system, messages, params = read_transcript(path, self.params)
-        self._check_max_tokens(params)
-        self.system, self.messages, self.params = system, messages, params
+        if settings:
+            self._check_max_tokens(params)
+        differ = _differences(self.settings(), _settings_of(params))
+        self.system, self.messages = system, messages
+        if settings:
+            self.params = params
         self._forget_ids()
+        return differ
+
+
+def _settings_of(params: SamplingParams) -> dict[str, Any]:
+    values = {name: getattr(params, name) for name in SETTABLE}
+    values["stop"] = list(params.stop)
+    return values
+
+
+def _differences(now: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    return {name: (now[name], saved[name]) for name in now if now[name] != saved[name]}
 
 
 def _parse_value(field: str, value: str) -> Any:

@@ -17,10 +17,12 @@ from typing import Any
 import click
 
 from mlxrun.cli_common import friendly_errors, report_error
+from mlxrun.cli_generate import DEFAULT_MAX_TOKENS
 
 PROMPT, MORE = ">>> ", "... "
 BLOCK = '"""'
 HISTORY_LENGTH = 1000
+LOAD_SETTINGS = "--settings"  # /load FILE --settings: restore the saved sampling settings too
 
 HELP = f"""\
 Commands:
@@ -28,7 +30,9 @@ Commands:
   /system [TEXT]      show or set the system prompt (the history stays)
   /clear              forget the conversation (system prompt and settings stay)
   /save FILE          write the conversation as JSON ({{"system", "messages", "params"}})
-  /load FILE          replace the conversation with a saved one
+  /load FILE [--settings]
+                      replace the conversation (and system prompt) with a saved one; the
+                      settings stay unless --settings, which restores the saved ones too
   /stats              the last turn's tokens, TTFT, speeds and peak memory; the cache size
   /set [NAME VALUE]   show settings, or change one, e.g. /set temperature 0.2 (none unsets
                       seed and max_tokens; /set stop "###" "END" sets stop strings)
@@ -83,6 +87,10 @@ class _ReplyInterrupt:
         if not self.streaming or self.requested:
             raise KeyboardInterrupt
         self.requested = True
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else str(value)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -240,11 +248,28 @@ class ChatRepl:
         click.echo(f"Saved {len(self.session.messages)} messages to {path}.")
 
     def _load(self, arg: str) -> None:
-        if not arg:
-            click.echo("Usage: /load FILE", err=True)
+        words, path, settings = arg.split(), arg, True
+        if words[:1] == [LOAD_SETTINGS]:
+            path = arg[len(LOAD_SETTINGS) :].strip()
+        elif words[-1:] == [LOAD_SETTINGS]:
+            path = arg[: -len(LOAD_SETTINGS)].strip()
+        else:
+            settings = False
+        if not path:
+            click.echo(f"Usage: /load FILE [{LOAD_SETTINGS}]", err=True)
             return
-        self.session.load(arg)
-        click.echo(f"Loaded {len(self.session.messages)} messages from {arg}.")
+        differ = self.session.load(path, settings=settings)
+        n = len(self.session.messages)
+        changes = ", ".join(f"{k} {_shown(a)} -> {_shown(b)}" for k, (a, b) in differ.items())
+        if settings:
+            click.echo(f"Loaded {n} messages and the settings from {path}"
+                       + (f": {changes}." if changes else " (the same as before)."))  # fmt: skip
+        elif differ:
+            saved = ", ".join(f"{k} {_shown(b)}" for k, (_, b) in differ.items())
+            click.echo(f"Loaded {n} messages from {path}; kept the current settings (the file has "
+                       f"{saved}: /load {path} {LOAD_SETTINGS} restores them).")  # fmt: skip
+        else:
+            click.echo(f"Loaded {n} messages from {path}.")
 
     def _set(self, arg: str) -> None:
         if not arg:
@@ -308,7 +333,7 @@ def _setup_readline() -> Callable[[], None]:
 @click.command("chat")
 @click.argument("model")
 @click.option("--system", default=None, help="System prompt.")
-@click.option("--max-tokens", type=int, default=None, help="Longest reply [default: until EOS or the context is full].")  # fmt: skip
+@click.option("--max-tokens", type=int, default=None, help=f"Longest reply; /set max_tokens changes it [default: {DEFAULT_MAX_TOKENS}, at most half the context].")  # fmt: skip
 @click.option("--temperature", type=float, default=None, help="0 is greedy [default: 0.7].")
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling mass in (0, 1].")
 @click.option("--top-k", type=int, default=None, help="Keep the k most likely tokens (0: off).")
@@ -321,7 +346,12 @@ def chat_cmd(
     model: str, system: str | None, context: int | None, force: bool, **sampling: Any
 ) -> None:
     """Chat with MODEL (a store name, a directory or a Hub id) in the terminal."""
-    from mlxrun.cli_generate import DEFAULT_TEMPERATURE, sampling_params
+    from mlxrun.cli_generate import (
+        DEFAULT_TEMPERATURE,
+        default_max_tokens,
+        note_fallback_template,
+        sampling_params,
+    )
     from mlxrun.errors import InvalidRequestError
 
     if context is not None and context < 1:
@@ -335,6 +365,9 @@ def chat_cmd(
 
     click.echo(f"Loading {model}…", err=True)
     lm, tokenizer, info = load(model, context=context, force=force)
+    note_fallback_template(tokenizer)
+    if params.max_tokens is None:  # leave half the context to the conversation
+        params = params.replace(max_tokens=default_max_tokens(info.context_length // 2))
     session = ChatSession(lm, tokenizer, params, system=system, context_length=info.context_length)
     save_history = _setup_readline()
     try:

@@ -11,6 +11,9 @@ import click
 from mlxrun.cli_common import friendly_errors
 
 DEFAULT_TEMPERATURE = 0.7
+# The longest reply `generate` and `chat` give when --max-tokens is not set (mlx-lm's generate caps
+# at 256 too): a base model rarely stops by itself, and would otherwise fill the whole context.
+DEFAULT_MAX_TOKENS = 256
 
 # SamplingParams field -> the flag that sets it, so errors name what the user typed.
 _FLAGS = {
@@ -73,6 +76,20 @@ def sampling_params(**values: Any) -> Any:
         ) from None
 
 
+def default_max_tokens(room: int) -> int | None:
+    """DEFAULT_MAX_TOKENS, or fewer when only `room` tokens are left for the reply (None when
+    none are: the context check then reports the prompt as too long)."""
+    return min(DEFAULT_MAX_TOKENS, room) if room >= 1 else None
+
+
+def note_fallback_template(tokenizer: Any) -> None:
+    """One line on stderr when the model has no chat template and the plain fallback stands in."""
+    from mlxrun.tokenizer import FALLBACK_NOTICE
+
+    if not tokenizer.has_chat_template:
+        click.echo(FALLBACK_NOTICE, err=True)
+
+
 def _prompt_ids(tokenizer: Any, text: str, chat: bool, system: str | None) -> list[int]:
     if not chat:
         return tokenizer.encode(text)
@@ -110,7 +127,7 @@ def _stream(chunks: Any) -> Any:
 @click.option("-p", "--prompt", required=True, help="The prompt text, or - to read it from stdin.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--system", default=None, help="System message (with --chat).")
-@click.option("--max-tokens", type=int, default=None, help="Stop after this many tokens [default: until EOS or the context is full].")  # fmt: skip
+@click.option("--max-tokens", type=int, default=None, help=f"Stop after this many tokens [default: {DEFAULT_MAX_TOKENS}, or what the context has left].")  # fmt: skip
 @click.option("--temperature", type=float, default=DEFAULT_TEMPERATURE, show_default=True, help="0 is greedy.")  # fmt: skip
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling mass in (0, 1].")
 @click.option("--top-k", type=int, default=None, help="Keep the k most likely tokens (0: off).")
@@ -147,7 +164,11 @@ def generate_cmd(
     from mlxrun.loader import load
 
     lm, tokenizer, info = load(model, context=context, force=force)
+    if chat:
+        note_fallback_template(tokenizer)
     ids = _prompt_ids(tokenizer, text, chat, system)
+    if params.max_tokens is None:
+        params = params.replace(max_tokens=default_max_tokens(info.context_length - len(ids)))
     if chat and tokenizer.chat_stop_strings:
         params = params.replace(stop=(*params.stop, *tokenizer.chat_stop_strings))
     chunks = generate_stream(lm, tokenizer, ids, params, context_length=info.context_length)

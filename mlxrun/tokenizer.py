@@ -40,6 +40,11 @@ FALLBACK_CHAT_TEMPLATE = """\
 {%- if add_generation_prompt %}{{- 'Assistant:' }}{%- endif %}
 """
 FALLBACK_STOP_STRINGS: tuple[str, ...] = ("\n\nUser:",)
+# What `chat` and `generate --chat` print (once, on stderr) when the fallback stands in.
+FALLBACK_NOTICE = (
+    "Note: this model has no chat template (a base model?); using a plain 'User: / Assistant:' "
+    "format, which it may not follow."
+)
 
 # End-of-turn tokens: models emit them to finish an assistant turn, while their tokenizer's eos is
 # often the end-of-document token. Counted as eos when the vocab has them and the template uses them.

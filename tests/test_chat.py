@@ -235,10 +235,28 @@ def test_save_and_load_round_trip(bpe_lm, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["t.json"]  # no temporary left behind
 
     other = session(bpe_lm)
-    other.load(path)
+    other.load(path, settings=True)
     assert (other.system, other.messages, other.params) == (chat.system, chat.messages, chat.params)
     "".join(other.send(MESSAGES[1]))
     assert len(other.messages) == 4
+
+
+def test_load_keeps_the_settings_unless_asked(bpe_lm, tmp_path):
+    """A saved max_tokens 40 does not silently replace the 10 the session runs with."""
+    saved = session(bpe_lm, params=GREEDY.replace(max_tokens=40), system="Be brief.")
+    "".join(saved.send(MESSAGES[0]))
+    path = saved.save(tmp_path / "t.json")
+
+    chat = session(bpe_lm, params=GREEDY.replace(max_tokens=10))
+    assert chat.load(path) == {"max_tokens": (10, 40)}  # what the file holds, not applied
+    assert chat.params.max_tokens == 10
+    assert (chat.system, chat.messages) == (saved.system, saved.messages)
+    "".join(chat.send(MESSAGES[1]))
+    assert chat.last_turn.generation_tokens <= 10
+
+    assert chat.load(path, settings=True) == {"max_tokens": (10, 40)}
+    assert chat.params == saved.params and len(chat.messages) == 2
+    assert chat.load(path, settings=True) == {}  # nothing left to change
 
 
 @pytest.mark.parametrize(

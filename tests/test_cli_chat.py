@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -12,10 +13,13 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from click.testing import CliRunner
 
 from mlxrun.chat import ChatSession
-from mlxrun.cli_chat import read_message
+from mlxrun.cli_chat import ChatRepl, chat_cmd, read_message
+from mlxrun.cli_generate import DEFAULT_MAX_TOKENS
 from mlxrun.sampling import SamplingParams
+from mlxrun.tokenizer import FALLBACK_NOTICE
 
 CHAT = ["-m", "mlxrun.cli", "chat"]
 PROMPT = ">>> "
@@ -144,6 +148,61 @@ def test_a_session_end_to_end(model_dir, first_reply, tmp_path):
     assert child.exitstatus == 0
     history = Path(os.environ["MLXRUN_HOME"]) / "chat_history"
     assert "/set temperature 0.5" in history.read_text()
+
+
+def test_load_restores_settings_only_when_asked(model_dir, tmp_path, capsys):
+    """/load FILE keeps the current settings and names the file's that differ; /load FILE
+    --settings restores them and says which changed."""
+    from mlxrun.loader import load
+
+    model, tokenizer, info = load(str(model_dir))
+    path = tmp_path / "saved chat.json"  # a name with a space: the whole rest of the line
+    saved = ChatSession(model, tokenizer, SamplingParams(temperature=0.5, max_tokens=40))
+    "".join(saved.send(FIRST))
+    saved.save(path)
+
+    chat = ChatSession(model, tokenizer, SamplingParams(temperature=0.2, max_tokens=10))
+    lines = [f"/load {path}", "/set", f"/load {path} --settings", "/set", "/load --settings"]
+    read_line, _ = _reader(lines)
+
+    def marked(prompt: str) -> str:
+        print("\x00", end="")  # where one command's output ends
+        return read_line(prompt)
+
+    ChatRepl(chat, "tiny", marked).run()
+    out, err = capsys.readouterr()
+    kept, after_kept, restored, after_restored = (b.strip() for b in out.split("\x00")[1:5])
+    assert kept.startswith(f"Loaded 2 messages from {path}; kept the current settings")
+    assert "max_tokens 40" in kept and "temperature 0.5" in kept and "--settings" in kept
+    assert "max_tokens = 10" in after_kept and "temperature = 0.2" in after_kept
+    assert restored.startswith(f"Loaded 2 messages and the settings from {path}:")
+    assert "max_tokens 10 -> 40" in restored and "temperature 0.2 -> 0.5" in restored
+    assert "max_tokens = 40" in after_restored and chat.params == saved.params
+    assert "Usage: /load FILE [--settings]" in err
+
+
+def _settings_shown(*args: str) -> tuple[dict[str, str], str]:
+    """`/set` in a chat started with args: the settings it lists, and what went to stderr."""
+    result = CliRunner().invoke(chat_cmd, list(args), input="/set\n")
+    assert result.exit_code == 0, result.output
+    pairs = [line.strip().split(" = ", 1) for line in result.stdout.splitlines() if " = " in line]
+    return dict(pairs), result.stderr
+
+
+def test_a_reply_has_a_default_cap(model_dir):
+    """The same default as generate; half the context at most; --max-tokens sets it."""
+    assert _settings_shown(str(model_dir))[0]["max_tokens"] == str(DEFAULT_MAX_TOKENS)
+    assert _settings_shown(str(model_dir), "--context", "300")[0]["max_tokens"] == "150"
+    assert _settings_shown(str(model_dir), "--max-tokens", "10")[0]["max_tokens"] == "10"
+
+
+def test_a_model_without_a_chat_template_is_announced_once(model_dir, checkpoint_factory, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(checkpoint_factory("llama", tokenizer="spm"), base)
+    (base / "chat_template.jinja").unlink()  # a base model ships none
+    _, err = _settings_shown(str(base))
+    assert err.splitlines().count(FALLBACK_NOTICE) == 1
+    assert FALLBACK_NOTICE not in _settings_shown(str(model_dir))[1]
 
 
 def test_context_overflow_asks_what_to_do(model_dir):

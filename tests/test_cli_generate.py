@@ -10,8 +10,10 @@ import time
 
 import pytest
 
+from mlxrun.cli_generate import DEFAULT_MAX_TOKENS
 from mlxrun.generate import generate_stream
 from mlxrun.sampling import SamplingParams
+from mlxrun.tokenizer import FALLBACK_NOTICE
 
 PROMPT = "def add(a, b):\n    return a + b\n"
 CLI = [sys.executable, "-m", "mlxrun.cli", "generate"]
@@ -156,3 +158,42 @@ def test_debug_shows_traceback():
     proc = run_cli("no-such-model", "-p", "hi", env={"MLXRUN_DEBUG": "1"})
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr.decode()
+
+
+def test_without_max_tokens_a_base_model_stops_at_the_default(model_dir, lm):
+    """Greedy, this random model never emits EOS: it used to run to the end of the context."""
+    assert DEFAULT_MAX_TOKENS == 256 and lm[2].context_length > 2 * DEFAULT_MAX_TOKENS
+    proc = run_cli(str(model_dir), "-p", PROMPT, "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr.decode()
+    err = proc.stderr.decode()
+    assert f"generation: {DEFAULT_MAX_TOKENS} tokens" in err and "finish: length" in err
+    assert proc.stdout.decode() == _expected(lm, lm[1].encode(PROMPT), DEFAULT_MAX_TOKENS)
+    # With less context left than the default, the default shrinks to fit instead of failing.
+    n = len(lm[1].encode(PROMPT))
+    proc = run_cli(str(model_dir), "-p", PROMPT, "--temperature", "0", "--context", str(n + 5))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "generation: 5 tokens" in proc.stderr.decode()
+    help_text = run_cli("--help").stdout.decode()
+    assert f"[default: {DEFAULT_MAX_TOKENS}" in " ".join(help_text.split())
+
+
+@pytest.fixture(scope="module")
+def no_template_dir(checkpoint_factory, tmp_path_factory):
+    """A base model as downloaded: the spm checkpoint with no chat template at all."""
+    path = tmp_path_factory.mktemp("base") / "model"
+    shutil.copytree(checkpoint_factory("llama", tokenizer="spm"), path)
+    (path / "chat_template.jinja").unlink()
+    assert "chat_template" not in (path / "tokenizer_config.json").read_text()
+    return path
+
+
+def test_chat_on_a_model_without_a_template_says_so_once(no_template_dir, model_dir):
+    args = ["-p", "hi", "--chat", "--max-tokens", "3"]
+    proc = run_cli(str(no_template_dir), *args)
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stderr.decode().splitlines()
+    assert lines.count(FALLBACK_NOTICE) == 1 and len(lines) == 2  # the notice and the stats
+    plain = run_cli(str(no_template_dir), "-p", "hi", "--max-tokens", "3")  # no template used
+    templated = run_cli(str(model_dir), *args)
+    for proc in (plain, templated):
+        assert proc.returncode == 0 and FALLBACK_NOTICE not in proc.stderr.decode()

@@ -25,6 +25,8 @@ from mlxrun.errors import (
     ModelNotFoundError,
 )
 
+from . import access
+
 log = logging.getLogger("mlxrun.server")
 
 INVALID = "invalid_request_error"
@@ -82,6 +84,19 @@ def context_exceeded(prompt_tokens: int, max_tokens: int, limit: int, param: str
     )
 
 
+def _context_error(exc: ContextLengthExceededError) -> APIError:
+    """OpenAI's wording: the prompt alone, or the prompt with the completion asked for."""
+    if exc.max_tokens is not None:
+        return context_exceeded(exc.prompt_tokens, exc.max_tokens, exc.limit, exc.param or "")
+    return APIError(
+        400,
+        f"This model's maximum context length is {exc.limit} tokens, but the prompt has "
+        f"{exc.prompt_tokens} tokens. Please shorten the prompt.",
+        param=exc.param,
+        code="context_length_exceeded",
+    )
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(
         404,
@@ -115,7 +130,7 @@ def loading() -> APIError:
 def from_mlxrun(exc: MlxrunError) -> APIError:
     """The status and OpenAI shape for a typed mlxrun error (by class, most specific first)."""
     if isinstance(exc, ContextLengthExceededError):
-        return APIError(400, exc.message, param=exc.param, code="context_length_exceeded")
+        return _context_error(exc)
     if isinstance(exc, InvalidRequestError):
         return invalid(exc.message, exc.param)
     if isinstance(exc, EngineOverloadedError):
@@ -130,7 +145,7 @@ def from_mlxrun(exc: MlxrunError) -> APIError:
 
 
 def internal(exc: BaseException) -> APIError:
-    log.exception("internal error while serving a request", exc_info=exc)
+    log.exception("internal error while serving request %s", access.current().id, exc_info=exc)
     return APIError(
         500,
         f"The server had an internal error ({type(exc).__name__}). It is still running; the "
@@ -184,6 +199,37 @@ EXCEPTION_HANDLERS = {
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,
 }
+
+
+# ---------------------------------------------------------------- dialects
+
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error",
+                    529: "overloaded_error"}  # fmt: skip
+
+
+def anthropic_status(err: APIError) -> int:
+    """Our engine's "queue full" 429 is Anthropic's 529 overloaded_error."""
+    return 529 if err.code == "rate_limit_exceeded" else err.status
+
+
+def anthropic_body(err: APIError) -> dict[str, Any]:
+    status = anthropic_status(err)
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def dialect_response(exc: BaseException, dialect: str) -> JSONResponse:
+    """The error in the shape `dialect`'s clients parse: OpenAI's {"error": {...}}, Anthropic's
+    {"type": "error", "error": {"type", "message"}} or Ollama's {"error": "message"}."""
+    err = to_api_error(exc)
+    if dialect == access.ANTHROPIC:
+        status = anthropic_status(err)
+        return JSONResponse(anthropic_body(err), status_code=status, headers=err.headers)
+    if dialect == access.OLLAMA:
+        return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
+    return err.response()
 
 
 def _openai_error(e: Exception) -> Response:

@@ -108,9 +108,8 @@ class EngineConfig:
     eos_token_ids: tuple[int, ...] = ()
     namespace: str = ""  # the model's id: prefixes never match across models
     context_length: int | None = None
-    default_max_tokens: int | None = (
-        None  # no max_tokens: this many (None: what the context leaves)
-    )
+    # No max_tokens: this many (None: what the context leaves; mlxrun.budget's fallback if none).
+    default_max_tokens: int | None = None
     max_pinned_prefixes: int = 8  # pinned prefixes beyond it release the oldest
     pin_ttl_s: float = 300.0  # a pin lasts this long after its last use (Anthropic's 5 minutes)
 
@@ -266,8 +265,8 @@ class Engine:
         params.check_vocab(self._vocab_size)
         # Strict: the engine's callers (the server) have applied the clamp rule already.
         budget = output_budget(
-            len(ids), params.max_tokens, cfg.context_length, default=cfg.default_max_tokens,
-            strict=True,
+            len(ids), params.max_tokens, cfg.context_length,
+            default=cfg.default_max_tokens, strict=True,
         ).granted  # fmt: skip
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(cfg.eos_token_ids))
         return RequestState(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 access_log = logging.getLogger("mlxrun.access")
 
-OPENAI, ANTHROPIC, OLLAMA = "openai", "anthropic", "ollama"
+OPENAI, ANTHROPIC, OLLAMA, LLAMA_CPP = "openai", "anthropic", "ollama", "llama.cpp"
 # Ollama's API lives under /api/ (and "/": its "is it running?" probe).
 _OLLAMA_PREFIX = "/api/"
 _ANTHROPIC_PREFIX = "/v1/messages"
@@ -30,6 +30,8 @@ def dialect(path: str) -> str:
         return ANTHROPIC
     if path.startswith(_OLLAMA_PREFIX):
         return OLLAMA
+    if path == "/infill":  # llama-server's: its errors look like OpenAI's, its rules do not
+        return LLAMA_CPP
     return OPENAI
 
 

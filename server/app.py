@@ -87,7 +87,8 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         dialect = access.dialect(scope["path"])
         sent = header or x_api_key
-        message = (_WRONG_KEY if sent else _MISSING_KEY)[dialect]
+        messages = _WRONG_KEY if sent else _MISSING_KEY
+        message = messages.get(dialect, messages[access.OPENAI])
         challenge = {} if dialect == access.ANTHROPIC else {"WWW-Authenticate": "Bearer"}
         err = APIError(401, message, code="invalid_api_key", headers=challenge)
         await errors.dialect_response(err, dialect)(scope, receive, send)

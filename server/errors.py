@@ -217,7 +217,11 @@ def anthropic_status(err: APIError) -> int:
 def anthropic_body(err: APIError) -> dict[str, Any]:
     status = anthropic_status(err)
     kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-    return {"type": "error", "error": {"type": kind, "message": err.message}}
+    body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": err.message}}
+    request_id = access.current().id
+    if request_id:  # as Anthropic's errors carry it (also in the X-Request-Id header)
+        body["request_id"] = request_id
+    return body
 
 
 def dialect_response(exc: BaseException, dialect: str) -> JSONResponse:

@@ -191,3 +191,12 @@ def test_strict_keeps_openais_400_only_on_openais_routes(strict_url):
     }
     r = httpx.post(strict_url + "/v1/messages", json={**body, **GREEDY}, timeout=60)
     assert r.status_code == 200 and r.headers[CLAMP].startswith("64000->")
+    infill = {
+        "input_prefix": "def add(a, b):\n",
+        "input_suffix": "\n",
+        "n_predict": 10**6,
+        "temperature": 0,
+        "t_max_predict_ms": 1,
+    }  # llama-server never refuses n_predict
+    r = httpx.post(strict_url + "/infill", json=infill, timeout=60)
+    assert r.status_code == 200 and r.headers[CLAMP].startswith("1000000->")

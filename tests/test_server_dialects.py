@@ -35,6 +35,7 @@ def test_anthropic_auth_errors_are_anthropic_shaped(keyed_url):
     assert missing.status_code == 401
     err = missing.json()
     assert err["type"] == "error" and err["error"]["type"] == "authentication_error"
+    assert err["request_id"] == missing.headers["x-request-id"]
     assert "x-api-key" in err["error"]["message"] and "Bearer" not in missing.headers.get(
         "www-authenticate", ""
     )

@@ -77,9 +77,8 @@ class Generation:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
         self._first_token = False
-        self.looked_up = (
-            False  # an engine event came: the prefix-cache hit (cached_tokens) is known
-        )
+        # An engine event came: the prefix-cache hit (cached_tokens) is known.
+        self.looked_up = False
 
     @property
     def prompt_tokens(self) -> int:

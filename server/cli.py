@@ -177,11 +177,9 @@ def serve_cmd(
 
         tool_format_by_name(tool_parser)  # an unknown name fails before the model loads
     sock = _bind(host, port)
-    import uvicorn
-
     from mlxrun.engine import Engine
     from mlxrun.loader import load
-    from mlxrun.server.app import ServerConfig, create_app
+    from mlxrun.server.app import ServerConfig
 
     lm, tokenizer, info = load(model, context=context)
     click.echo(f"Loading {info.name}...", err=True)
@@ -196,6 +194,18 @@ def serve_cmd(
         tool_parser=tool_parser,
         strict=strict,
     )
+    app_parts = (Engine(lm, engine_config), config, tokenizer)
+    _run(app_parts, info, host, sock)
+    click.echo("Stopped.")
+
+
+def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.socket) -> None:
+    """uvicorn serving the app on `sock` until Ctrl-C / SIGTERM; the banner once it answers."""
+    import uvicorn
+
+    from mlxrun.server.app import create_app
+
+    engine, config, tokenizer = app_parts
     uv_config = uvicorn.Config(
         None,  # set below: the app needs on_fatal, which needs the server
         log_level="warning",
@@ -219,12 +229,11 @@ def serve_cmd(
             click.echo("Warning: listening beyond this machine with no --api-key.", err=True)
         sys.stdout.flush()
 
-    uv_config.app = create_app(Engine(lm, engine_config), config, tokenizer=tokenizer,
-                               on_fatal=on_fatal, on_ready=on_ready)  # fmt: skip
+    uv_config.app = create_app(engine, config, tokenizer=tokenizer, on_fatal=on_fatal,
+                               on_ready=on_ready)  # fmt: skip
     _serve(server, sock)
     if failed:
         raise failed[0]
-    click.echo("Stopped.")
 
 
 def _engine_config(

@@ -3,6 +3,7 @@ and Ctrl-C with a stream in flight, and one-line errors for a busy port or a mis
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
@@ -214,3 +215,25 @@ def test_banner_means_ready_at_a_reachable_address(tiny_llama, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_wildcard_hosts_show_loopback_first_and_log_levels():
+    from mlxrun.server.cli import _base_urls, _setup_logging
+
+    urls = _base_urls("0.0.0.0", 8080)
+    assert urls[0] == "http://127.0.0.1:8080/v1" and not any("0.0.0.0" in u for u in urls)
+    assert _base_urls("::", 8080)[0] == "http://[::1]:8080/v1"
+    assert _base_urls("192.168.1.5", 80) == ["http://192.168.1.5:80/v1"]
+    logger = logging.getLogger("mlxrun")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    try:
+        access = logging.getLogger("mlxrun.access")
+        _setup_logging("info")
+        assert access.isEnabledFor(logging.INFO)
+        _setup_logging("warning")  # what --quiet sets
+        assert not access.isEnabledFor(logging.INFO)
+        assert len(logger.handlers) == len(saved[2]) + 1  # set up twice, one handler
+    finally:
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.handlers[:] = saved[2]

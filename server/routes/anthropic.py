@@ -343,7 +343,8 @@ async def create(request: Request) -> Response:
     # Past the context max_tokens was cut to what is left (the budget rule), as Anthropic
     # does: a stop there reads model_context_window_exceeded.
     room = state.config.context_length - len(plan.prompt_ids)
-    run = _Run(req, gen, head, marked, window_clipped=req.max_tokens > room)
+    granted = plan.specs[0].params.max_tokens
+    run = _Run(req, gen, head, marked, window_clipped=req.max_tokens > room and granted == room)
     if req.stream:
         return EventStreamResponse(_stream(run, plan))
     return JSONResponse(await _collect(request, run, plan))

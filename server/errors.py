@@ -1,4 +1,5 @@
-"""OpenAI error objects: every failure leaves the server as {"error": {message, type, param, code}}.
+"""Error objects: every failure leaves the server as an error in the client's dialect, OpenAI's
+{"error": {message, type, param, code}} unless the path is Anthropic's or Ollama's.
 
 Typed mlxrun errors are mapped by class (never by message text); anything unexpected becomes a 500
 object and is logged, and the server keeps serving.
@@ -167,11 +168,11 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
-    return to_api_error(exc).response()
+    return dialect_response(exc, access.dialect(request.url.path))
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
-    """Starlette's own 404/405 (unknown route, wrong method) in OpenAI's shape."""
+    """Starlette's own 404/405 (unknown route, wrong method) in the path's dialect."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         message = f"Unknown request URL: {request.method} {request.url.path}."
@@ -186,11 +187,11 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
         code=_HTTP_CODES.get(exc.status_code),
         headers=dict(exc.headers or {}),
     )
-    return err.response()
+    return dialect_response(err, access.dialect(request.url.path))
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    return to_api_error(exc).response()
+    return dialect_response(exc, access.dialect(request.url.path))
 
 
 EXCEPTION_HANDLERS = {

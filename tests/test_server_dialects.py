@@ -72,6 +72,17 @@ def test_openai_auth_errors_stay_openai_shaped(keyed_url):
     assert "Authorization: Bearer" in missing.json()["error"]["message"]
 
 
+def test_unknown_routes_and_methods_answer_in_the_paths_dialect(keyed_url):
+    key = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(keyed_url + "/api/nothing", headers=key)
+    assert r.status_code == 404 and isinstance(r.json()["error"], str)
+    r = httpx.get(keyed_url + "/v1/messages", headers=key)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["type"] == "error"
+    r = httpx.get(keyed_url + "/v1/nothing", headers=key)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
 # ---------------------------------------------------------------- readiness
 
 

@@ -4,8 +4,9 @@ pipeline (server/dialogue.py), so Claude Code and other Anthropic clients work u
 Requests become neutral messages (tool_use blocks -> assistant tool calls, tool_result blocks ->
 "tool" messages), tools and a ToolChoice (server/protocol_anthropic.py); the output becomes
 content blocks (thinking, text, tool_use) sent whole or as Anthropic's SSE events. Errors leave in
-Anthropic's shape. The last cache_control mark's prefix is measured in tokens: it is reported as
-cache creation and pinned in the prefix cache (Request.pin_prefix).
+Anthropic's shape. The last cache_control mark's prefix is measured in tokens: usage reports it as
+cache read (what the prefix cache held) plus cache creation, the rest as input_tokens, and it is
+pinned in the prefix cache (Request.pin_prefix).
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from mlxrun.batch import (
     batch_merge,
     deliver,
 )
+from mlxrun.budget import output_budget
 from mlxrun.cache import (
     DiskCache,
     block_from_cache,
@@ -54,7 +55,6 @@ from mlxrun.cache import (
     supports_prefix_cache,
 )
 from mlxrun.errors import InvalidRequestError
-from mlxrun.generate import check_context
 from mlxrun.prefix_cache import RadixCache
 from mlxrun.sampling import SamplingParams
 from mlxrun.scheduler import Scheduler, SchedulerConfig, SeqState
@@ -108,7 +108,8 @@ class EngineConfig:
     eos_token_ids: tuple[int, ...] = ()
     namespace: str = ""  # the model's id: prefixes never match across models
     context_length: int | None = None
-    default_max_tokens: int = 4096  # when a request has no max_tokens and there is no context
+    # No max_tokens: this many (None: what the context leaves; mlxrun.budget's fallback if none).
+    default_max_tokens: int | None = None
     max_pinned_prefixes: int = 8  # pinned prefixes beyond it release the oldest
     pin_ttl_s: float = 300.0  # a pin lasts this long after its last use (Anthropic's 5 minutes)
 
@@ -262,9 +263,11 @@ class Engine:
                 f"prompt token ids must be in [0, {self._vocab_size})", param="prompt"
             )
         params.check_vocab(self._vocab_size)
-        check_context(len(ids), params.max_tokens, cfg.context_length)
-        limit = cfg.context_length
-        budget = params.max_tokens or (limit - len(ids) if limit else cfg.default_max_tokens)
+        # Strict: the engine's callers (the server) have applied the clamp rule already.
+        budget = output_budget(
+            len(ids), params.max_tokens, cfg.context_length,
+            default=cfg.default_max_tokens, strict=True,
+        ).granted  # fmt: skip
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(cfg.eos_token_ids))
         return RequestState(
             request, sink, frozenset(stop), budget, (cfg.namespace, request.namespace)

@@ -4,7 +4,8 @@ Everything the routes need hangs off `app.state.server` (a ServerState): no modu
 several apps (tests, one per model) can live in one process.
 
 Middleware, outermost first: CORS (only when origins are configured; it answers preflights before
-auth), metrics (status and duration per endpoint), API-key auth (everything but /health).
+auth), access (request id, clamp header, access log line), metrics (status and duration per
+endpoint), API-key auth (everything but /health), the readiness gate (503 until the engine runs).
 """
 
 from __future__ import annotations
@@ -14,19 +15,27 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import errors
+from . import access, errors
 from .errors import APIError
 from .metrics import Metrics
 from .routes import routes
 from .state import OPEN_PATHS, ServerConfig, ServerState
+
+CLAMP_HEADER = "X-Mlxrun-Max-Tokens-Clamped"
+# Answered before the engine is ready: health and metrics, Ollama's "is it running?" probes, and
+# Ollama's generation routes (they wait for the model, as Ollama does).
+UNGATED_PATHS = frozenset(
+    {"/health", "/metrics", "/", "/api/version", "/api/chat", "/api/generate"}
+)
 
 __all__ = ["ServerConfig", "ServerState", "create_app"]
 
@@ -42,9 +51,24 @@ GENERATION_PATHS = frozenset(
 # ---------------------------------------------------------------- middleware
 
 
+# What a request without the key is told, per dialect: the header that dialect's clients send.
+_MISSING_KEY = {
+    access.OPENAI: "You didn't provide an API key. Send it in the Authorization header "
+    "(Authorization: Bearer YOUR_KEY).",
+    access.ANTHROPIC: "x-api-key header is required (or Authorization: Bearer YOUR_KEY).",
+    access.OLLAMA: "This server needs an API key: send it in the Authorization header "
+    "(Authorization: Bearer YOUR_KEY).",
+}
+_WRONG_KEY = {
+    access.OPENAI: "Incorrect API key provided.",
+    access.ANTHROPIC: "invalid x-api-key",
+    access.OLLAMA: "Incorrect API key provided.",
+}
+
+
 class AuthMiddleware:
     """The API key on every path but /health, as a bearer token or (Anthropic's clients) an
-    x-api-key header; constant-time comparison."""
+    x-api-key header; constant-time comparison. A 401 is written in the path's dialect."""
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
@@ -61,16 +85,62 @@ class AuthMiddleware:
         x_api_key = headers.get(b"x-api-key")
         if x_api_key is not None and hmac.compare_digest(x_api_key.strip(), self.key):
             return await self.app(scope, receive, send)
-        header = header or (x_api_key or b"")
-        if header:
-            message = "Incorrect API key provided."
-        else:
-            message = (
-                "You didn't provide an API key. Send it in the Authorization header "
-                "(Authorization: Bearer YOUR_KEY)."
-            )
-        err = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        await err.response()(scope, receive, send)
+        dialect = access.dialect(scope["path"])
+        sent = header or x_api_key
+        messages = _WRONG_KEY if sent else _MISSING_KEY
+        message = messages.get(dialect, messages[access.OPENAI])
+        challenge = {} if dialect == access.ANTHROPIC else {"WWW-Authenticate": "Bearer"}
+        err = APIError(401, message, code="invalid_api_key", headers=challenge)
+        await errors.dialect_response(err, dialect)(scope, receive, send)
+
+
+class ReadyGate:
+    """Until the engine has started (and once it has stopped), every route but the probes
+    answers 503 in its dialect, so /v1/models and /api/tags agree with /health. Ollama's
+    generation routes are let through: they hold the request while the model loads."""
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"] if scope["type"] == "http" else ""
+        if not path or path in UNGATED_PATHS or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        try:
+            self.state.check_ready()
+        except APIError as e:
+            return await errors.dialect_response(e, access.dialect(path))(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class AccessMiddleware:
+    """The request's record (server/access.py): an X-Request-Id header on every response, the
+    X-Mlxrun-Max-Tokens-Clamped header when max_tokens was cut, one access log line at the end."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        record, token = access.begin(scope["method"], scope["path"])
+        start = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers.append("X-Request-Id", record.id)
+                if record.clamp:
+                    headers.append(CLAMP_HEADER, record.clamp)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            access.access_log.info("%s", record.line(time.perf_counter() - start))
+            access.end(token)
 
 
 class MetricsMiddleware:
@@ -124,6 +194,9 @@ async def _start_engine(state: ServerState) -> None:
         log.exception("the engine failed to start")
         if state.on_fatal is not None:
             state.on_fatal(e)
+        return
+    if state.on_ready is not None:
+        await state.on_ready()
 
 
 def _lifespan(state: ServerState):
@@ -147,14 +220,17 @@ def create_app(
     *,
     tokenizer: Any,
     on_fatal: Callable[[BaseException], None] | None = None,
+    on_ready: Callable[[], Awaitable[None]] | None = None,
 ) -> Starlette:
     """An ASGI app serving `engine`, which its lifespan starts (in the background) and shuts down.
 
     `tokenizer` is the model's mlxrun Tokenizer; `on_fatal` is called if the engine fails to start
-    (the CLI uses it to stop the server).
+    (the CLI uses it to stop the server), `on_ready` is awaited once it has started (the CLI
+    prints its banner then).
     """
     state = ServerState(engine, tokenizer, config)
     state.on_fatal = on_fatal
+    state.on_ready = on_ready
     known = frozenset(r.path for r in routes if "{" not in r.path)
     middleware = []
     if config.cors_origins:
@@ -166,9 +242,11 @@ def create_app(
                 allow_headers=["*"],
             )
         )
+    middleware.append(Middleware(AccessMiddleware))
     middleware.append(Middleware(MetricsMiddleware, metrics=state.metrics, known_paths=known))
     if config.api_key:
         middleware.append(Middleware(AuthMiddleware, api_key=config.api_key))
+    middleware.append(Middleware(ReadyGate, state=state))
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import signal
 import socket
@@ -12,6 +13,7 @@ import click
 
 from mlxrun.cli_common import friendly_errors
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long to finish; the rest are aborted
 
 
@@ -64,15 +66,58 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _banner(info: Any, base_url: str, aliases: tuple[str, ...], api_key: str | None) -> None:
+def _lan_address() -> str | None:
+    """This machine's address on its network (the one a route out would use); None offline.
+    A UDP connect sends nothing: it only asks the kernel to pick the interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.254.254.254", 1))
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def _base_urls(host: str, port: int) -> list[str]:
+    """URLs a client can use: for a wildcard host (0.0.0.0, ::) this machine's loopback and LAN
+    addresses, never the wildcard itself (no client can connect to it)."""
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = False
+    if not wildcard:
+        hosts = [host]
+    else:
+        lan = _lan_address()
+        hosts = ["127.0.0.1" if ":" not in host else "::1", *([lan] if lan else [])]
+    return [f"http://{f'[{h}]' if ':' in h else h}:{port}/v1" for h in hosts]
+
+
+def _banner(info: Any, urls: list[str], aliases: tuple[str, ...], api_key: str | None) -> None:
     echo = click.echo
     echo(f"mlxrun: serving {info.name} ({info.architecture}, {info.quantization}, "
          f"context {info.context_length})")  # fmt: skip
-    echo(f"  OpenAI base URL: {base_url}")
+    echo(f"  OpenAI base URL: {urls[0]}")
+    for url in urls[1:]:
+        echo(f"  on the network:  {url}")
     names = ", ".join(aliases)
     echo(f"  model id:        {info.name}" + (f" (aliases: {names})" if names else ""))
     echo("  API key:         " + ("required (Authorization: Bearer ...)" if api_key else "none"))
     echo("Press Ctrl-C to stop.")
+
+
+def _setup_logging(level: str) -> None:
+    """mlxrun's log lines (the access log at info, clamps at debug) on stderr."""
+    import logging
+
+    logger = logging.getLogger("mlxrun")
+    if not any(getattr(h, "_mlxrun", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler._mlxrun = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
 
 
 @click.command("serve")
@@ -102,6 +147,11 @@ def _banner(info: Any, base_url: str, aliases: tuple[str, ...], api_key: str | N
 @click.option("--strict", is_flag=True, default=False,
               help="Reject what OpenAI rejects: unknown request fields and a max_tokens past the "
               "context (by default they are reported and ignored, or clamped).")  # fmt: skip
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              default="info", show_default=True,
+              help="info: one access line per request; debug adds max_tokens clamps.")  # fmt: skip
+@click.option("-q", "--quiet", is_flag=True, default=False,
+              help="No access log (same as --log-level warning).")  # fmt: skip
 @friendly_errors
 def serve_cmd(
     model: str,
@@ -116,19 +166,20 @@ def serve_cmd(
     cors_origins: tuple[str, ...],
     tool_parser: str | None,
     strict: bool,
+    log_level: str,
+    quiet: bool,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…)."""
+    _setup_logging("warning" if quiet else log_level)
     cache_bytes = _cache_bytes(cache_memory)
     if tool_parser is not None:
         from mlxrun.tools import tool_format_by_name
 
         tool_format_by_name(tool_parser)  # an unknown name fails before the model loads
     sock = _bind(host, port)
-    import uvicorn
-
     from mlxrun.engine import Engine
     from mlxrun.loader import load
-    from mlxrun.server.app import ServerConfig, create_app
+    from mlxrun.server.app import ServerConfig
 
     lm, tokenizer, info = load(model, context=context)
     click.echo(f"Loading {info.name}...", err=True)
@@ -143,6 +194,18 @@ def serve_cmd(
         tool_parser=tool_parser,
         strict=strict,
     )
+    app_parts = (Engine(lm, engine_config), config, tokenizer)
+    _run(app_parts, info, host, sock)
+    click.echo("Stopped.")
+
+
+def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.socket) -> None:
+    """uvicorn serving the app on `sock` until Ctrl-C / SIGTERM; the banner once it answers."""
+    import uvicorn
+
+    from mlxrun.server.app import create_app
+
+    engine, config, tokenizer = app_parts
     uv_config = uvicorn.Config(
         None,  # set below: the app needs on_fatal, which needs the server
         log_level="warning",
@@ -155,16 +218,22 @@ def serve_cmd(
         failed.append(exc)
         server.should_exit = True
 
-    uv_config.app = create_app(Engine(lm, engine_config), config, tokenizer=tokenizer,
-                               on_fatal=on_fatal)  # fmt: skip
-    shown = f"[{host}]" if ":" in host else host
-    _banner(info, f"http://{shown}:{sock.getsockname()[1]}/v1", config.aliases, config.api_key)
-    if not _is_loopback(host) and not config.api_key:
-        click.echo("Warning: listening beyond this machine with no --api-key.", err=True)
+    async def on_ready() -> None:
+        # The banner says "serving" once requests are answered: the engine runs and uvicorn
+        # listens (it does after the lifespan's startup, which does not wait for the engine).
+        while not server.started:
+            await asyncio.sleep(0.01)
+        urls = _base_urls(host, sock.getsockname()[1])
+        _banner(info, urls, config.aliases, config.api_key)
+        if not _is_loopback(host) and not config.api_key:
+            click.echo("Warning: listening beyond this machine with no --api-key.", err=True)
+        sys.stdout.flush()
+
+    uv_config.app = create_app(engine, config, tokenizer=tokenizer, on_fatal=on_fatal,
+                               on_ready=on_ready)  # fmt: skip
     _serve(server, sock)
     if failed:
         raise failed[0]
-    click.echo("Stopped.")
 
 
 def _engine_config(

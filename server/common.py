@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -13,10 +14,12 @@ import anyio
 from starlette.requests import Request
 
 from mlxrun import __version__
+from mlxrun.budget import output_budget
 from mlxrun.engine import TokenLogprob
+from mlxrun.errors import MlxrunError
 from mlxrun.sampling import SamplingParams
 
-from . import errors
+from . import access, errors
 from .errors import APIError, to_api_error
 from .generation import ChoiceSpec, Generation
 from .sse import DONE, event
@@ -24,6 +27,7 @@ from .state import ServerState
 from .tokens import TokenTexts
 
 T = TypeVar("T")
+log = logging.getLogger("mlxrun.server")
 
 SYSTEM_FINGERPRINT = f"fp_mlxrun_{__version__}"
 
@@ -35,29 +39,27 @@ def fit_context(
     max_param: str,
     prompt_param: str,
 ) -> SamplingParams:
-    """params with max_tokens set; 400 naming both numbers when prompt + completion do not fit."""
-    limit = state.config.context_length
-    cap = state.config.max_output_tokens
-    if prompt_tokens >= limit:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {limit} tokens, but the prompt has "
-            f"{prompt_tokens} tokens. Please shorten the prompt.",
-            param=prompt_param,
-            code="context_length_exceeded",
+    """params with max_tokens granted by the budget rule (mlxrun.budget): a prompt that does not
+    fit is a 400; a max_tokens past what is left is clamped (reported in the request's record,
+    hence a response header and the access log), or a 400 under --strict on OpenAI's routes."""
+    record = access.current()
+    config = state.config
+    try:
+        budget = output_budget(
+            prompt_tokens,
+            params.max_tokens,
+            config.context_length,
+            cap=config.max_output_tokens,
+            strict=config.strict and record.dialect == access.OPENAI,
+            param=max_param,
+            prompt_param=prompt_param,
         )
-    max_tokens = params.max_tokens
-    if max_tokens is None:
-        max_tokens = limit - prompt_tokens if cap is None else min(cap, limit - prompt_tokens)
-        return params.replace(max_tokens=max_tokens)
-    if cap is not None and max_tokens > cap:
-        raise errors.invalid(
-            f"'{max_param}' is {max_tokens} but this server allows at most {cap} output tokens.",
-            max_param,
-        )
-    if prompt_tokens + max_tokens > limit:
-        raise errors.context_exceeded(prompt_tokens, max_tokens, limit, max_param)
-    return params
+    except MlxrunError as e:
+        raise errors.from_mlxrun(e) from None
+    if budget.clamped:
+        record.clamp = budget.describe()
+        log.debug("%s: %s %s clamped to what fits", record.id, max_param, budget.describe())
+    return params.replace(max_tokens=budget.granted)
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:

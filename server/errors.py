@@ -1,4 +1,5 @@
-"""OpenAI error objects: every failure leaves the server as {"error": {message, type, param, code}}.
+"""Error objects: every failure leaves the server as an error in the client's dialect, OpenAI's
+{"error": {message, type, param, code}} unless the path is Anthropic's or Ollama's.
 
 Typed mlxrun errors are mapped by class (never by message text); anything unexpected becomes a 500
 object and is logged, and the server keeps serving.
@@ -24,6 +25,8 @@ from mlxrun.errors import (
     MlxrunError,
     ModelNotFoundError,
 )
+
+from . import access
 
 log = logging.getLogger("mlxrun.server")
 
@@ -82,6 +85,19 @@ def context_exceeded(prompt_tokens: int, max_tokens: int, limit: int, param: str
     )
 
 
+def _context_error(exc: ContextLengthExceededError) -> APIError:
+    """OpenAI's wording: the prompt alone, or the prompt with the completion asked for."""
+    if exc.max_tokens is not None:
+        return context_exceeded(exc.prompt_tokens, exc.max_tokens, exc.limit, exc.param or "")
+    return APIError(
+        400,
+        f"This model's maximum context length is {exc.limit} tokens, but the prompt has "
+        f"{exc.prompt_tokens} tokens. Please shorten the prompt.",
+        param=exc.param,
+        code="context_length_exceeded",
+    )
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(
         404,
@@ -115,7 +131,7 @@ def loading() -> APIError:
 def from_mlxrun(exc: MlxrunError) -> APIError:
     """The status and OpenAI shape for a typed mlxrun error (by class, most specific first)."""
     if isinstance(exc, ContextLengthExceededError):
-        return APIError(400, exc.message, param=exc.param, code="context_length_exceeded")
+        return _context_error(exc)
     if isinstance(exc, InvalidRequestError):
         return invalid(exc.message, exc.param)
     if isinstance(exc, EngineOverloadedError):
@@ -130,7 +146,7 @@ def from_mlxrun(exc: MlxrunError) -> APIError:
 
 
 def internal(exc: BaseException) -> APIError:
-    log.exception("internal error while serving a request", exc_info=exc)
+    log.exception("internal error while serving request %s", access.current().id, exc_info=exc)
     return APIError(
         500,
         f"The server had an internal error ({type(exc).__name__}). It is still running; the "
@@ -152,11 +168,11 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
-    return to_api_error(exc).response()
+    return dialect_response(exc, access.dialect(request.url.path))
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
-    """Starlette's own 404/405 (unknown route, wrong method) in OpenAI's shape."""
+    """Starlette's own 404/405 (unknown route, wrong method) in the path's dialect."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         message = f"Unknown request URL: {request.method} {request.url.path}."
@@ -171,11 +187,11 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
         code=_HTTP_CODES.get(exc.status_code),
         headers=dict(exc.headers or {}),
     )
-    return err.response()
+    return dialect_response(err, access.dialect(request.url.path))
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    return to_api_error(exc).response()
+    return dialect_response(exc, access.dialect(request.url.path))
 
 
 EXCEPTION_HANDLERS = {
@@ -184,6 +200,41 @@ EXCEPTION_HANDLERS = {
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,
 }
+
+
+# ---------------------------------------------------------------- dialects
+
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error",
+                    529: "overloaded_error"}  # fmt: skip
+
+
+def anthropic_status(err: APIError) -> int:
+    """Our engine's "queue full" 429 is Anthropic's 529 overloaded_error."""
+    return 529 if err.code == "rate_limit_exceeded" else err.status
+
+
+def anthropic_body(err: APIError) -> dict[str, Any]:
+    status = anthropic_status(err)
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": err.message}}
+    request_id = access.current().id
+    if request_id:  # as Anthropic's errors carry it (also in the X-Request-Id header)
+        body["request_id"] = request_id
+    return body
+
+
+def dialect_response(exc: BaseException, dialect: str) -> JSONResponse:
+    """The error in the shape `dialect`'s clients parse: OpenAI's {"error": {...}}, Anthropic's
+    {"type": "error", "error": {"type", "message"}} or Ollama's {"error": "message"}."""
+    err = to_api_error(exc)
+    if dialect == access.ANTHROPIC:
+        status = anthropic_status(err)
+        return JSONResponse(anthropic_body(err), status_code=status, headers=err.headers)
+    if dialect == access.OLLAMA:
+        return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
+    return err.response()
 
 
 def _openai_error(e: Exception) -> Response:

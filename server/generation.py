@@ -17,6 +17,7 @@ from mlxrun.engine import Event, Request, TokenLogprob
 from mlxrun.output import TextOutput
 from mlxrun.sampling import SamplingParams
 
+from . import access
 from .metrics import Metrics
 
 
@@ -76,6 +77,8 @@ class Generation:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
         self._first_token = False
+        # An engine event came: the prefix-cache hit (cached_tokens) is known.
+        self.looked_up = False
 
     @property
     def prompt_tokens(self) -> int:
@@ -150,6 +153,7 @@ class Generation:
         if choice.finish_reason is not None:
             return None  # events after a stop string: the abort is on its way
         choice.cached_tokens = event.cached_tokens
+        self.looked_up = True
         self._time_tokens(choice, len(event.new_token_ids))
         delta = Delta(choice.index)
         texts = []
@@ -212,6 +216,9 @@ class Generation:
     def record_usage(self) -> None:
         self.metrics.prompt_tokens += self.prompt_tokens
         self.metrics.cached_tokens += self.cached_tokens
+        record = access.current()  # the access log line shows the tokens
+        record.prompt_tokens += self.prompt_tokens
+        record.completion_tokens += self.completion_tokens
 
     async def collect(self) -> list[tuple[str, list[TokenLogprob], str]]:
         """Run to the end: (text, logprobs, finish_reason) per choice, in choice order."""

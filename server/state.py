@@ -68,6 +68,7 @@ class ServerState:
         self.ready = False
         self.load_error: BaseException | None = None
         self.on_fatal: Any = None  # called with the error if the engine fails to start
+        self.on_ready: Any = None  # awaited once the engine has started
         self._ids = 0
         self._grammars: Any = None
 

@@ -151,7 +151,10 @@ def start_cli(model_dir: Path, *args: str, env: dict | None = None) -> tuple[sub
         found = re.search(r"OpenAI base URL: (http://\S+)/v1", line)
         if found:
             base_url = found.group(1)
-            lines += [next(proc.stdout) for _ in range(3)]  # the rest of the banner
+            for rest in proc.stdout:  # the rest of the banner
+                lines.append(rest)
+                if rest.startswith("Press Ctrl-C"):
+                    break
             wait_healthy(base_url, proc=proc)
             proc.banner = "".join(lines)  # type: ignore[attr-defined]
             return proc, base_url

@@ -49,7 +49,7 @@ def test_models_list_and_get(client):
     card = client.models.retrieve(MODEL_ID)
     assert card.owned_by == "mlxrun" and card.object == "model"
     extra = card.model_extra
-    assert extra["context_length"] == 512 and extra["max_output_tokens"] == 512
+    assert extra["context_length"] == 512 and extra["max_output_tokens"] == 511  # 1-token prompt
     assert extra["capabilities"]["fim"] is True  # the fixture's BPE vocab has <|fim_*|>
     caps = extra["capabilities"]
     assert caps["tools"] is True and caps["json_schema"] is True  # ChatML template with tools

@@ -3,6 +3,7 @@ and Ctrl-C with a stream in flight, and one-line errors for a busy port or a mis
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
@@ -149,3 +150,90 @@ def test_env_api_key_no_cors_and_ctrl_c(tiny_llama):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.TransportError:
+        return None  # not listening yet
+
+
+def test_banner_means_ready_at_a_reachable_address(tiny_llama, tmp_path):
+    """`--host 0.0.0.0`: the banner shows addresses a client can use, and it is printed once the
+    server answers: /health is 200 right after it, and before it no model route said 200 while
+    /health said 503. Each request leaves an access log line (on stderr)."""
+    port = _free_port()
+    local = f"http://127.0.0.1:{port}"
+    errors = (tmp_path / "stderr").open("w+")
+    proc = subprocess.Popen([*CLI, str(tiny_llama), "--host", "0.0.0.0", "--port", str(port),
+                             "--context", "512"], stdout=subprocess.PIPE, stderr=errors, text=True)  # fmt: skip
+    seen: list[tuple[int | None, int | None]] = []  # (/v1/models, /health) per round
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            models = _status(local + "/v1/models")  # first: ready then means ready after
+            seen.append((models, _status(local + "/health")))
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        assert proc.stdout is not None
+        banner = []
+        for line in proc.stdout:
+            banner.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+        assert _status(local + "/health") == 200  # the banner came once the server was ready
+        done.set()
+        poller.join()
+        text = "".join(banner)
+        assert f"OpenAI base URL: {local}/v1" in text and "0.0.0.0" not in text, text
+        for line in banner:  # the machine's LAN address, when it has one, is reachable too
+            if "on the network:" in line:
+                assert _status(line.split()[-1].removesuffix("/v1") + "/health") == 200
+        # The routes agree: /v1/models never answered while /health still said "loading".
+        assert not [pair for pair in seen if pair[0] == 200 and pair[1] != 200], seen
+        assert {m for m, _ in seen} <= {None, 503, 200}
+        assert httpx.get(local + "/v1/models").status_code == 200
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "Stopped." in out
+        errors.seek(0)
+        log = errors.read()
+        assert " GET /v1/models 200 " in log and "req_" in log and "Traceback" not in log, log
+    finally:
+        done.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_wildcard_hosts_show_loopback_first_and_log_levels():
+    from mlxrun.server.cli import _base_urls, _setup_logging
+
+    urls = _base_urls("0.0.0.0", 8080)
+    assert urls[0] == "http://127.0.0.1:8080/v1" and not any("0.0.0.0" in u for u in urls)
+    assert _base_urls("::", 8080)[0] == "http://[::1]:8080/v1"
+    assert _base_urls("192.168.1.5", 80) == ["http://192.168.1.5:80/v1"]
+    logger = logging.getLogger("mlxrun")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    try:
+        access = logging.getLogger("mlxrun.access")
+        _setup_logging("info")
+        assert access.isEnabledFor(logging.INFO)
+        _setup_logging("warning")  # what --quiet sets
+        assert not access.isEnabledFor(logging.INFO)
+        assert len(logger.handlers) == len(saved[2]) + 1  # set up twice, one handler
+    finally:
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.handlers[:] = saved[2]

@@ -4,8 +4,9 @@ pipeline (server/dialogue.py), so Claude Code and other Anthropic clients work u
 Requests become neutral messages (tool_use blocks -> assistant tool calls, tool_result blocks ->
 "tool" messages), tools and a ToolChoice (server/protocol_anthropic.py); the output becomes
 content blocks (thinking, text, tool_use) sent whole or as Anthropic's SSE events. Errors leave in
-Anthropic's shape. The last cache_control mark's prefix is measured in tokens: it is reported as
-cache creation and pinned in the prefix cache (Request.pin_prefix).
+Anthropic's shape. The last cache_control mark's prefix is measured in tokens: usage reports it as
+cache read (what the prefix cache held) plus cache creation, the rest as input_tokens, and it is
+pinned in the prefix cache (Request.pin_prefix).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from starlette.routing import Route
 from mlxrun.errors import InvalidRequestError
 from mlxrun.tools import ToolCallDelta
 
+from .. import errors
+from ..access import ANTHROPIC
 from ..common import in_thread, start_generation, until_disconnect
 from ..dialogue import ChatPlan, MessageDelta, message_deltas, plan_chat
 from ..errors import APIError, from_mlxrun, guarded, invalid, to_api_error
@@ -35,28 +38,13 @@ from ..state import ServerState, server_state
 
 T = TypeVar("T")
 PING_S = 10.0  # a ping event after this long without output
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}  # fmt: skip
 
 
 # ---------------------------------------------------------------- errors
 
 
-def _status(err: APIError) -> int:
-    """Our engine's "queue full" 429 is Anthropic's 529 overloaded_error."""
-    return 529 if err.code == "rate_limit_exceeded" else err.status
-
-
-def error_body(err: APIError) -> dict[str, Any]:
-    status = _status(err)
-    kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-    return {"type": "error", "error": {"type": kind, "message": err.message}}
-
-
 def error_response(exc: BaseException) -> JSONResponse:
-    err = to_api_error(exc)
-    return JSONResponse(error_body(err), status_code=_status(err), headers=err.headers)
+    return errors.dialect_response(exc, ANTHROPIC)
 
 
 def anthropic_errors(
@@ -210,10 +198,15 @@ class _Run:
     finish: str = "stop"
 
     def usage(self) -> dict[str, int]:
-        read = self.gen.cached_tokens
-        created = max(0, self.marked - read)
+        """Anthropic's accounting, once the prefix cache was looked up: up to the last cache
+        mark, tokens read from the cache and tokens written to it; after it, input_tokens. The
+        three sum to the prompt. With no mark, the prefix cache's own hit counts as read."""
+        prompt, cached = self.gen.prompt_tokens, self.gen.cached_tokens
+        boundary = self.marked or cached
+        read = min(cached, boundary)
+        created = boundary - read
         return {
-            "input_tokens": self.gen.prompt_tokens - read - created,
+            "input_tokens": prompt - boundary,
             "cache_creation_input_tokens": created,
             "cache_read_input_tokens": read,
             "output_tokens": self.gen.completion_tokens if self.req.max_tokens else 0,
@@ -286,22 +279,29 @@ async def _pinging(items: AsyncGenerator[T, None], every: float) -> AsyncGenerat
 
 
 async def _stream(run: _Run, plan: ChatPlan) -> AsyncIterator[bytes]:
-    """message_start, the blocks' events (pings while nothing comes), message_delta with the
-    final usage (the cache hit is known once the prompt is read), message_stop; an error after
-    the headers is an `error` event."""
+    """message_start (once the prefix cache was looked up), the blocks' events (pings while
+    nothing comes), message_delta with the same usage and the output count, message_stop; an
+    error after the headers is an `error` event."""
     blocks = Blocks(run.req.show_thinking)
     deltas = _pinging(_deltas(run, plan), PING_S)
+    started = False
     try:
-        yield _event({"type": "message_start", "message": run.message([], done=False)})
         async for d in deltas:
+            # message_start waits for the prefix-cache lookup, so that its usage is the final
+            # one; pings keep the stream alive meanwhile (the SDKs skip them).
+            if not started and (d is not None or run.gen.looked_up):
+                started = True
+                yield _event({"type": "message_start", "message": run.message([], done=False)})
             for e in [{"type": "ping"}] if d is None else blocks.push(d):
                 yield _event(e)
+        if not started:
+            yield _event({"type": "message_start", "message": run.message([], done=False)})
         for e in blocks.finish():
             yield _event(e)
         yield _event({"type": "message_delta", "delta": run.stop(), "usage": run.usage()})
         yield _event({"type": "message_stop"})
     except Exception as e:  # noqa: BLE001 - headers are sent: the error travels in the stream
-        yield _event(error_body(to_api_error(e)))
+        yield _event(errors.anthropic_body(to_api_error(e)))
     finally:
         await deltas.aclose()
         await run.gen.aclose()
@@ -311,8 +311,9 @@ async def _stream(run: _Run, plan: ChatPlan) -> AsyncIterator[bytes]:
 def _prepare(state: ServerState, req: MessagesRequest) -> tuple[ChatPlan, int]:
     """plan_chat (blocking) plus the marked prefix; a prompt past the context in Anthropic's
     words."""
+    params = req.params.replace(max_tokens=max(1, req.max_tokens))  # 0 warms the cache: 1 token
     try:
-        plan = plan_chat(state, req.messages, req.params, tools=req.tools, choice=req.choice,
+        plan = plan_chat(state, req.messages, params, tools=req.tools, choice=req.choice,
                          output=req.output, template_kwargs=req.template_kwargs)  # fmt: skip
     except APIError as e:
         if e.code == "context_length_exceeded":
@@ -335,19 +336,16 @@ async def create(request: Request) -> Response:
     state, req = await _read(request)
     state.check_ready()
     plan, marked = await in_thread(_prepare, state, req)
-    # Past the context (or the server's output cap) max_tokens is cut to what is left, as
-    # Anthropic does: a stop there reads model_context_window_exceeded.
-    room = state.config.context_length - len(plan.prompt_ids)
-    budget = max(1, min(req.max_tokens, plan.specs[0].params.max_tokens or room))  # 0: warm-up
-    specs = [
-        dataclasses.replace(s, params=s.params.replace(max_tokens=budget), pin_prefix=marked)
-        for s in plan.specs
-    ]
+    specs = [dataclasses.replace(s, pin_prefix=marked) for s in plan.specs]
     plan = dataclasses.replace(plan, specs=specs)
     request_id = state.next_id("msg").replace("-", "_", 1)
     gen = start_generation(state, plan.specs, request_id, arrival)
     head = {"id": request_id, "type": "message", "role": "assistant", "model": req.model}
-    run = _Run(req, gen, head, marked, window_clipped=req.max_tokens > room and budget == room)
+    # Past the context max_tokens was cut to what is left (the budget rule), as Anthropic
+    # does: a stop there reads model_context_window_exceeded.
+    room = state.config.context_length - len(plan.prompt_ids)
+    granted = plan.specs[0].params.max_tokens
+    run = _Run(req, gen, head, marked, window_clipped=req.max_tokens > room and granted == room)
     if req.stream:
         return EventStreamResponse(_stream(run, plan))
     return JSONResponse(await _collect(request, run, plan))

@@ -7,13 +7,16 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from mlxrun.budget import max_output
+
 from ..errors import guarded, model_not_found
 from ..state import ServerState, server_state
 
 
 def model_card(state: ServerState, model_id: str) -> dict[str, Any]:
     config = state.config
-    max_output = config.max_output_tokens or config.context_length
+    # What one request can really get: the context less a one-token prompt (mlxrun.budget).
+    most = max_output(config.context_length, config.max_output_tokens)
     return {
         "id": model_id,
         "object": "model",
@@ -22,7 +25,7 @@ def model_card(state: ServerState, model_id: str) -> dict[str, Any]:
         # Beyond OpenAI's four fields: what editors and clients need to size their requests.
         "context_length": config.context_length,
         "max_model_len": config.context_length,
-        "max_output_tokens": max_output,
+        "max_output_tokens": most,
         "capabilities": {
             "chat": True,
             "completions": True,

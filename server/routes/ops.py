@@ -95,18 +95,43 @@ def _check_model(state: ServerState, model: str | None) -> None:
         state.check_model(model)
 
 
+# llama-server's field names for the same things (its clients send these).
+_LLAMA_NAMES = {"content": "prompt", "add_special": "add_special_tokens"}
+
+
+def _llama_fields(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """body with llama-server's names read as ours, and its with_pieces flag."""
+    out = dict(body)
+    for theirs, ours in _LLAMA_NAMES.items():
+        value = out.pop(theirs, None)
+        if value is None:
+            continue
+        if out.get(ours) is not None:
+            raise invalid(f"Pass one of '{theirs}' and '{ours}', not both.", theirs)
+        out[ours] = value
+    pieces = out.pop("with_pieces", False)
+    if not isinstance(pieces, bool):
+        raise invalid("'with_pieces' must be a boolean.", "with_pieces")
+    return out, pieces
+
+
 @guarded
 async def tokenize(request: Request) -> Response:
+    """vLLM's {prompt | messages} or llama-server's {content, add_special, with_pieces}."""
     state = server_state(request)
-    model, prompt, messages, add_special = parse_tokenize(await state.read_json(request))
+    body, with_pieces = _llama_fields(await state.read_json(request))
+    model, prompt, messages, add_special = parse_tokenize(body)
     _check_model(state, model)
     tokenizer = state.tokenizer
     if messages is not None:
         ids = await in_thread(tokenizer.apply_chat_template, messages)
     else:
         ids = await in_thread(tokenizer.encode, prompt, add_special_tokens=add_special)
+    tokens: list[Any] = ids
+    if with_pieces:
+        tokens = [{"id": i, "piece": state.token_texts.get(i)[0]} for i in ids]
     return JSONResponse(
-        {"tokens": ids, "count": len(ids), "max_model_len": state.config.context_length}
+        {"tokens": tokens, "count": len(ids), "max_model_len": state.config.context_length}
     )
 
 
@@ -120,4 +145,4 @@ async def detokenize(request: Request) -> Response:
     if bad is not None:
         raise invalid(f"Token id {bad} is outside the vocabulary (0..{vocab - 1}).", "tokens")
     text = await in_thread(state.tokenizer.decode, tokens)
-    return JSONResponse({"prompt": text})
+    return JSONResponse({"prompt": text, "content": text})  # vLLM's name, llama-server's

@@ -19,7 +19,8 @@ from typing import Any
 import mlx.core as mx
 
 from mlxrun import memory, models
-from mlxrun.errors import ContextLengthExceededError, InvalidRequestError
+from mlxrun.budget import output_budget
+from mlxrun.errors import InvalidRequestError
 from mlxrun.sampling import (
     SamplingParams,
     compute_logprobs,
@@ -113,14 +114,9 @@ class PromptCache:
 
 
 def check_context(prompt_tokens: int, max_tokens: int | None, limit: int | None) -> None:
-    """ContextLengthExceededError when the prompt plus the tokens asked for do not fit."""
-    if limit is None:
-        return
-    if prompt_tokens >= limit:
-        raise ContextLengthExceededError(prompt_tokens, limit, param="prompt")
-    if max_tokens is not None and prompt_tokens + max_tokens > limit:
-        # param tells the two cases apart: here it is max_tokens that does not fit.
-        raise ContextLengthExceededError(prompt_tokens, limit, "max_tokens", max_tokens)
+    """ContextLengthExceededError when the prompt plus the tokens asked for do not fit (the
+    budget rule of mlxrun.budget, strict: a terminal user asked for exactly that many)."""
+    output_budget(prompt_tokens, max_tokens, limit, strict=True)
 
 
 class _Decoder:
@@ -204,9 +200,9 @@ def _stop_ids(tokenizer: Any, params: SamplingParams) -> frozenset[int]:
 
 def _token_budget(prompt_tokens: int, params: SamplingParams, limit: int | None) -> int:
     """How many tokens may be generated: max_tokens, else what is left of the context (-1: no cap)."""
-    if params.max_tokens is not None:
-        return params.max_tokens
-    return limit - prompt_tokens if limit is not None else -1
+    if limit is None:
+        return params.max_tokens if params.max_tokens is not None else -1
+    return output_budget(prompt_tokens, params.max_tokens, limit, strict=True).granted
 
 
 def generate_stream(

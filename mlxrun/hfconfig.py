@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from typing import Any
 
 from mlxrun.errors import UnsupportedModelError
 from mlxrun.models import model_classes
+
+log = logging.getLogger(__name__)
 
 # Keys transformers 5 stores under a new name, per model type: {stored name: mlx-lm field}.
 # Derived from transformers' `attribute_map`s against mlx-lm's ModelArgs fields.
@@ -28,6 +31,44 @@ _RENAMED: dict[str, dict[str, str]] = {
     "qwen3_moe": {"num_local_experts": "num_experts"},
     "mellum": {"num_local_experts": "num_experts"},
     "exaone": {"num_hidden_layers": "num_layers", "layer_norm_epsilon": "rms_norm_eps"},
+}
+# transformers' default for tie_word_embeddings where mlx-lm's ModelArgs default differs (or has
+# none): a config that leaves the key out means transformers' default, not mlx-lm's. Derived
+# from transformers' config classes against mlx-lm's ModelArgs.
+_TIE_DEFAULTS: dict[str, bool] = {
+    **dict.fromkeys(
+        (
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "qwen3_moe",
+            "ministral3",
+            "iquestcoder",
+            "glm",
+            "glm4_moe",
+            "granite",
+            "granitemoe",
+            "granitemoehybrid",
+            "olmo2",
+            "olmoe",
+            "olmo_hybrid",
+            "exaone",
+            "exaone4",
+            "seed_oss",
+            "bitnet",
+            "falcon_h1",
+            "jamba",
+            "mamba2",
+            "helium",
+            "apertus",
+            "mellum",
+            "llama4_text",
+            "solar_open",
+        ),
+        False,
+    ),  # fmt: skip
+    **dict.fromkeys(("ernie4_5", "ernie4_5_moe", "minicpm3"), True),
 }
 _ROPE_KEYS_OUTSIDE_SCALING = ("rope_theta", "partial_rotary_factor")
 # transformers moves the pretraining length into the scaling dict for these types, from the
@@ -106,7 +147,10 @@ def to_legacy(config: dict) -> dict:
     out = copy.deepcopy(config)
     if out.get("dtype") is not None:
         out.setdefault("torch_dtype", out["dtype"])
-    for stored, field in _RENAMED.get(str(out.get("model_type")), {}).items():
+    model_type = str(out.get("model_type"))
+    if model_type in _TIE_DEFAULTS:
+        out.setdefault("tie_word_embeddings", _TIE_DEFAULTS[model_type])
+    for stored, field in _RENAMED.get(model_type, {}).items():
         if stored in out:
             out.setdefault(field, out[stored])
     _rope(out)
@@ -146,6 +190,16 @@ def _check_scaling(config: dict, model_type: str, fields: set[str], module: str)
     for key, assumed in _IGNORED_SCALING_KEYS.get(kind, {}).items():
         if key in scaling and scaling[key] is not None and scaling[key] != assumed:
             raise _refuse(model_type, f"rope_parameters.{key} = {scaling[key]!r}")
+    if kind == "longrope" and scaling.get("short_factor") != scaling.get("long_factor"):
+        # mlx-lm applies long_factor at every length; transformers uses short_factor up to the
+        # pretraining length. Refusing would shut out every Phi-3 128k / Phi-3.5 checkpoint, so
+        # this one difference is let through, loudly.
+        log.warning(
+            "%s: rope_parameters.short_factor is not applied by mlx-lm (it uses long_factor at "
+            "every length): below %s tokens outputs differ from transformers",
+            model_type,
+            config.get("original_max_position_embeddings"),
+        )
     if kind == "longrope" and scaling.get("factor") is not None:
         implied = config.get("max_position_embeddings", 0) / max(
             1, config.get("original_max_position_embeddings") or 1

@@ -224,3 +224,24 @@ def test_text_config_is_normalized_too():
 )
 def test_unhonoured_window(config, window):
     assert unhonoured_window(config) == window
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_missing_tie_word_embeddings_means_transformers_default(model_type):
+    # mlx-lm's default is True for these: it would drop lm_head.weight and reuse the embeddings.
+    config = {k: v for k, v in v4(model_type).items() if k != "tie_word_embeddings"}
+    assert normalize(config)["tie_word_embeddings"] is False
+    assert normalize({**config, "tie_word_embeddings": True})["tie_word_embeddings"] is True
+
+
+def test_longrope_short_factor_mlx_lm_skips_is_warned(caplog):
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": [2.0] * 16}
+    with caplog.at_level("WARNING", logger="mlxrun.hfconfig"):
+        normalize(v5("phi3", rope, original_max_position_embeddings=512))
+    assert "short_factor" in caplog.text and "512" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mlxrun.hfconfig"):
+        normalize(
+            v5("phi3", {**rope, "short_factor": [2.0] * 16}, original_max_position_embeddings=512)
+        )
+    assert caplog.text == ""

@@ -1,7 +1,8 @@
 """Hub config.json -> the keys mlx-lm's model classes read, before any class sees it.
 
 mlx-lm's ModelArgs read the names transformers 4.x wrote (`rope_theta`, `rope_scaling`,
-`torch_dtype`, `num_experts`…) and fall back to their own defaults when a key is absent.
+`torch_dtype`, `num_experts`…) and fall back to their own defaults when a key is absent (a
+key left out of config.json means transformers' default, which is not always mlx-lm's).
 transformers 5 writes `rope_parameters` (flat, or one dict per layer type), `dtype`,
 `layer_types` and some renamed keys instead, so a v5 checkpoint would load with the class's
 default theta and no scaling: wrong logits past the first position, with no error.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from typing import Any
 
 from mlxrun.errors import UnsupportedModelError
@@ -30,7 +32,19 @@ log = logging.getLogger(__name__)
 _RENAMED: dict[str, dict[str, str]] = {
     "qwen3_moe": {"num_local_experts": "num_experts"},
     "mellum": {"num_local_experts": "num_experts"},
-    "exaone": {"num_hidden_layers": "num_layers", "layer_norm_epsilon": "rms_norm_eps"},
+    "exaone": {"num_hidden_layers": "num_layers", "rms_norm_eps": "layer_norm_epsilon"},
+    "internlm3": {"attention_bias": "qkv_bias", "mlp_bias": "bias"},
+    "bailing_hybrid": {
+        "model_max_length": "max_position_embeddings",
+        "moe_renormalize": "norm_topk_prob",
+        "num_expert_group": "n_group",
+        "num_experts_per_token": "num_experts_per_tok",
+    },
+    "step3p5": {
+        "num_key_value_heads": "num_attention_groups",
+        "n_routed_experts": "moe_num_experts",
+        "num_experts_per_tok": "moe_top_k",
+    },
 }
 # transformers' default for tie_word_embeddings where mlx-lm's ModelArgs default differs (or has
 # none): a config that leaves the key out means transformers' default, not mlx-lm's. Derived
@@ -201,11 +215,33 @@ def _check_scaling(config: dict, model_type: str, fields: set[str], module: str)
             config.get("original_max_position_embeddings"),
         )
     if kind == "longrope" and scaling.get("factor") is not None:
-        implied = config.get("max_position_embeddings", 0) / max(
-            1, config.get("original_max_position_embeddings") or 1
-        )
+        pretrained = scaling.get("original_max_position_embeddings")
+        pretrained = pretrained or config.get("original_max_position_embeddings") or 1
+        implied = config.get("max_position_embeddings", 0) / pretrained
         if abs(float(scaling["factor"]) - implied) > 1e-6:  # mlx-lm derives it from the lengths
             raise _refuse(model_type, f"rope_parameters.factor = {scaling['factor']!r}")
+    if kind == "yarn" and allowed is _INITIALIZE_ROPE_TYPES:
+        _check_yarn_mscale(scaling, model_type)
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _check_yarn_mscale(scaling: dict, model_type: str) -> None:
+    """transformers and mlx-lm's YarnRoPE read a lone mscale / mscale_all_dim differently."""
+    factor = float(scaling.get("factor") or 1.0)
+    mscale, all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and all_dim:
+        theirs = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, all_dim)
+    else:
+        theirs = _yarn_mscale(factor, 1.0)
+    ours = _yarn_mscale(factor, 1 if mscale is None else mscale)
+    ours /= _yarn_mscale(factor, all_dim or 0)
+    if abs(ours - theirs) > 1e-9:
+        raise _refuse(
+            model_type, f"rope_parameters.mscale = {mscale!r} with mscale_all_dim = {all_dim!r}"
+        )
 
 
 def _check_per_layer(config: dict, model_type: str, fields: set[str]) -> None:

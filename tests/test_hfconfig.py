@@ -245,3 +245,37 @@ def test_longrope_short_factor_mlx_lm_skips_is_warned(caplog):
             v5("phi3", {**rope, "short_factor": [2.0] * 16}, original_max_position_embeddings=512)
         )
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize(
+    "extra,refused",
+    [
+        ({}, False),
+        ({"mscale": 1.0, "mscale_all_dim": 1.0}, False),  # DeepSeek's pair: the same both ways
+        ({"mscale": 0.707, "mscale_all_dim": 0.707}, False),
+        ({"mscale_all_dim": 1.0}, True),  # transformers ignores a lone one; mlx-lm divides by it
+        ({"mscale": 2.0}, True),
+    ],
+)
+def test_yarn_mscale_read_the_same_way_or_refused(extra, refused):
+    config = v5("qwen2", {"rope_type": "yarn", "factor": 4.0, **extra})
+    if refused:
+        with pytest.raises(UnsupportedModelError, match="mscale"):
+            normalize(config)
+    else:
+        assert normalize(config)["rope_scaling"]["factor"] == 4.0
+
+
+def test_longrope_factor_for_a_llama_class_uses_its_own_pretraining_length():
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": [1.0] * 16,
+            "original_max_position_embeddings": 512, "factor": 4.0}  # fmt: skip
+    assert normalize(v5("llama", rope))["rope_scaling"]["factor"] == 4.0  # 2048 / 512
+    with pytest.raises(UnsupportedModelError, match="factor"):
+        normalize(v5("llama", {**rope, "factor": 8.0}))
+
+
+def test_renamed_keys_fill_the_field_name_but_never_override_it():
+    config = {**v5("exaone"), "num_hidden_layers": 2, "rms_norm_eps": 1e-5}
+    out = to_legacy(config)
+    assert (out["num_layers"], out["layer_norm_epsilon"]) == (2, 1e-5)
+    assert to_legacy({**config, "num_layers": 3})["num_layers"] == 3

@@ -54,14 +54,18 @@ def _assert_v5_layout(path) -> None:
     assert "dtype" in config and "torch_dtype" not in config
 
 
+@pytest.mark.parametrize("config_format", ["transformers5", "transformers4"])
 @pytest.mark.parametrize("arch,rope", SCALED)
-def test_scaled_rope_matches_transformers(arch, rope, checkpoint_factory):
+def test_scaled_rope_matches_transformers(arch, rope, config_format, checkpoint_factory):
     from mlxrun.loader import load
 
-    path = checkpoint_factory(arch=arch, rope_scaling=rope)
-    _assert_v5_layout(path)
+    path = checkpoint_factory(arch=arch, rope_scaling=rope, config_format=config_format)
     config = json.loads((path / "config.json").read_text())
-    assert config["rope_parameters"]["rope_type"] == rope
+    if config_format == "transformers5":
+        _assert_v5_layout(path)
+        assert config["rope_parameters"]["rope_type"] == rope
+    else:
+        assert config["rope_scaling"]["rope_type"] == rope
     model, _, _ = load(str(path))
     np.testing.assert_allclose(_logits(model), _reference(path), atol=ATOL, rtol=RTOL)
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import logging
 import math
+from types import ModuleType
 from typing import Any
 
 from mlxrun.errors import UnsupportedModelError
@@ -187,7 +189,7 @@ def _refuse(model_type: str, what: str) -> UnsupportedModelError:
     )
 
 
-def _check_scaling(config: dict, model_type: str, fields: set[str], module: str) -> None:
+def _check_scaling(config: dict, model_type: str, fields: set[str], module: ModuleType) -> None:
     scaling = config.get("rope_scaling")
     kind = rope_type(scaling)
     if kind == "default":
@@ -260,8 +262,6 @@ def _check_per_layer(config: dict, model_type: str, fields: set[str]) -> None:
 
 def check_supported(config: dict) -> None:
     """UnsupportedModelError when the class would drop a config key that changes the math."""
-    import importlib
-
     model_type = str(config.get("model_type", ""))
     model_cls, args_cls = model_classes(config)
     module = importlib.import_module(model_cls.__module__)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxrun.errors import CorruptCheckpointError, NotAModelError
+from mlxrun.hfconfig import normalize
 from mlxrun.hub import checked_safetensors_header, read_config
 from mlxrun.models import build_model, model_classes, supported_model_types  # noqa: F401
 
@@ -52,7 +53,8 @@ def load_config(path: Path) -> dict:
     config = read_config(path)
     if "model_type" not in config:
         raise NotAModelError(f"{path / 'config.json'} has no model_type")
-    return config
+    # With the legacy keys filled in, the converted config.json reads right in plain mlx-lm too.
+    return normalize(config)
 
 
 def _shard_files(path: Path) -> list[Path]:

@@ -14,7 +14,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxrun import hub, memory, models, store
+from mlxrun import hfconfig, hub, memory, models, store
 from mlxrun.errors import (
     CorruptCheckpointError,
     InsufficientMemoryError,
@@ -188,6 +188,26 @@ def model_info(name: str, path: Path, config: dict, context: int) -> ModelInfo:
     )
 
 
+def _exact_limit(config: dict, context: int | None) -> int:
+    """The context to plan and enforce, kept within a sliding window the class ignores.
+
+    mlx-lm's class then attends to every token where the original model sees only the window,
+    so outputs agree only up to it: the default stops there, and a longer --context is refused.
+    """
+    own = store.context_length(config) or DEFAULT_CONTEXT
+    window = hfconfig.unhonoured_window(config)
+    if window is None or (context or own) <= window:
+        return context or own
+    if context is None:
+        return window
+    raise UnsupportedModelError(
+        f"a context of {context} tokens is past this model's sliding_window ({window}), which "
+        f"mlx-lm's {config.get('model_type')} model does not apply: outputs past {window} "
+        "tokens would differ from the original model",
+        hint=f"Pass --context {window} or less.",
+    )
+
+
 def load(
     name_or_path: str | Path, *, context: int | None = None, force: bool = False
 ) -> tuple[Any, Any, ModelInfo]:
@@ -201,11 +221,12 @@ def load(
 
     text = str(name_or_path)
     path = store.resolve_model(text)
-    config = hub.read_config(path)
+    # transformers-5 keys -> what mlx-lm's classes read; UnsupportedModelError before any file
+    # is opened when the class would drop a key that changes the math.
+    config = hfconfig.normalize(hub.read_config(path))
     if context is not None and context < 1:
         raise InvalidRequestError(f"context must be >= 1, got {context}", param="context")
-    limit = context or store.context_length(config) or DEFAULT_CONTEXT
-    models.model_classes(config)  # UnsupportedModelError before any file is opened
+    limit = _exact_limit(config, context)
     info = model_info(store.default_name(text), path, config, limit)
     check_memory(info.weights_bytes, config, limit, force=force)
     model = build_and_load(path, config)

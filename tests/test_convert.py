@@ -47,8 +47,11 @@ def _greedy_ids(model, prompt: list[int], n: int = 12) -> list[int]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_byte_identical_to_mlx_lm_convert(arch, checkpoint_factory, tmp_path):
-    """Same tensors, dtypes, values and quantization config as mlx_lm.convert, for every architecture."""
-    src = checkpoint_factory(arch=arch, dtype="bfloat16")
+    """Same tensors, dtypes, values and config as mlx_lm.convert, for every architecture.
+
+    On the 4.x config layout mlx-lm reads; 5.x configs get the legacy keys added (test_hub_configs).
+    """
+    src = checkpoint_factory(arch=arch, dtype="bfloat16", config_format="transformers4")
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     convert_model(str(src), ours, verify=False, quiet=True)
     _mlx_lm_convert(src, theirs, quantize=True, q_bits=4, q_group_size=64)
@@ -63,6 +66,9 @@ def test_byte_identical_to_mlx_lm_convert(arch, checkpoint_factory, tmp_path):
     # mlx-lm copies an architecture's own override verbatim (without "mode"); affine is implied.
     assert _with_mode(ca["quantization"]) == _with_mode(cb["quantization"])
     assert ca["quantization_config"] == ca["quantization"]
+    # A 4.x config needs no normalizing: it is written back as it came, plus the quantization.
+    source = json.loads((src / "config.json").read_text())
+    assert {k: v for k, v in ca.items() if not k.startswith("quantization")} == source
     index = json.loads((ours / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(a)
 
@@ -72,7 +78,7 @@ def test_mlx_lm_load_greedy_matches(arch, checkpoint_factory, tmp_path):
     """Our output through mlx_lm.load generates the same greedy tokens as mlx_lm.convert's output."""
     from mlx_lm import load
 
-    src = checkpoint_factory(arch=arch)
+    src = checkpoint_factory(arch=arch, config_format="transformers4")  # mlx_lm.convert reads 4.x
     convert_model(str(src), tmp_path / "ours", bits=8, verify=False, quiet=True)
     _mlx_lm_convert(src, tmp_path / "theirs", quantize=True, q_bits=8, q_group_size=64)
     prompt = [1, 17, 42, 99, 5, 8]

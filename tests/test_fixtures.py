@@ -65,7 +65,7 @@ def test_checkpoint_layout(checkpoint_factory, arch):
     spec = tokenizer_spec("bpe")
     assert config["model_type"] == arch
     assert len(config["architectures"]) == 1 and config["architectures"][0].endswith("ForCausalLM")
-    assert config["torch_dtype"] == config["dtype"] == "float32"
+    assert config["dtype"] == "float32"  # as transformers 5 save_pretrained writes it
     assert config["max_position_embeddings"] == 2048
     assert config["vocab_size"] % 64 == 0 and 0 <= config["vocab_size"] - spec.size < 64
     assert (config["bos_token_id"], config["eos_token_id"]) == (
@@ -73,14 +73,28 @@ def test_checkpoint_layout(checkpoint_factory, arch):
         spec.eos_token_id,
     )
     assert config["tie_word_embeddings"] == (arch in TIED)
-    assert isinstance(config["rope_theta"], float)
+    assert isinstance(config["rope_parameters"]["rope_theta"], float)
+    assert "rope_theta" not in config and "torch_dtype" not in config  # nothing patched back
     gen = json.loads((path / "generation_config.json").read_text())
     assert gen["eos_token_id"] == list(spec.stop_token_ids)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_transformers4_layout(checkpoint_factory, arch):
+    """The 4.x layout: top-level rope_theta and torch_dtype, 4.x key names, no rope_parameters."""
+    v5 = json.loads((checkpoint_factory(arch) / "config.json").read_text())
+    path = checkpoint_factory(arch, config_format="transformers4")
+    config = json.loads((path / "config.json").read_text())
+    assert "rope_parameters" not in config and "dtype" not in config
+    assert config["torch_dtype"] == "float32"
+    assert config["rope_theta"] == v5["rope_parameters"]["rope_theta"]
+    assert ("num_experts" in config) == (arch == "qwen3_moe")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_transformers_and_mlx_lm_agree(checkpoint_factory, arch):
-    path = checkpoint_factory(arch)
+    """Plain mlx-lm reads the 4.x layout right (the 5.x one needs mlxrun's normalizer)."""
+    path = checkpoint_factory(arch, config_format="transformers4")
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer.encode(PROMPT)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -112,7 +126,7 @@ def test_shards_and_dtypes(checkpoint_factory, arch, num_shards, dtype):
         ]
     assert _file_dtypes(path) == {getattr(torch, dtype)}
     config = json.loads((path / "config.json").read_text())
-    assert config["torch_dtype"] == config["dtype"] == dtype
+    assert config["dtype"] == dtype
     mlx_model, _ = mlx_load(str(path))
     assert mlx_model.model.embed_tokens.weight.dtype == getattr(mx, dtype)
 

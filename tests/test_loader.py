@@ -97,7 +97,8 @@ def test_mlx_lm_convert_output_loads(recipe, checkpoint_factory, tmp_path):
     from mlx_lm.convert import convert
 
     out = tmp_path / "mlx_lm"
-    src = checkpoint_factory("llama", num_layers=4)
+    # 4.x layout: mlx_lm.convert copies config.json as is, and plain mlx-lm reads only 4.x keys.
+    src = checkpoint_factory("llama", num_layers=4, config_format="transformers4")
     convert(str(src), str(out), quantize=True, q_bits=4, q_group_size=64, quant_predicate=recipe)
     quant = json.loads((out / "config.json").read_text())["quantization"]
     overrides = {k: v for k, v in quant.items() if isinstance(v, dict)}

@@ -1,7 +1,9 @@
 """Our loader + generation loop against the oracle: transformers on PyTorch CPU, float32.
 
 For every fixture architecture: logits of a full forward pass, logits computed token by token
-through the KV cache, and 32 greedy tokens from `generate_stream` must all agree.
+through the KV cache, and 32 greedy tokens from `generate_stream` must all agree. The fixtures'
+config.json is what transformers' save_pretrained writes (5.x: `rope_parameters`, `dtype`), with
+a rope_theta other than the mlx-lm class's default, so a dropped key shows in the logits.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -125,11 +126,15 @@ def test_missing_required_fields():
     assert _error(parse_chat, {**CHAT, "model": None}).param == "model"
 
 
-def test_unknown_and_unsupported_parameters_are_refused():
-    err = _error(parse_chat, {**CHAT, "frobnicate": 1})
+def test_unknown_parameters_are_reported_and_refused_only_when_strict():
+    body = {**CHAT, "frobnicate": 1, "id_slot": 0, "nothing": None}
+    assert parse_chat(body).ignored == ["frobnicate", "id_slot"]  # null counts as absent
+    err = _error(functools.partial(parse_chat, strict=True), body)
     assert err.param == "frobnicate" and "Unrecognized" in err.message
-    err = _error(parse_chat, {**CHAT, "store": True})
-    assert err.param == "store" and "not supported" in err.message
+    # A known parameter we cannot honour is a 400 whether strict or not.
+    for strict in (False, True):
+        err = _error(functools.partial(parse_chat, strict=strict), {**CHAT, "store": True})
+        assert err.param == "store" and "not supported" in err.message
 
 
 def test_tools_tool_choice_and_response_format_are_parsed():
@@ -222,7 +227,6 @@ def test_messages_content_parts_and_roles():
          "messages[0].content[0].type"),
         ({"role": "user", "content": [{"text": "x"}]}, "messages[0].content[0].type"),
         ({"role": "user", "content": [{"type": "text"}]}, "messages[0].content[0].text"),
-        ({"role": "user", "content": "x", "extra": 1}, "messages[0].extra"),
         ({"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
          "messages[0].tool_calls[0].function"),
         ("hello", "messages[0]"),
@@ -236,7 +240,9 @@ def test_bad_messages_name_the_field(message, param):
 def test_stream_options():
     req = parse_chat({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
     assert req.stream and req.include_usage
-    assert _error(parse_chat, {**CHAT, "stream": True, "stream_options": {"x": 1}}).status == 400
+    body = {**CHAT, "stream": True, "stream_options": {"x": 1}}
+    assert parse_chat(body).ignored == ["stream_options.x"]
+    assert _error(functools.partial(parse_chat, strict=True), body).status == 400
 
 
 # ---------------------------------------------------------------- completions
@@ -261,8 +267,13 @@ def test_completion_fields():
     assert parse_completion({"model": "m", "prompt": "a", "logprobs": 0}).params.logprobs
     assert parse_completion({"model": "m", "prompt": "a"}).logprobs is None
     for field, value in [("logprobs", 6), ("logprobs", True), ("best_of", 3), ("echo", 1),
-                         ("suffix", 3), ("top_logprobs", 2), ("messages", [])]:  # fmt: skip
+                         ("suffix", 3)]:  # fmt: skip
         assert _error(parse_completion, {"model": "m", "prompt": "a", field: value}).param == field
+    # Chat's fields mean nothing here: reported, or refused under --strict.
+    body = {"model": "m", "prompt": "a", "top_logprobs": 2, "messages": []}
+    assert parse_completion(body).ignored == ["top_logprobs", "messages"]
+    strict = functools.partial(parse_completion, strict=True)
+    assert _error(strict, body).param == "top_logprobs"
     many = {"model": "m", "prompt": ["a"] * 65, "n": 2}
     assert _error(parse_completion, many).param == "n"
 

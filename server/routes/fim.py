@@ -37,8 +37,9 @@ from mlxrun.sampling import SamplingParams
 
 from .. import common
 from ..errors import from_mlxrun, guarded, invalid
+from ..extras import Extras, note, reports
 from ..generation import ChoiceSpec, Generation
-from ..protocol import check_kind, is_kind, optional, required
+from ..protocol import check_kind, is_kind, optional, required, unrecognized
 from ..sse import DONE, EventStreamResponse
 from ..state import ServerState, server_state
 from .completions import released, start_fim
@@ -111,13 +112,12 @@ class MistralFim:
     params: SamplingParams
     stream: bool
     max_param: str  # the field the client used, for error messages
+    ignored: list[str]  # fields accepted but not acted on
 
 
-def parse_mistral(body: dict[str, Any]) -> MistralFim:
-    for name, value in body.items():
-        if value is not None and name not in _MISTRAL_KEYS:
-            message = f"Unrecognized request argument supplied: {name}"
-            raise invalid(message, name, "unknown_parameter")
+def parse_mistral(body: dict[str, Any], strict: bool = False) -> MistralFim:
+    extras = Extras(strict)
+    extras.check(body, _MISTRAL_KEYS, unrecognized)
     model, prompt = required(body, "model", "string"), required(body, "prompt", "string")
     min_tokens = optional(body, "min_tokens", "integer", 0)
     if min_tokens != 0:
@@ -135,14 +135,17 @@ def parse_mistral(body: dict[str, Any]) -> MistralFim:
         params=_params({**given, "stop": _stops(body)}, names),
         stream=optional(body, "stream", "boolean", False),
         max_param=names["max_tokens"],
+        ignored=extras.paths,
     )
 
 
 @guarded
+@reports
 async def mistral_fim(request: Request) -> Response:
     arrival = time.perf_counter()
     state = server_state(request)
-    req = parse_mistral(await state.read_json(request))
+    req = parse_mistral(await state.read_json(request), state.config.strict)
+    note(request, req.ignored)
     model = state.check_model(req.model)
     state.check_ready()
     _require_fim(state, "suffix")
@@ -183,6 +186,19 @@ async def _mistral_chunks(gen: Generation, head: dict[str, Any]) -> AsyncIterato
 
 _REFUSED = ("grammar", "json_schema", "n_probs")  # would change the output: never dropped silently
 _LLAMA_NAMES = {"repetition_penalty": "repeat_penalty", "repetition_context_size": "repeat_last_n"}
+_INFILL_KEYS = frozenset({
+    "model", "n_predict", "max_tokens", "seed", "top_p", "repeat_last_n", "temperature", "top_k",
+    "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "ignore_eos", "stop",
+    "logit_bias", "response_fields", "stream", "input_prefix", "prompt", "input_suffix",
+    "input_extra", "t_max_predict_ms", "cache_prompt", *_REFUSED,
+})  # fmt: skip
+# llama.cpp options editors send that change nothing here, or nothing we do: reported, not refused.
+_LLAMA_NO_EFFECT = frozenset({
+    "id_slot", "samplers", "n_indent", "t_max_prompt_ms", "n_keep", "typical_p", "dynatemp_range",
+    "dynatemp_exponent", "mirostat", "mirostat_tau", "mirostat_eta", "xtc_probability",
+    "xtc_threshold", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+    "dry_sequence_breakers", "return_tokens", "timings_per_token", "post_sampling_probs",
+})  # fmt: skip
 _SETTINGS = (
     "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_context_size",
     "presence_penalty", "frequency_penalty", "seed", "ignore_eos",
@@ -200,6 +216,7 @@ class Infill:
     time_limit_s: float  # t_max_predict_ms; 0: none
     fields: list[str] | None  # response_fields
     settings: dict[str, Any]  # echoed as generation_settings
+    ignored: list[str]  # fields accepted but not acted on
 
 
 def _extra(body: dict[str, Any]) -> list[tuple[str, str]]:
@@ -229,9 +246,25 @@ def _logit_bias(body: dict[str, Any]) -> dict[int, Any]:
     return out
 
 
-def parse_infill(body: dict[str, Any], context_length: int) -> Infill:
-    """llama.cpp's options and defaults; options it has and we do not need are ignored, as
-    llama.cpp ignores what it does not know."""
+def _infill_extras(body: dict[str, Any], strict: bool) -> Extras:
+    """llama.cpp's options we do not act on are reported; unknown ones too (refused if strict)."""
+    extras = Extras(strict)
+    for name, value in body.items():
+        if value is None or name in _INFILL_KEYS:
+            continue
+        if name in _LLAMA_NO_EFFECT:
+            extras.ignore(name)
+        else:
+            extras.unknown(name, unrecognized(name))
+    if optional(body, "cache_prompt", "boolean", True) is False:
+        extras.ignore("cache_prompt")  # the prefix cache is always on; the text is the same
+    return extras
+
+
+def parse_infill(body: dict[str, Any], context_length: int, strict: bool = False) -> Infill:
+    """llama.cpp's options and defaults; options it has and we do not need are ignored (and
+    reported), as llama.cpp ignores what it does not know."""
+    extras = _infill_extras(body, strict)
     for name in _REFUSED:
         if body.get(name):
             raise invalid(f"'{name}' is not supported on /infill.", name, "unsupported_parameter")
@@ -273,6 +306,7 @@ def parse_infill(body: dict[str, Any], context_length: int) -> Infill:
         time_limit_s=max(0, optional(body, "t_max_predict_ms", "integer", 0)) / 1000,
         fields=fields,
         settings={**settings, "n_predict": n_predict, "stop": list(params.stop), "stream": stream},
+        ignored=extras.paths,
     )
 
 
@@ -410,10 +444,13 @@ def _select(body: dict[str, Any], fields: list[str]) -> dict[str, Any]:
 
 
 @guarded
+@reports
 async def infill(request: Request) -> Response:
     arrival = time.perf_counter()
     state = server_state(request)
-    req = parse_infill(await state.read_json(request), state.config.context_length)
+    body = await state.read_json(request)
+    req = parse_infill(body, state.config.context_length, state.config.strict)
+    note(request, req.ignored)
     state.check_ready()
     _require_fim(state, "input_suffix")
     cursor = (req.prefix, req.suffix)

@@ -10,7 +10,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from .. import errors
 from ..common import in_thread
 from ..errors import guarded, invalid
-from ..protocol import parse_detokenize, parse_tokenize
+from ..extras import note, reports
+from ..protocol_ops import parse_detokenize, parse_tokenize
 from ..state import ServerState, server_state
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -96,24 +97,32 @@ def _check_model(state: ServerState, model: str | None) -> None:
 
 
 @guarded
+@reports
 async def tokenize(request: Request) -> Response:
     state = server_state(request)
-    model, prompt, messages, add_special = parse_tokenize(await state.read_json(request))
-    _check_model(state, model)
+    req = parse_tokenize(await state.read_json(request), strict=state.config.strict)
+    note(request, req.ignored)
+    _check_model(state, req.model)
     tokenizer = state.tokenizer
-    if messages is not None:
-        ids = await in_thread(tokenizer.apply_chat_template, messages)
+    if req.messages is not None:
+        ids = await in_thread(tokenizer.apply_chat_template, req.messages)
     else:
-        ids = await in_thread(tokenizer.encode, prompt, add_special_tokens=add_special)
+        ids = await in_thread(
+            tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens
+        )
     return JSONResponse(
         {"tokens": ids, "count": len(ids), "max_model_len": state.config.context_length}
     )
 
 
 @guarded
+@reports
 async def detokenize(request: Request) -> Response:
     state = server_state(request)
-    model, tokens = parse_detokenize(await state.read_json(request))
+    model, tokens, ignored = parse_detokenize(
+        await state.read_json(request), strict=state.config.strict
+    )
+    note(request, ignored)
     _check_model(state, model)
     vocab = state.tokenizer.vocab_size
     bad = next((t for t in tokens if not 0 <= t < vocab), None)

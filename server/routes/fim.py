@@ -119,6 +119,7 @@ def parse_mistral(body: dict[str, Any], strict: bool = False) -> MistralFim:
     extras = Extras(strict)
     extras.check(body, _MISTRAL_KEYS, unrecognized)
     model, prompt = required(body, "model", "string"), required(body, "prompt", "string")
+    optional(body, "user", "string"), optional(body, "metadata", "object")  # unused, but typed
     min_tokens = optional(body, "min_tokens", "integer", 0)
     if min_tokens != 0:
         why = "must be at least 0" if min_tokens < 0 else "above 0 is not supported yet"

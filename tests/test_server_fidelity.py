@@ -14,6 +14,7 @@ Peers reproduced here (their model-agnostic checks):
 from __future__ import annotations
 
 import json
+import logging
 
 import anthropic
 import httpx
@@ -136,6 +137,13 @@ def test_ignored_fields_are_counted_in_metrics(url):
     metrics = httpx.get(url + "/metrics").text
     line = next(x for x in metrics.splitlines() if 'ignored_fields_total{field="frobnicate"}' in x)
     assert line.endswith(" 2")
+
+
+def test_ignored_fields_make_a_debug_log_line(url, caplog):
+    body = {"model": MODEL_ID, "prompt": "a", "max_tokens": 1, "id_slot": 3}
+    with caplog.at_level(logging.DEBUG, logger="mlxrun.server"):
+        assert _post(url, "/v1/completions", body).status_code == 200
+    assert "POST /v1/completions: ignored fields id_slot" in caplog.text
 
 
 def test_odd_field_names_are_percent_encoded_in_the_header(url):

@@ -5,7 +5,7 @@ same bodies against `serve --strict`, which refuses what it does not know as Ope
 Peers reproduced here (their model-agnostic checks):
 - llama.cpp tools/server/tests/unit/test_chat_completion.py, test_chat_completions_multiple_choices
   (n=2), with the id_slot / cache_prompt fields llama.cpp clients add;
-- vLLM tests/entrypoints/openai/test_chat.py, test_extra_fields_allowed (an extra key inside a
+- vLLM tests/entrypoints/openai/ (chat tests), test_extra_fields_allowed (an extra key inside a
   message, through the real openai client);
 - mlx-lm tests/test_server.py, test_handle_completions (repetition_context_size; same seed, same
   text).

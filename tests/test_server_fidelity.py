@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import anthropic
 import httpx
@@ -22,6 +23,7 @@ import ollama
 import openai
 import pytest
 
+from mlxrun.tokenizer import load_tokenizer
 from serverutil import MODEL_ID, WEATHER, make_app, serve_in_thread
 
 HEADER = "X-Mlxrun-Ignored-Fields"
@@ -341,3 +343,41 @@ def test_mistral_fim_and_tokenize_unknown_fields(url, strict_url):
     assert _ignored(r) == ["with_pieces"]
     r = _post(strict_url, "/tokenize", body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "with_pieces"
+
+
+# ---------------------------------------------------------------- chat_template_kwargs
+
+# Qwen3's switch: with enable_thinking false the generation prompt closes an empty think block.
+QWEN3_SWITCH = """\
+{%- for message in messages %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}
+{%- endif %}
+{%- endif %}
+"""
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_llama, tmp_path):
+    model = tmp_path / "qwen3ish"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": QWEN3_SWITCH})
+    )
+    with serve_in_thread(make_app(model)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+
+        def prompt_tokens(**extra) -> tuple[int, str | None]:
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL_ID, messages=BOOK[1:], max_tokens=1, extra_body=extra
+            )
+            return raw.parse().usage.prompt_tokens, raw.headers.get(HEADER)
+
+        on, ignored_on = prompt_tokens()
+        off, ignored_off = prompt_tokens(chat_template_kwargs={"enable_thinking": False})
+        closed = len(
+            load_tokenizer(model).encode("<think>\n\n</think>\n\n", add_special_tokens=False)
+        )
+        assert off == on + closed and ignored_on is None and ignored_off is None

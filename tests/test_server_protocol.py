@@ -20,6 +20,8 @@ from mlxrun.errors import (
 from mlxrun.server.errors import APIError, from_mlxrun
 from mlxrun.server.metrics import Histogram, Metrics
 from mlxrun.server.protocol import parse_chat, parse_completion, parse_json
+from mlxrun.server.protocol_anthropic import parse_messages
+from mlxrun.server.protocol_ollama import parse_chat as parse_ollama_chat
 from mlxrun.server.sse import DONE, event
 from mlxrun.server.tokens import _byte_decoder
 
@@ -135,6 +137,58 @@ def test_unknown_parameters_are_reported_and_refused_only_when_strict():
     for strict in (False, True):
         err = _error(functools.partial(parse_chat, strict=strict), {**CHAT, "store": True})
         assert err.param == "store" and "not supported" in err.message
+
+
+def test_vendor_fields_that_map_are_honoured_not_reported():
+    body = {**CHAT, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2,
+            "repetition_context_size": 7, "n_probs": 2, "cache_prompt": True,
+            "chat_template_kwargs": {"enable_thinking": False}}  # fmt: skip
+    req = parse_chat(body, strict=True)
+    p = req.params
+    assert (p.top_k, p.min_p, p.repetition_penalty, p.repetition_context_size) == (5, 0.1, 1.2, 7)
+    assert p.logprobs and p.top_logprobs == 2
+    assert req.template_kwargs == {"enable_thinking": False} and req.ignored == []
+    # Our prefix cache is always on: turning it off is the one thing we do not do (same text).
+    assert parse_chat({**CHAT, "cache_prompt": False}).ignored == ["cache_prompt"]
+    assert parse_chat({**CHAT, "cache_prompt": False}, strict=True).ignored == ["cache_prompt"]
+
+
+def test_anthropic_system_messages_and_extras():
+    body = {"model": "claude-x", "max_tokens": 64000, "system": "top",
+            "messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}],
+            "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+            "context_management": {"edits": []}}  # fmt: skip
+    req = parse_messages(body)
+    assert [m["role"] for m in req.messages] == ["system", "user", "system"]
+    assert req.messages[-1]["content"] == "late"
+    assert req.template_kwargs == {"enable_thinking": True, "reasoning_effort": "high"}
+    assert req.ignored == ["context_management"]
+    odd = {**body, "frobnicate": 1, "output_config": {"effort": "high", "task_budget": 3}}
+    assert parse_messages(odd).ignored == [
+        "frobnicate",
+        "context_management",
+        "output_config.task_budget",
+    ]
+    err = _error(functools.partial(parse_messages, strict=True), odd)
+    assert err.message == "frobnicate: Extra inputs are not permitted"
+    counting = functools.partial(parse_messages, counting=True)
+    assert counting({**body, "frobnicate": 1}).ignored == [
+        "max_tokens",
+        "frobnicate",
+        "context_management",
+    ]
+
+
+def test_ollama_unknown_fields_and_options():
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi", "x": 1}], "y": 2,
+            "options": {"num_ctx": 8192, "tyop": 1, "top_k": 3}}  # fmt: skip
+    req = parse_ollama_chat(body, 512)
+    assert req.ignored == ["y", "messages.0.x", "options.num_ctx", "options.tyop"]
+    assert req.params.top_k == 3
+    err = _error(functools.partial(parse_ollama_chat, strict=True), body, 512)
+    assert err.message == 'json: unknown field "y"'
+    known = {"model": "m", "options": {"num_ctx": 8192}}
+    assert parse_ollama_chat(known, 512, strict=True).ignored == ["options.num_ctx"]
 
 
 def test_tools_tool_choice_and_response_format_are_parsed():

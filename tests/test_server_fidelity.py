@@ -331,7 +331,14 @@ def test_llama_vim_infill_body(url, strict_url):
 
 
 def test_mistral_fim_and_tokenize_unknown_fields(url, strict_url):
-    fim = {"model": MODEL_ID, "prompt": "def f(", "suffix": "\n", "max_tokens": 2, "frobnicate": 1}
+    fim = {
+        "model": MODEL_ID,
+        "prompt": "def f(",
+        "suffix": "\n",
+        "max_tokens": 2,
+        "frobnicate": 1,
+        "repetition_context_size": 5,
+    }  # honoured: not reported
     assert _ignored(_post(url, "/v1/fim/completions", fim)) == ["frobnicate"]
     r = _post(strict_url, "/v1/fim/completions", fim)
     assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate"

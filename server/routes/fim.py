@@ -91,11 +91,11 @@ def _text(body: dict[str, Any], name: str) -> str:
 _MISTRAL_KEYS = frozenset({
     "model", "prompt", "suffix", "max_tokens", "max_completion_tokens", "min_tokens", "stream",
     "stop", "random_seed", "seed", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "metadata", "user",
+    "frequency_penalty", "repetition_penalty", "repetition_context_size", "metadata", "user",
 })  # fmt: skip
 _MISTRAL_SAMPLING = (
     "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-    "repetition_penalty",
+    "repetition_penalty", "repetition_context_size",
 )  # fmt: skip
 _MISTRAL_ALIASES = (
     ("max_tokens", "max_completion_tokens"), ("max_tokens", "max_tokens"),

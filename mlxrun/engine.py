@@ -24,6 +24,7 @@ kept for it includes its stop token.
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import threading
 import time
@@ -460,7 +461,11 @@ class Engine:
             lps = None
             if extra is not None:
                 lp, top_ids, top_lps = (x.tolist() for x in extra)
-                lps = [TokenLogprob(token, lp[0], tuple(zip(top_ids[0], top_lps[0], strict=True)))]
+                # Tokens a grammar forbids have no probability: no alternatives (nor valid JSON).
+                top = tuple(
+                    (i, v) for i, v in zip(top_ids[0], top_lps[0], strict=True) if v > -math.inf
+                )
+                lps = [TokenLogprob(token, lp[0], top)]
             done = len(seq.generated) >= seq.budget
             if done:
                 finished.append(seq)

@@ -349,6 +349,22 @@ class Tokenizer:
         )
 
     def _apply(self, messages, tools, add_generation_prompt, continue_final, tokenize, kwargs):
+        from mlxrun.chat_turns import fold_system, late_system, renders_late_system
+
+        if late_system(messages):  # a system message mid-conversation: render it if we can
+
+            def render(msgs):
+                return self._render(
+                    msgs, tools, add_generation_prompt, continue_final, False, kwargs
+                )
+
+            if not renders_late_system(render, messages):
+                messages = fold_system(messages)
+        return self._render(
+            messages, tools, add_generation_prompt, continue_final, tokenize, kwargs
+        )
+
+    def _render(self, messages, tools, add_generation_prompt, continue_final, tokenize, kwargs):
         from jinja2.exceptions import TemplateError
 
         template = self._pick_template(tools)

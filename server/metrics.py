@@ -17,6 +17,8 @@ PREFIX = "mlxrun"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+MAX_FIELD_LABELS = 64  # distinct ignored-field labels; clients choose the names, so cap them
+OTHER_FIELD = "_other"
 
 
 class Histogram:
@@ -62,6 +64,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = defaultdict(int)  # (endpoint, status)
+        self.ignored_fields: dict[str, int] = defaultdict(int)  # request fields we did not act on
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.generation_tokens = 0
@@ -86,6 +89,12 @@ class Metrics:
     def count_request(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, status)] += 1
 
+    def count_ignored(self, labels: Iterable[str]) -> None:
+        for label in labels:
+            if label not in self.ignored_fields and len(self.ignored_fields) >= MAX_FIELD_LABELS:
+                label = OTHER_FIELD
+            self.ignored_fields[label] += 1
+
     def render(self, gauges: Mapping[str, tuple[str, float]]) -> str:
         """The exposition text; `gauges` maps a metric name to (help, value)."""
         lines: list[str] = []
@@ -96,6 +105,13 @@ class Metrics:
         ]
         for (endpoint, status), count in sorted(self.requests.items()):
             lines.append(f'{name}{{endpoint="{_escape(endpoint)}",status="{status}"}} {count}')
+        name = f"{PREFIX}_ignored_fields_total"
+        lines += [
+            f"# HELP {name} Request fields accepted but not acted on (unknown or no-op), by path.",
+            f"# TYPE {name} counter",
+        ]
+        for field, count in sorted(self.ignored_fields.items()):
+            lines.append(f'{name}{{field="{_escape(field)}"}} {count}')
         counters = {
             "prompt_tokens_total": ("Prompt tokens processed.", self.prompt_tokens),
             "cached_prompt_tokens_total": ("Prompt tokens served from the prefix cache.", self.cached_tokens),

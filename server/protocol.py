@@ -1,9 +1,14 @@
 """OpenAI request bodies -> validated request objects carrying SamplingParams.
 
-Parsing is strict the way OpenAI's is: wrong types, out-of-range values and unknown parameters are
-400s naming the parameter; nothing is silently ignored. Optional fields sent as null count as absent.
-A few parameters we cannot honour are accepted only at their no-op value (e.g. store: false) and
-refused otherwise with "not supported". Tools and structured output: server/protocol_tools.py.
+Known fields are checked the way OpenAI checks them: wrong types and out-of-range values are 400s
+naming the parameter. Fields we do not know are accepted and reported (server/extras.py: a response
+header, a log line, a counter), as every local server accepts them; `serve --strict` refuses them
+with OpenAI's "Unrecognized request argument". Vendor fields that map onto what we do are honoured:
+top_k, min_p, repetition_penalty, repetition_context_size (vLLM, llama.cpp, mlx-lm), n_probs
+(llama.cpp's logprobs), cache_prompt (the prefix cache is always on), chat_template_kwargs.
+Optional fields sent as null count as absent. A few parameters we cannot honour are accepted only at
+their no-op value (e.g. store: false) and refused otherwise with "not supported". Tools and
+structured output: server/protocol_tools.py.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlxrun.errors import InvalidRequestError
-from mlxrun.sampling import SamplingParams
+from mlxrun.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 from .errors import APIError, from_mlxrun, invalid
+from .extras import Extras
 from .protocol_tools import (
     OutputFormat,
     ToolChoice,
@@ -32,17 +38,17 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions logprobs
 MAX_TEMPERATURE = 2
 
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-_MESSAGE_KEYS = frozenset(
-    {"role", "content", "name", "tool_calls", "function_call", "refusal", "tool_call_id"}
-)
+_MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "function_call", "refusal",
+                           "tool_call_id", "reasoning_content"})  # fmt: skip
 
 # Sampling fields passed straight to SamplingParams (which validates them and names the field).
 _SAMPLING = (
     "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed",
     # Extensions most local servers accept (vLLM, llama.cpp).
-    "top_k", "min_p", "repetition_penalty",
+    "top_k", "min_p", "repetition_penalty", "repetition_context_size",
 )  # fmt: skip
-_COMMON = frozenset({"model", "n", "stream", "stream_options", "stop", "logit_bias", "user", "max_tokens", *_SAMPLING})  # fmt: skip
+_COMMON = frozenset({"model", "n", "stream", "stream_options", "stop", "logit_bias", "user",
+                     "max_tokens", "n_probs", "cache_prompt", *_SAMPLING})  # fmt: skip
 _FORMAT = frozenset({"response_format", "grammar"})
 _CHAT = _COMMON | _FORMAT | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
     "tools", "functions", "tool_choice", "function_call", "parallel_tool_calls",
@@ -71,6 +77,7 @@ class ChatRequest:
     tool_choice: ToolChoice = ToolChoice("none")
     output: OutputFormat | None = None  # response_format / grammar
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
+    ignored: list[str] = field(default_factory=list)  # fields accepted but not acted on
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class CompletionRequest:
     suffix: str | None = None
     max_tokens_param: str = "max_tokens"
     output: OutputFormat | None = None
+    ignored: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- JSON and types
@@ -168,7 +176,11 @@ def required(body: Mapping[str, Any], name: str, kind: str) -> Any:
     return check_kind(body[name], kind, name)
 
 
-def _check_known(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
+def unrecognized(name: str) -> APIError:
+    return invalid(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+
+
+def _check_known(body: Mapping[str, Any], allowed: frozenset[str], extras: Extras) -> None:
     for name, value in body.items():
         if name in allowed or value is None:
             continue
@@ -181,9 +193,10 @@ def _check_known(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
                 name,
                 code="unsupported_parameter",
             )
-        raise invalid(
-            f"Unrecognized request argument supplied: {name}", name, code="unknown_parameter"
-        )
+        extras.unknown(name, unrecognized(name))
+    # Our prefix cache is always on: cache_prompt false changes only the speed, not the text.
+    if optional(body, "cache_prompt", "boolean", True) is False:
+        extras.ignore("cache_prompt")
 
 
 # ---------------------------------------------------------------- shared fields
@@ -234,7 +247,7 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _stream(body: Mapping[str, Any]) -> tuple[bool, bool]:
+def _stream(body: Mapping[str, Any], extras: Extras) -> tuple[bool, bool]:
     stream = optional(body, "stream", "boolean", False)
     options = optional(body, "stream_options", "object")
     if options is None:
@@ -244,11 +257,7 @@ def _stream(body: Mapping[str, Any]) -> tuple[bool, bool]:
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             "stream_options",
         )
-    for key, value in options.items():
-        if key != "include_usage" and value is not None:
-            raise invalid(
-                f"Unrecognized stream option: {key}", f"stream_options.{key}", "unknown_parameter"
-            )
+    extras.check(options, ("include_usage",), unrecognized, "stream_options")
     return stream, bool(optional(options, "include_usage", "boolean", False))
 
 
@@ -275,7 +284,7 @@ def _model(body: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------- chat
 
 
-def _content(content: Any, where: str) -> str:
+def _content(content: Any, where: str, extras: Extras) -> str:
     if isinstance(content, str):
         return content
     check_kind(content, "array", where)
@@ -296,18 +305,19 @@ def _content(content: Any, where: str) -> str:
         text = part.get(kind)
         if not isinstance(text, str):
             raise invalid(f"Missing or invalid '{at}.{kind}': expected a string.", f"{at}.{kind}")
+        extras.check(part, ("type", kind), _unknown_field, at)  # cache_control (OpenRouter)...
         texts.append(text)
     return "\n".join(texts)
 
 
-def _message(message: Any, i: int) -> dict[str, Any]:
+def _unknown_field(path: str) -> APIError:
+    return invalid(f"Unrecognized field: '{path}'.", path, "unknown_parameter")
+
+
+def parse_message(message: Any, i: int, extras: Extras) -> dict[str, Any]:
     at = f"messages[{i}]"
     check_kind(message, "object", at)
-    for key in message:
-        if key not in _MESSAGE_KEYS:
-            raise invalid(
-                f"Unrecognized field in {at}: '{key}'.", f"{at}.{key}", "unknown_parameter"
-            )
+    extras.check(message, _MESSAGE_KEYS, _unknown_field, at)
     role = message.get("role")
     if role is None:
         raise invalid(f"Missing required parameter: '{at}.role'.", f"{at}.role")
@@ -331,8 +341,11 @@ def _message(message: Any, i: int) -> dict[str, Any]:
         # Chat templates know "system" and "tool"; "developer" and "function" are OpenAI's
         # newer and older names for them.
         "role": {"developer": "system", "function": "tool"}.get(role, role),
-        "content": "" if content is None else _content(content, f"{at}.content"),
+        "content": "" if content is None else _content(content, f"{at}.content", extras),
     }
+    reasoning = optional(message, "reasoning_content", "string")
+    if reasoning and role == "assistant":  # DeepSeek-style history; templates read this key
+        out["reasoning_content"] = reasoning
     if calls:
         if role != "assistant":
             raise invalid(f"Only assistant messages carry tool calls ({at}).", f"{at}.tool_calls")
@@ -349,24 +362,39 @@ def _message(message: Any, i: int) -> dict[str, Any]:
     return out
 
 
-def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
-    _check_known(body, _CHAT)
+def _n_probs(body: Mapping[str, Any]) -> int | None:
+    """llama.cpp's n_probs: how many alternatives to report per token (OpenAI's top_logprobs)."""
+    value = optional(body, "n_probs", "integer")
+    if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise invalid(
+            f"'n_probs' must be between 0 and {MAX_TOP_LOGPROBS}, got {value}.", "n_probs"
+        )
+    return value or None
+
+
+def parse_chat(body: Mapping[str, Any], *, strict: bool = False) -> ChatRequest:
+    extras = Extras(strict)
+    _check_known(body, _CHAT, extras)
     model = _model(body)
     messages = required(body, "messages", "array")
     if not messages:
         raise invalid("'messages' must contain at least one message.", "messages")
-    parsed = [_message(m, i) for i, m in enumerate(messages)]
+    parsed = [parse_message(m, i, extras) for i, m in enumerate(messages)]
     n = _int_in(body, "n", 1, MAX_N, 1)
-    stream, include_usage = _stream(body)
+    stream, include_usage = _stream(body, extras)
     max_tokens, max_param = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
-    logprobs = optional(body, "logprobs", "boolean", False)
-    top = optional(body, "top_logprobs", "integer", 0)
+    n_probs = _n_probs(body)
+    logprobs = optional(body, "logprobs", "boolean", n_probs is not None)
+    top = optional(body, "top_logprobs", "integer", n_probs or 0)
     optional(body, "user", "string")
     params = _sampling(body, max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top)
     tools = parse_openai_tools(body)
+    template_kwargs = dict(optional(body, "chat_template_kwargs", "object", {}))
     effort = optional(body, "reasoning_effort", "string")
     if effort is not None and effort not in ("minimal", "low", "medium", "high", "none"):
         raise invalid(f"Invalid value for 'reasoning_effort': '{effort}'.", "reasoning_effort")
+    if effort is not None:  # templates that know it read it (gpt-oss); others ignore it
+        template_kwargs.setdefault("reasoning_effort", effort)
     return ChatRequest(
         model=model,
         messages=parsed,
@@ -378,7 +406,8 @@ def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
         tools=tools,
         tool_choice=parse_openai_tool_choice(body, tools),
         output=parse_openai_response_format(body),
-        template_kwargs=optional(body, "chat_template_kwargs", "object", {}),
+        template_kwargs=template_kwargs,
+        ignored=extras.paths,
     )
 
 
@@ -414,8 +443,9 @@ def _prompts(body: Mapping[str, Any]) -> list[str | list[int]]:
     )
 
 
-def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
-    _check_known(body, _COMPLETION)
+def parse_completion(body: Mapping[str, Any], *, strict: bool = False) -> CompletionRequest:
+    extras = Extras(strict)
+    _check_known(body, _COMPLETION, extras)
     model = _model(body)
     prompts = _prompts(body)
     n = _int_in(body, "n", 1, MAX_N, 1)
@@ -428,7 +458,7 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
         raise invalid(
             f"Too many choices: {len(prompts)} prompts x n={n} exceeds {MAX_CHOICES}.", "n"
         )
-    stream, include_usage = _stream(body)
+    stream, include_usage = _stream(body, extras)
     max_tokens, max_param = _max_tokens(body, ("max_tokens",))
     logprobs = optional(body, "logprobs", "integer")
     if logprobs is not None and not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
@@ -436,6 +466,7 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
             f"'logprobs' must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {logprobs}.",
             "logprobs",
         )
+    logprobs = _n_probs(body) if logprobs is None else logprobs
     optional(body, "user", "string")
     params = _sampling(
         body,
@@ -455,39 +486,8 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
         suffix=optional(body, "suffix", "string"),
         max_tokens_param=max_param,
         output=parse_openai_response_format(body),
+        ignored=extras.paths,
     )
-
-
-# ---------------------------------------------------------------- tokenize / detokenize
-
-
-def parse_tokenize(body: Mapping[str, Any]) -> tuple[str | None, str | None, list | None, bool]:
-    """(model, prompt, messages, add_special_tokens): exactly one of prompt and messages."""
-    model = optional(body, "model", "string")
-    allowed = {"model", "prompt", "messages", "add_special_tokens"}
-    for name in body:
-        if name not in allowed and body[name] is not None:
-            raise invalid(f"Unrecognized request argument supplied: {name}", name)
-    prompt = optional(body, "prompt", "string")
-    messages = optional(body, "messages", "array")
-    if (prompt is None) == (messages is None):
-        raise invalid("Pass exactly one of 'prompt' and 'messages'.", "prompt")
-    if messages is not None:
-        messages = [_message(m, i) for i, m in enumerate(messages)]
-        if not messages:
-            raise invalid("'messages' must contain at least one message.", "messages")
-    return model, prompt, messages, optional(body, "add_special_tokens", "boolean", True)
-
-
-def parse_detokenize(body: Mapping[str, Any]) -> tuple[str | None, list[int]]:
-    model = optional(body, "model", "string")
-    for name in body:
-        if name not in ("model", "tokens") and body[name] is not None:
-            raise invalid(f"Unrecognized request argument supplied: {name}", name)
-    tokens = required(body, "tokens", "array")
-    for t in tokens:
-        check_kind(t, "integer", "tokens")
-    return model, tokens
 
 
 __all__ = [
@@ -496,7 +496,5 @@ __all__ = [
     "CompletionRequest",
     "parse_chat",
     "parse_completion",
-    "parse_detokenize",
     "parse_json",
-    "parse_tokenize",
 ]

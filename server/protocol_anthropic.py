@@ -3,8 +3,14 @@ chat pipeline's terms, validated with Anthropic's error wording.
 
 Content blocks become neutral messages: tool_use blocks -> assistant tool calls, tool_result
 blocks -> "tool" messages, thinking -> reasoning_content. Consecutive turns of one role merge as
-Anthropic merges them. The conversation up to the last cache_control mark is kept apart, so the
-route can measure (and pin) that prefix.
+Anthropic merges them. A system message inside `messages` (Claude Code sends one after the user
+turn) stays a system message; the tokenizer places or folds it (mlxrun/chat_turns.py). The
+conversation up to the last cache_control mark is kept apart, so the route can measure (and pin)
+that prefix.
+
+Unknown fields are noted and reported (server/extras.py), or refused with Anthropic's "Extra inputs
+are not permitted" under --strict. Known fields with no effect here (context_management, speed...)
+are reported too; output_config.effort reaches the template as reasoning_effort.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from mlxrun.errors import InvalidRequestError
 from mlxrun.sampling import SamplingParams
 
 from .errors import APIError, from_mlxrun, invalid
+from .extras import Extras
 from .protocol import check_kind, optional, required
 from .protocol_tools import (
     OutputFormat,
@@ -34,6 +41,7 @@ _CREATE = frozenset(_COMMON | {"max_tokens", "stop_sequences", "stream", "temper
                                "top_k", "metadata", "service_tier"})  # fmt: skip
 _COUNT = frozenset(_COMMON)
 _UNSUPPORTED = ("mcp_servers", "container")  # asks for server-side machinery we do not have
+_NO_EFFECT = ("context_management", "speed", "diagnostics", "inference_geo", "service_tier")
 _TOOL_KEYS = frozenset({"name", "description", "input_schema", "cache_control", "type", "strict",
                         "input_examples", "defer_loading", "allowed_callers",
                         "eager_input_streaming"})  # fmt: skip
@@ -52,6 +60,7 @@ class MessagesRequest:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     show_thinking: bool = True
     marked: list[dict[str, Any]] | None = None  # the conversation up to the last cache mark
+    ignored: list[str] = field(default_factory=list)  # fields accepted but not acted on
 
     @property
     def render_tools(self) -> list[dict] | None:
@@ -160,15 +169,18 @@ def _append(out: list[dict[str, Any]], message: dict[str, Any]) -> None:
         last["tool_calls"] = [*last.get("tool_calls", ()), *message["tool_calls"]]
 
 
-def conversation(system: str, raw: list[Any]) -> list[dict[str, Any]]:
+def _extra(path: str) -> APIError:
+    return invalid(f"{path}: Extra inputs are not permitted", path)
+
+
+def conversation(system: str, raw: list[Any], extras: Extras | None = None) -> list[dict[str, Any]]:
     """Anthropic's system + messages as neutral messages."""
+    extras = extras or Extras()
     out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     names: dict[str, str] = {}  # tool_use id -> tool name, for the results
     for i, message in enumerate(raw):
         at = f"messages.{i}"
-        unknown = set(_obj(message, at)) - {"role", "content"}
-        if unknown:
-            raise invalid(f"{at}.{min(unknown)}: Extra inputs are not permitted", at)
+        extras.check(_obj(message, at), ("role", "content"), _extra, at)
         role, content = _field(message, "role", "string", at), message.get("content")
         if content is None:
             raise invalid(f"{at}.content: Field required", f"{at}.content")
@@ -176,8 +188,11 @@ def conversation(system: str, raw: list[Any]) -> list[dict[str, Any]]:
             parts = _user(content, at, names)
         elif role == "assistant":
             parts = [_assistant(content, at, names)]
+        elif role == "system":  # not in Anthropic's API, but Claude Code sends it
+            parts = [{"role": "system", "content": _text_blocks(content, f"{at}.content")}]
         else:
-            raise invalid(f"{at}.role: Input should be 'user' or 'assistant'", f"{at}.role")
+            raise invalid(f"{at}.role: Input should be 'user', 'assistant' or 'system'",
+                          f"{at}.role")  # fmt: skip
         for part in parts:
             _append(out, part)
     return out
@@ -215,7 +230,7 @@ def _marked(body: Mapping[str, Any], system: str) -> list[dict[str, Any]] | None
     return conversation(system, raw)
 
 
-def _tools(body: Mapping[str, Any]) -> list[dict] | None:
+def _tools(body: Mapping[str, Any], extras: Extras) -> list[dict] | None:
     raw = optional(body, "tools", "array")
     if not raw:
         return None
@@ -229,9 +244,7 @@ def _tools(body: Mapping[str, Any]) -> list[dict] | None:
                 "supported by this server; only client tools (name, description, input_schema).",
                 f"{at}.type",
             )
-        unknown = set(tool) - _TOOL_KEYS
-        if unknown:
-            raise invalid(f"{at}.{min(unknown)}: Extra inputs are not permitted", at)
+        extras.check(tool, _TOOL_KEYS, _extra, at)
         schema = _field(tool, "input_schema", "object", at)
         tools.append(function_tool(tool.get("name"), tool.get("description"), schema, at))
     check_unique(tools, "tools")
@@ -272,8 +285,13 @@ def _thinking(body: Mapping[str, Any], choice: ToolChoice) -> tuple[dict[str, An
     return {"enable_thinking": kind != "disabled"}, raw.get("display") != "omitted"
 
 
-def _output(body: Mapping[str, Any]) -> OutputFormat | None:
+def _output(body: Mapping[str, Any], extras: Extras, kwargs: dict[str, Any]) -> OutputFormat | None:
+    """output_config: format constrains decoding; effort goes to the template (updating kwargs)."""
     config = optional(body, "output_config", "object", {})
+    extras.check(config, ("format", "effort"), _extra, "output_config")
+    effort = optional(config, "effort", "string")
+    if effort is not None:  # templates that know it read it (gpt-oss); others ignore it
+        kwargs.setdefault("reasoning_effort", effort)
     fmt = optional(config, "format", "object")
     if fmt is None:
         return None
@@ -300,23 +318,31 @@ def _sampling(body: Mapping[str, Any]) -> SamplingParams:
         raise invalid(f"Invalid sampling parameters: {e}") from None
 
 
-def parse_messages(body: Mapping[str, Any], *, counting: bool = False) -> MessagesRequest:
-    """A /v1/messages (or count_tokens) body, validated, in the pipeline's terms."""
-    allowed = _COUNT if counting else _CREATE
+def _check_fields(body: Mapping[str, Any], counting: bool, extras: Extras) -> None:
+    extras.check(body, _COUNT if counting else _CREATE, _extra)
     for name, value in body.items():
-        if name not in allowed:
-            raise invalid(f"{name}: Extra inputs are not permitted", name)
         if name in _UNSUPPORTED and value:
             raise invalid(f"{name}: not supported by this server.", name)
+        if name in _NO_EFFECT and value is not None:
+            extras.ignore(name)
+
+
+def parse_messages(
+    body: Mapping[str, Any], *, counting: bool = False, strict: bool = False
+) -> MessagesRequest:
+    """A /v1/messages (or count_tokens) body, validated, in the pipeline's terms."""
+    extras = Extras(strict)
+    _check_fields(body, counting, extras)
     model = required(body, "model", "string")
     raw = required(body, "messages", "array")
     if not raw:
         raise invalid("messages: at least one message is required", "messages")
     system = _text_blocks(body.get("system") or "", "system")
-    messages = conversation(system, raw)
-    tools = _tools(body)
+    messages = conversation(system, raw, extras)
+    tools = _tools(body, extras)
     choice = _tool_choice(body, tools)
     template_kwargs, show_thinking = _thinking(body, choice)
+    output = _output(body, extras, template_kwargs)
     last = messages[-1] if messages else None
     if last and last["role"] == "assistant" and last["content"] and not last.get("tool_calls"):
         template_kwargs["continue_final_message"] = True  # prefill: the reply continues it
@@ -332,8 +358,9 @@ def parse_messages(body: Mapping[str, Any], *, counting: bool = False) -> Messag
         stream=optional(body, "stream", "boolean", False),
         tools=tools,
         choice=choice,
-        output=_output(body),
+        output=output,
         template_kwargs=template_kwargs,
         show_thinking=show_thinking,
         marked=_marked(body, system),
+        ignored=extras.paths,
     )

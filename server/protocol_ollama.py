@@ -6,7 +6,9 @@ Options: Ollama's documented defaults apply (temperature 0.8, top_k 40, top_p 0.
 seed. Runner options (num_ctx, num_gpu, num_thread, use_mmap...) are type-checked and ignored: the
 context length and memory are fixed when the server starts, and /api/show and /api/ps report them.
 typical_p, tfs_z, mirostat*, penalize_newline and num_keep are type-checked and ignored (no such
-samplers here). Unknown option names are ignored, as Ollama ignores them; a wrong type is a 400.
+samplers here). Unknown fields and option names are ignored, as Ollama ignores them; a wrong type
+is a 400. Both kinds of ignored field are reported (server/extras.py); `serve --strict` refuses the
+unknown ones.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from mlxrun.errors import InvalidRequestError
 from mlxrun.sampling import SamplingParams
 
 from .errors import APIError, from_mlxrun, invalid
+from .extras import Extras
 from .protocol import check_kind, optional
 from .protocol_tools import (
     OutputFormat,
@@ -43,6 +46,13 @@ _IGNORED = {"num_ctx": _INT, "num_batch": _INT, "num_gpu": _INT, "main_gpu": _IN
             "mirostat": _INT, "mirostat_tau": _FLOAT, "mirostat_eta": _FLOAT,
             "penalize_newline": _BOOL}  # fmt: skip
 _RENAMED = {"repeat_penalty": "repetition_penalty"}
+_SHARED_KEYS = ("model", "format", "options", "stream", "keep_alive", "think", "logprobs",
+                "top_logprobs")  # fmt: skip
+_CHAT_KEYS = frozenset({*_SHARED_KEYS, "messages", "tools", "tool_choice"})
+_GENERATE_KEYS = frozenset({*_SHARED_KEYS, "prompt", "suffix", "system", "raw", "images",
+                            "template", "context"})  # fmt: skip
+_MESSAGE_KEYS = ("role", "content", "images", "tool_calls", "thinking", "tool_name", "name",
+                 "tool_call_id")  # fmt: skip
 _UNLOAD = (0, "0", "0s", "0m")  # keep_alive values that ask Ollama to unload the model
 
 
@@ -55,6 +65,7 @@ class OllamaRequest:
     stream: bool
     template_kwargs: dict[str, Any]  # from `think`
     unload: bool  # keep_alive 0: with nothing to generate, the caller asks for an unload
+    ignored: list[str]  # fields accepted but not acted on
 
 
 @dataclass(frozen=True)
@@ -86,16 +97,26 @@ def served_model(model_ids: Sequence[str], name: Any) -> str:
     return found
 
 
-def parse_chat(body: Mapping[str, Any], context_length: int) -> OllamaChat:
+def _unknown(path: str) -> APIError:
+    return invalid(f'json: unknown field "{path}"', path)
+
+
+def parse_chat(body: Mapping[str, Any], context_length: int, strict: bool = False) -> OllamaChat:
+    extras = Extras(strict)
+    extras.check(body, _CHAT_KEYS, _unknown)
     checked = _common(body)
-    messages = _messages(optional(body, "messages", "array", []))
+    messages = _messages(optional(body, "messages", "array", []), extras)
     tools = _tools(body)
     choice = parse_openai_tool_choice(body, tools)
-    shared = _shared(body, context_length, checked)
+    shared = _shared(body, context_length, checked, extras)
     return OllamaChat(**shared, messages=messages, tools=tools, tool_choice=choice)
 
 
-def parse_generate(body: Mapping[str, Any], context_length: int) -> OllamaGenerate:
+def parse_generate(
+    body: Mapping[str, Any], context_length: int, strict: bool = False
+) -> OllamaGenerate:
+    extras = Extras(strict)
+    extras.check(body, _GENERATE_KEYS, _unknown)
     checked = _common(body)
     prompt, suffix = (optional(body, k, "string", "") for k in ("prompt", "suffix"))
     system = optional(body, "system", "string", "")
@@ -115,31 +136,39 @@ def parse_generate(body: Mapping[str, Any], context_length: int) -> OllamaGenera
         )
     if raw and system:
         raise invalid("raw mode does not support 'system'; put it in the prompt.", "system")
-    shared = _shared(body, context_length, checked)
+    shared = _shared(body, context_length, checked, extras)
     return OllamaGenerate(**shared, prompt=prompt, suffix=suffix, system=system, raw=raw)
 
 
 def _shared(
-    body: Mapping[str, Any], context_length: int, checked: tuple[bool, dict[str, Any]]
+    body: Mapping[str, Any],
+    context_length: int,
+    checked: tuple[bool, dict[str, Any]],
+    extras: Extras,
 ) -> dict[str, Any]:
     """The OllamaRequest fields; `checked` is what _common found (stream, template kwargs)."""
     stream, template_kwargs = checked
     return {
-        "params": _options(body, context_length),
+        "params": _options(body, context_length, extras),
         "output": _format(body),
         "stream": stream,
         "template_kwargs": template_kwargs,
         "unload": body.get("keep_alive") in _UNLOAD,
+        "ignored": extras.paths,
     }
 
 
-def _options(body: Mapping[str, Any], context_length: int) -> SamplingParams:
+def _options(body: Mapping[str, Any], context_length: int, extras: Extras) -> SamplingParams:
     options = optional(body, "options", "object", {})
     given: dict[str, Any] = {}
     for key, value in options.items():
         kind = _USED.get(key) or _IGNORED.get(key)
+        if value is not None and kind is None and key != "stop":
+            extras.unknown(f"options.{key}", _unknown(f"options.{key}"))
         if value is None or (kind is None and key != "stop"):
             continue  # Ollama ignores options it does not know
+        if key in _IGNORED:
+            extras.ignore(f"options.{key}")
         if key == "stop":
             stops = (
                 [value] if isinstance(value, str) else check_kind(value, "array", "options.stop")
@@ -221,7 +250,7 @@ def _tools(body: Mapping[str, Any]) -> list[dict] | None:
     return tools or None
 
 
-def _messages(raw: list) -> list[dict[str, Any]]:
+def _messages(raw: list, extras: Extras) -> list[dict[str, Any]]:
     """Ollama messages in the neutral shape. Ollama's calls carry no ids: each gets one, and a
     tool result answers the call it names (tool_call_id, else tool_name), else the oldest open."""
     out: list[dict[str, Any]] = []
@@ -229,6 +258,7 @@ def _messages(raw: list) -> list[dict[str, Any]]:
     for i, m in enumerate(raw):
         at = f"messages[{i}]"
         check_kind(m, "object", at)
+        extras.check(m, _MESSAGE_KEYS, _unknown, at)
         role = check_kind(m.get("role"), "string", f"{at}.role").lower()
         if role not in ("system", "user", "assistant", "tool"):
             raise invalid(f"'{at}.role' must be system, user, assistant or tool.", f"{at}.role")

@@ -174,6 +174,8 @@ def parse_openai_response_format(body: Mapping[str, Any]) -> OutputFormat | None
     """`response_format` (text / json_object / json_schema) or the llama.cpp `grammar` field."""
     grammar = body.get("grammar")
     fmt = body.get("response_format")
+    if fmt is not None:
+        fmt = _object(fmt, "response_format")  # before any use: a string here was once a 500
     if grammar is not None:
         if not isinstance(grammar, str) or not grammar.strip():
             raise invalid("'grammar' must be a non-empty Lark or GBNF grammar.", "grammar")
@@ -182,7 +184,6 @@ def parse_openai_response_format(body: Mapping[str, Any]) -> OutputFormat | None
         return OutputFormat("grammar", grammar=grammar, param="grammar")
     if fmt is None:
         return None
-    fmt = _object(fmt, "response_format")
     kind = fmt.get("type")
     if kind == "text":
         return None

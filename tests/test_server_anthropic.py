@@ -341,12 +341,11 @@ def test_tool_result_round_trip(client):
 @pytest.mark.parametrize(
     "kw",
     [
-        {"extra_body": {"frequency_penalty": 1}},  # not an Anthropic field
         {"tools": TOOLS, "tool_choice": {"type": "tool", "name": "nope"}},
         {"tools": [{"type": "web_search_20250305", "name": "web_search"}]},
         {"tool_choice": {"type": "any"}},  # no tools
         {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
-        {"messages": [{"role": "system", "content": "hi"}]},
+        {"messages": [{"role": "tool", "content": "hi"}]},
         {"extra_body": {"temperature": 1.5}},
         {"thinking": {"type": "enabled", "budget_tokens": 10}},
         {"tools": TOOLS, "tool_choice": {"type": "any"}, "thinking": {"type": "adaptive"}},

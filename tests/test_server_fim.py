@@ -221,7 +221,7 @@ def test_model_without_fim_tokens_is_a_400_on_all_three(no_fim_url):
         ("/v1/fim/completions", {"prompt": "x"}, "model"),
         ("/v1/fim/completions", _mistral(prompt=5), "prompt"),
         ("/v1/fim/completions", _mistral(suffix=["x"]), "suffix"),
-        ("/v1/fim/completions", _mistral(tools=[]), "tools"),
+        ("/v1/fim/completions", _mistral(user=5), "user"),
         ("/v1/fim/completions", _mistral(min_tokens=3), "min_tokens"),
         ("/v1/fim/completions", _mistral(temperature="hot"), "temperature"),
         ("/v1/fim/completions", _mistral(random_seed="x"), "random_seed"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -19,6 +20,8 @@ from mlxrun.errors import (
 from mlxrun.server.errors import APIError, from_mlxrun
 from mlxrun.server.metrics import Histogram, Metrics
 from mlxrun.server.protocol import parse_chat, parse_completion, parse_json
+from mlxrun.server.protocol_anthropic import parse_messages
+from mlxrun.server.protocol_ollama import parse_chat as parse_ollama_chat
 from mlxrun.server.sse import DONE, event
 from mlxrun.server.tokens import _byte_decoder
 
@@ -125,11 +128,67 @@ def test_missing_required_fields():
     assert _error(parse_chat, {**CHAT, "model": None}).param == "model"
 
 
-def test_unknown_and_unsupported_parameters_are_refused():
-    err = _error(parse_chat, {**CHAT, "frobnicate": 1})
+def test_unknown_parameters_are_reported_and_refused_only_when_strict():
+    body = {**CHAT, "frobnicate": 1, "id_slot": 0, "nothing": None}
+    assert parse_chat(body).ignored == ["frobnicate", "id_slot"]  # null counts as absent
+    err = _error(functools.partial(parse_chat, strict=True), body)
     assert err.param == "frobnicate" and "Unrecognized" in err.message
-    err = _error(parse_chat, {**CHAT, "store": True})
-    assert err.param == "store" and "not supported" in err.message
+    # A known parameter we cannot honour is a 400 whether strict or not.
+    for strict in (False, True):
+        err = _error(functools.partial(parse_chat, strict=strict), {**CHAT, "store": True})
+        assert err.param == "store" and "not supported" in err.message
+
+
+def test_vendor_fields_that_map_are_honoured_not_reported():
+    body = {**CHAT, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2,
+            "repetition_context_size": 7, "n_probs": 2, "cache_prompt": True,
+            "chat_template_kwargs": {"enable_thinking": False}}  # fmt: skip
+    req = parse_chat(body, strict=True)
+    p = req.params
+    assert (p.top_k, p.min_p, p.repetition_penalty, p.repetition_context_size) == (5, 0.1, 1.2, 7)
+    assert p.logprobs and p.top_logprobs == 2
+    assert req.template_kwargs == {"enable_thinking": False} and req.ignored == []
+    # Our prefix cache is always on: turning it off is the one thing we do not do (same text).
+    assert parse_chat({**CHAT, "cache_prompt": False}).ignored == ["cache_prompt"]
+    assert parse_chat({**CHAT, "cache_prompt": False}, strict=True).ignored == ["cache_prompt"]
+
+
+def test_anthropic_system_messages_and_extras():
+    body = {"model": "claude-x", "max_tokens": 64000, "system": "top",
+            "messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}],
+            "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+            "context_management": {"edits": []}}  # fmt: skip
+    req = parse_messages(body)
+    assert [m["role"] for m in req.messages] == ["system", "user", "system"]
+    assert req.messages[-1]["content"] == "late"
+    assert req.template_kwargs == {"enable_thinking": True, "reasoning_effort": "high"}
+    assert req.ignored == ["context_management"]
+    odd = {**body, "frobnicate": 1, "output_config": {"effort": "high", "task_budget": 3}}
+    assert parse_messages(odd).ignored == [
+        "frobnicate",
+        "context_management",
+        "output_config.task_budget",
+    ]
+    err = _error(functools.partial(parse_messages, strict=True), odd)
+    assert err.message == "frobnicate: Extra inputs are not permitted"
+    counting = functools.partial(parse_messages, counting=True)
+    assert counting({**body, "frobnicate": 1}).ignored == [
+        "max_tokens",
+        "frobnicate",
+        "context_management",
+    ]
+
+
+def test_ollama_unknown_fields_and_options():
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi", "x": 1}], "y": 2,
+            "options": {"num_ctx": 8192, "tyop": 1, "top_k": 3}}  # fmt: skip
+    req = parse_ollama_chat(body, 512)
+    assert req.ignored == ["y", "messages.0.x", "options.num_ctx", "options.tyop"]
+    assert req.params.top_k == 3
+    err = _error(functools.partial(parse_ollama_chat, strict=True), body, 512)
+    assert err.message == 'json: unknown field "y"'
+    known = {"model": "m", "options": {"num_ctx": 8192}}
+    assert parse_ollama_chat(known, 512, strict=True).ignored == ["options.num_ctx"]
 
 
 def test_tools_tool_choice_and_response_format_are_parsed():
@@ -222,7 +281,6 @@ def test_messages_content_parts_and_roles():
          "messages[0].content[0].type"),
         ({"role": "user", "content": [{"text": "x"}]}, "messages[0].content[0].type"),
         ({"role": "user", "content": [{"type": "text"}]}, "messages[0].content[0].text"),
-        ({"role": "user", "content": "x", "extra": 1}, "messages[0].extra"),
         ({"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
          "messages[0].tool_calls[0].function"),
         ("hello", "messages[0]"),
@@ -236,7 +294,9 @@ def test_bad_messages_name_the_field(message, param):
 def test_stream_options():
     req = parse_chat({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
     assert req.stream and req.include_usage
-    assert _error(parse_chat, {**CHAT, "stream": True, "stream_options": {"x": 1}}).status == 400
+    body = {**CHAT, "stream": True, "stream_options": {"x": 1}}
+    assert parse_chat(body).ignored == ["stream_options.x"]
+    assert _error(functools.partial(parse_chat, strict=True), body).status == 400
 
 
 # ---------------------------------------------------------------- completions
@@ -261,8 +321,13 @@ def test_completion_fields():
     assert parse_completion({"model": "m", "prompt": "a", "logprobs": 0}).params.logprobs
     assert parse_completion({"model": "m", "prompt": "a"}).logprobs is None
     for field, value in [("logprobs", 6), ("logprobs", True), ("best_of", 3), ("echo", 1),
-                         ("suffix", 3), ("top_logprobs", 2), ("messages", [])]:  # fmt: skip
+                         ("suffix", 3)]:  # fmt: skip
         assert _error(parse_completion, {"model": "m", "prompt": "a", field: value}).param == field
+    # Chat's fields mean nothing here: reported, or refused under --strict.
+    body = {"model": "m", "prompt": "a", "top_logprobs": 2, "messages": []}
+    assert parse_completion(body).ignored == ["top_logprobs", "messages"]
+    strict = functools.partial(parse_completion, strict=True)
+    assert _error(strict, body).param == "top_logprobs"
     many = {"model": "m", "prompt": ["a"] * 65, "n": 2}
     assert _error(parse_completion, many).param == "n"
 

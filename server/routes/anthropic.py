@@ -31,6 +31,7 @@ from ..access import ANTHROPIC
 from ..common import in_thread, start_generation, until_disconnect
 from ..dialogue import ChatPlan, MessageDelta, message_deltas, plan_chat
 from ..errors import APIError, from_mlxrun, guarded, invalid, to_api_error
+from ..extras import note, reports
 from ..generation import Generation
 from ..protocol_anthropic import MessagesRequest, parse_messages
 from ..sse import EventStreamResponse
@@ -325,12 +326,15 @@ def _prepare(state: ServerState, req: MessagesRequest) -> tuple[ChatPlan, int]:
 async def _read(request: Request, counting: bool = False) -> tuple[ServerState, MessagesRequest]:
     """The server state and the parsed body, its model checked."""
     state = server_state(request)
-    req = parse_messages(await state.read_json(request), counting=counting)
+    body = await state.read_json(request)
+    req = parse_messages(body, counting=counting, strict=state.config.strict)
+    note(request, req.ignored)
     state.check_model(req.model)
     return state, req
 
 
 @anthropic_errors
+@reports
 async def create(request: Request) -> Response:
     arrival = time.perf_counter()
     state, req = await _read(request)
@@ -352,6 +356,7 @@ async def create(request: Request) -> Response:
 
 
 @anthropic_errors
+@reports
 async def count_tokens(request: Request) -> Response:
     state, req = await _read(request, counting=True)
     ids = await in_thread(render, state, req)

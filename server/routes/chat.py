@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..dialogue import ChatPlan, Message, collect_messages, message_deltas, plan_chat
 from ..errors import guarded
+from ..extras import note, reports
 from ..generation import Generation
 from ..protocol import ChatRequest, parse_chat
 from ..sse import EventStreamResponse
@@ -31,10 +32,12 @@ from ..common import (
 
 
 @guarded
+@reports
 async def create(request: Request) -> Response:
     arrival = time.perf_counter()
     state = server_state(request)
-    req = parse_chat(await state.read_json(request))
+    req = parse_chat(await state.read_json(request), strict=state.config.strict)
+    note(request, req.ignored)
     model = state.check_model(req.model)
     state.check_ready()
     plan = await in_thread(
@@ -121,10 +124,11 @@ def _chunk(head: dict, req: ChatRequest, choices: list[dict[str, Any]]) -> dict[
 async def _chunks(
     state: ServerState, req: ChatRequest, gen: Generation, plan: ChatPlan, head: dict
 ) -> AsyncIterator[dict[str, Any]]:
-    """The role first (one chunk per choice), then reasoning / content / tool-call deltas; the
-    finish_reason travels alone in each choice's last chunk."""
+    """The role first (one chunk per choice, content null, tools or not), then reasoning /
+    content / tool-call deltas, never an empty content string; the finish_reason travels alone
+    in each choice's last chunk."""
     for i in range(req.n):
-        delta = {"role": "assistant", "content": ""}
+        delta = {"role": "assistant", "content": None}
         yield _chunk(
             head, req, [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]
         )
@@ -133,7 +137,7 @@ async def _chunks(
             delta: dict[str, Any] = {}
             if d.reasoning:
                 delta["reasoning_content"] = d.reasoning
-            if d.content or (d.logprobs and not d.tool_calls):
+            if d.content:
                 delta["content"] = d.content
             if d.tool_calls:
                 delta["tool_calls"] = [_call_delta(c) for c in d.tool_calls]

@@ -44,6 +44,7 @@ from ..common import (
 )
 from ..dialogue import format_constraint
 from ..errors import guarded, invalid
+from ..extras import note, reports
 from ..generation import ChoiceSpec, Generation
 from ..protocol import CompletionRequest, parse_completion
 from ..sse import EventStreamResponse
@@ -83,10 +84,12 @@ def _encode(state: ServerState, req: CompletionRequest) -> list[list[int]]:
 
 
 @guarded
+@reports
 async def create(request: Request) -> Response:
     arrival = time.perf_counter()
     state = server_state(request)
-    req = parse_completion(await state.read_json(request))
+    req = parse_completion(await state.read_json(request), strict=state.config.strict)
+    note(request, req.ignored)
     model = state.check_model(req.model)
     state.check_ready()
     if req.echo and req.logprobs is not None:

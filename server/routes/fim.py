@@ -19,26 +19,24 @@ oldest end.
 Both run at interactive priority with stale-request cancellation (the rule is in completions.py).
 A cancelled request ends cleanly with its text so far: Mistral's finish_reason "error" (its clients
 know only stop/length/model_length/error/tool_calls), llama.cpp's stop: true, stop_type "none".
+Both bodies are parsed in server/protocol_fim.py.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlxrun.errors import InvalidRequestError
-from mlxrun.sampling import SamplingParams
-
 from .. import common
-from ..errors import from_mlxrun, guarded, invalid
+from ..errors import guarded, invalid
+from ..extras import note, reports
 from ..generation import ChoiceSpec, Generation
-from ..protocol import check_kind, is_kind, optional, required
+from ..protocol_fim import Infill, parse_infill, parse_mistral
 from ..sse import DONE, EventStreamResponse
 from ..state import ServerState, server_state
 from .completions import released, start_fim
@@ -60,89 +58,18 @@ def _require_fim(state: ServerState, param: str) -> None:
         )
 
 
-def _stops(body: dict[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None or isinstance(stop, str):
-        return (stop,) if stop else ()
-    for s in check_kind(stop, "array", "stop"):
-        check_kind(s, "string", "stop")
-    return tuple(s for s in stop if s)
-
-
-def _params(given: dict[str, Any], names: dict[str, str]) -> SamplingParams:
-    """SamplingParams from `given`; errors name the body field (`names`: ours -> the body's)."""
-    try:
-        return SamplingParams(**given)
-    except InvalidRequestError as e:
-        err = from_mlxrun(e)
-        if err.param in names:
-            err.param = names[err.param]
-            err.message = f"Invalid value for '{err.param}': {e.message}"
-        raise err from None
-
-
-def _text(body: dict[str, Any], name: str) -> str:
-    return optional(body, name, "string", "")
-
-
 # ---------------------------------------------------------------- Mistral: /v1/fim/completions
 
-_MISTRAL_KEYS = frozenset({
-    "model", "prompt", "suffix", "max_tokens", "max_completion_tokens", "min_tokens", "stream",
-    "stop", "random_seed", "seed", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "metadata", "user",
-})  # fmt: skip
-_MISTRAL_SAMPLING = (
-    "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-    "repetition_penalty",
-)  # fmt: skip
-_MISTRAL_ALIASES = (
-    ("max_tokens", "max_completion_tokens"), ("max_tokens", "max_tokens"),
-    ("seed", "random_seed"), ("seed", "seed"),
-)  # fmt: skip
 _MISTRAL_FINISH = {"abort": "error"}  # Mistral's clients know no "abort"
 
 
-@dataclass(frozen=True)
-class MistralFim:
-    model: str
-    prompt: str
-    suffix: str
-    params: SamplingParams
-    stream: bool
-    max_param: str  # the field the client used, for error messages
-
-
-def parse_mistral(body: dict[str, Any]) -> MistralFim:
-    for name, value in body.items():
-        if value is not None and name not in _MISTRAL_KEYS:
-            message = f"Unrecognized request argument supplied: {name}"
-            raise invalid(message, name, "unknown_parameter")
-    model, prompt = required(body, "model", "string"), required(body, "prompt", "string")
-    min_tokens = optional(body, "min_tokens", "integer", 0)
-    if min_tokens != 0:
-        why = "must be at least 0" if min_tokens < 0 else "above 0 is not supported yet"
-        raise invalid(f"'min_tokens' {why}, got {min_tokens}.", "min_tokens")
-    given = {k: body[k] for k in _MISTRAL_SAMPLING if body.get(k) is not None}
-    names = {"max_tokens": "max_tokens", "seed": "random_seed"}
-    for ours, theirs in _MISTRAL_ALIASES:  # the first one set wins
-        if ours not in given and body.get(theirs) is not None:
-            given[ours], names[ours] = body[theirs], theirs
-    return MistralFim(
-        model=model,
-        prompt=prompt,
-        suffix=_text(body, "suffix"),
-        params=_params({**given, "stop": _stops(body)}, names),
-        stream=optional(body, "stream", "boolean", False),
-        max_param=names["max_tokens"],
-    )
-
-
 @guarded
+@reports
 async def mistral_fim(request: Request) -> Response:
     arrival = time.perf_counter()
     state = server_state(request)
-    req = parse_mistral(await state.read_json(request))
+    req = parse_mistral(await state.read_json(request), state.config.strict)
+    note(request, req.ignored)
     model = state.check_model(req.model)
     state.check_ready()
     _require_fim(state, "suffix")
@@ -180,100 +107,6 @@ async def _mistral_chunks(gen: Generation, head: dict[str, Any]) -> AsyncIterato
 
 
 # ---------------------------------------------------------------- llama.cpp: /infill
-
-_REFUSED = ("grammar", "json_schema", "n_probs")  # would change the output: never dropped silently
-_LLAMA_NAMES = {"repetition_penalty": "repeat_penalty", "repetition_context_size": "repeat_last_n"}
-_SETTINGS = (
-    "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_context_size",
-    "presence_penalty", "frequency_penalty", "seed", "ignore_eos",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Infill:
-    prefix: str  # input_prefix + prompt: all text before the cursor
-    suffix: str
-    extra: list[tuple[str, str]]  # (filename, text)
-    params: SamplingParams  # max_tokens None: whatever the context leaves
-    n_predict: int  # as sent: -1 unlimited; 0 a warm-up (evaluate the prompt, return nothing)
-    stream: bool
-    time_limit_s: float  # t_max_predict_ms; 0: none
-    fields: list[str] | None  # response_fields
-    settings: dict[str, Any]  # echoed as generation_settings
-
-
-def _extra(body: dict[str, Any]) -> list[tuple[str, str]]:
-    out = []
-    for i, chunk in enumerate(optional(body, "input_extra", "array", [])):
-        check_kind(chunk, "object", f"input_extra[{i}]")
-        for name in ("filename", "text"):
-            if chunk.get(name) is not None:
-                check_kind(chunk[name], "string", f"input_extra[{i}].{name}")
-        out.append((chunk.get("filename") or "tmp", chunk.get("text") or ""))
-    return out
-
-
-def _logit_bias(body: dict[str, Any]) -> dict[int, Any]:
-    """llama.cpp's [[id, bias | false], ...] or OpenAI's {"id": bias}; false bans the token."""
-    bias = body.get("logit_bias") or {}
-    pairs = (
-        list(bias.items()) if isinstance(bias, dict) else check_kind(bias, "array", "logit_bias")
-    )
-    out: dict[int, Any] = {}
-    for pair in pairs:
-        token, value = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, 0)
-        token = int(token) if isinstance(token, str) and token.isdigit() else token
-        if not is_kind(token, "integer"):
-            raise invalid("logit_bias entries must be [token id, bias] pairs.", "logit_bias")
-        out[token] = -100.0 if value is False else value
-    return out
-
-
-def parse_infill(body: dict[str, Any], context_length: int) -> Infill:
-    """llama.cpp's options and defaults; options it has and we do not need are ignored, as
-    llama.cpp ignores what it does not know."""
-    for name in _REFUSED:
-        if body.get(name):
-            raise invalid(f"'{name}' is not supported on /infill.", name, "unsupported_parameter")
-    if body.get("model") is not None:
-        check_kind(body["model"], "string", "model")  # any name: one model is served
-    n_name = "n_predict" if body.get("n_predict") is not None else "max_tokens"
-    n_predict = optional(body, n_name, "integer", -1)
-    seed = optional(body, "seed", "integer", -1)
-    top_p = optional(body, "top_p", "number", 0.95)
-    last_n = optional(body, "repeat_last_n", "integer", 64)
-    given = {
-        "temperature": max(0.0, optional(body, "temperature", "number", 0.8)),  # <= 0: greedy
-        "top_k": max(0, optional(body, "top_k", "integer", 40)),
-        "top_p": min(1.0, top_p),
-        "min_p": optional(body, "min_p", "number", 0.05),
-        "repetition_penalty": optional(body, "repeat_penalty", "number", 1.0) if last_n else 1.0,
-        "repetition_context_size": context_length if last_n < 0 else max(1, last_n),
-        "presence_penalty": optional(body, "presence_penalty", "number", 0.0),
-        "frequency_penalty": optional(body, "frequency_penalty", "number", 0.0),
-        "seed": None if seed < 0 or seed == 0xFFFFFFFF else seed,  # llama.cpp's "random"
-        "ignore_eos": optional(body, "ignore_eos", "boolean", False),
-        "stop": _stops(body),
-        "logit_bias": _logit_bias(body),
-        "max_tokens": None if n_predict < 0 else max(1, n_predict),  # a warm-up samples one
-    }
-    params = _params(given, {**_LLAMA_NAMES, "max_tokens": n_name})
-    fields = optional(body, "response_fields", "array")
-    for f in fields or ():
-        check_kind(f, "string", "response_fields")
-    stream = optional(body, "stream", "boolean", False)
-    settings = {_LLAMA_NAMES.get(k, k): given[k] for k in _SETTINGS}
-    return Infill(
-        prefix=_text(body, "input_prefix") + _text(body, "prompt"),
-        suffix=_text(body, "input_suffix"),
-        extra=_extra(body),
-        params=params,
-        n_predict=n_predict,
-        stream=stream,
-        time_limit_s=max(0, optional(body, "t_max_predict_ms", "integer", 0)) / 1000,
-        fields=fields,
-        settings={**settings, "n_predict": n_predict, "stop": list(params.stop), "stream": stream},
-    )
 
 
 def infill_prompt(
@@ -410,10 +243,13 @@ def _select(body: dict[str, Any], fields: list[str]) -> dict[str, Any]:
 
 
 @guarded
+@reports
 async def infill(request: Request) -> Response:
     arrival = time.perf_counter()
     state = server_state(request)
-    req = parse_infill(await state.read_json(request), state.config.context_length)
+    body = await state.read_json(request)
+    req = parse_infill(body, state.config.context_length, state.config.strict)
+    note(request, req.ignored)
     state.check_ready()
     _require_fim(state, "input_suffix")
     cursor = (req.prefix, req.suffix)

@@ -31,6 +31,7 @@ from mlxrun.errors import InvalidRequestError
 from ..common import chat_logprobs, fit_context, in_thread, start_generation, until_disconnect
 from ..dialogue import ChatPlan, MessageDelta, format_constraint, message_deltas, plan_chat
 from ..errors import from_mlxrun, to_api_error
+from ..extras import note, reports
 from ..generation import ChoiceSpec, Generation
 from ..protocol_ollama import (
     MAX_PARAM,
@@ -65,7 +66,7 @@ def _ns(seconds: float) -> int:
 
 
 async def _accept(
-    request: Request, parse: Callable[[Mapping[str, Any], int], R]
+    request: Request, parse: Callable[[Mapping[str, Any], int, bool], R]
 ) -> tuple[ServerState, str, R]:
     """(state, model name as sent, parsed body) once the model is ready; Ollama holds requests
     while the model loads, and so do we."""
@@ -73,7 +74,8 @@ async def _accept(
     body = await state.read_json(request)
     name = body.get("model")
     served_model(state.config.model_ids, name)
-    req = parse(body, state.config.context_length)
+    req = parse(body, state.config.context_length, state.config.strict)
+    note(request, req.ignored)
     deadline = time.monotonic() + READY_WAIT_S
     while not state.ready and state.load_error is None and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -247,6 +249,7 @@ def _loaded(name: str, chat: bool, unload: bool) -> JSONResponse:
 
 
 @ollama_errors
+@reports
 async def chat(request: Request) -> Response:
     arrival = time.perf_counter()
     state, name, req = await _accept(request, parse_chat)
@@ -276,6 +279,7 @@ def _plain_spec(state: ServerState, req: OllamaGenerate) -> ChoiceSpec:
 
 
 @ollama_errors
+@reports
 async def generate(request: Request) -> Response:
     arrival = time.perf_counter()
     state, name, req = await _accept(request, parse_generate)

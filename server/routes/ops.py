@@ -10,7 +10,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from .. import errors
 from ..common import in_thread
 from ..errors import guarded, invalid
-from ..protocol import parse_detokenize, parse_tokenize
+from ..extras import note, reports
+from ..protocol_ops import parse_detokenize, parse_tokenize
 from ..state import ServerState, server_state
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -95,40 +96,23 @@ def _check_model(state: ServerState, model: str | None) -> None:
         state.check_model(model)
 
 
-# llama-server's field names for the same things (its clients send these).
-_LLAMA_NAMES = {"content": "prompt", "add_special": "add_special_tokens"}
-
-
-def _llama_fields(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """body with llama-server's names read as ours, and its with_pieces flag."""
-    out = dict(body)
-    for theirs, ours in _LLAMA_NAMES.items():
-        value = out.pop(theirs, None)
-        if value is None:
-            continue
-        if out.get(ours) is not None:
-            raise invalid(f"Pass one of '{theirs}' and '{ours}', not both.", theirs)
-        out[ours] = value
-    pieces = out.pop("with_pieces", False)
-    if not isinstance(pieces, bool):
-        raise invalid("'with_pieces' must be a boolean.", "with_pieces")
-    return out, pieces
-
-
 @guarded
+@reports
 async def tokenize(request: Request) -> Response:
     """vLLM's {prompt | messages} or llama-server's {content, add_special, with_pieces}."""
     state = server_state(request)
-    body, with_pieces = _llama_fields(await state.read_json(request))
-    model, prompt, messages, add_special = parse_tokenize(body)
-    _check_model(state, model)
+    req = parse_tokenize(await state.read_json(request), strict=state.config.strict)
+    note(request, req.ignored)
+    _check_model(state, req.model)
     tokenizer = state.tokenizer
-    if messages is not None:
-        ids = await in_thread(tokenizer.apply_chat_template, messages)
+    if req.messages is not None:
+        ids = await in_thread(tokenizer.apply_chat_template, req.messages)
     else:
-        ids = await in_thread(tokenizer.encode, prompt, add_special_tokens=add_special)
+        ids = await in_thread(
+            tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens
+        )
     tokens: list[Any] = ids
-    if with_pieces:
+    if req.with_pieces:
         tokens = [{"id": i, "piece": state.token_texts.get(i)[0]} for i in ids]
     return JSONResponse(
         {"tokens": tokens, "count": len(ids), "max_model_len": state.config.context_length}
@@ -136,9 +120,13 @@ async def tokenize(request: Request) -> Response:
 
 
 @guarded
+@reports
 async def detokenize(request: Request) -> Response:
     state = server_state(request)
-    model, tokens = parse_detokenize(await state.read_json(request))
+    model, tokens, ignored = parse_detokenize(
+        await state.read_json(request), strict=state.config.strict
+    )
+    note(request, ignored)
     _check_model(state, model)
     vocab = state.tokenizer.vocab_size
     bad = next((t for t in tokens if not 0 <= t < vocab), None)

@@ -1,0 +1,168 @@
+"""Block readers for the tool-call syntaxes that are not a JSON call object after a marker:
+Qwen3-Coder's XML parameters, GLM-4.5's arg_key/arg_value pairs, DeepSeek's tool▁call blocks and
+harmony's commentary messages (formats in tool_formats).
+
+Each reader is a generator over a ToolParser's cursor, started just after the format's call marker;
+it yields when it needs more text and returns whether the block was well formed (when not, the
+parser gives the block's text back as content). Key/value syntaxes write string parameters raw and
+the others as JSON, so a value is read back by its parameter's schema type (`parameter_value`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Generator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .tool_formats import DS_CALL_BEGIN, DS_CALL_END, DS_CALLS_END, DS_SEP
+
+if TYPE_CHECKING:
+    from .tools import ToolParser
+
+__all__ = ["READERS", "parameter_value"]
+
+_Block = Generator[None, None, bool]
+_NAME_LIMIT = 128  # a name or key longer than this is not one: stop holding the text back
+_PYTHON_LITERALS = {"True": True, "False": False, "None": None}  # what jinja's `| string` writes
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(text)  # NaN and Infinity are not JSON
+
+
+def parameter_value(text: str, schema: Mapping[str, Any] | None) -> Any:
+    """A parameter's raw text as its value: verbatim for string parameters, else the JSON (or
+    Python literal) it spells, else the text itself."""
+    schema = schema if isinstance(schema, Mapping) else {}
+    kind = schema.get("type")
+    types = [kind] if isinstance(kind, str) else list(kind or [])
+    enum = schema.get("enum")
+    if "string" in types or (
+        not types and isinstance(enum, list) and enum and all(isinstance(e, str) for e in enum)
+    ):
+        return text
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except ValueError:
+        return _PYTHON_LITERALS.get(text.strip(), text)
+
+
+def qwen3_coder(p: ToolParser) -> _Block:
+    """<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n...</function>\\n</tool_call>;
+    a hermes JSON object in the block is read too (the family's older syntax)."""
+    cur = p.cur
+    if not (yield from p.ws()):
+        return False
+    if cur.s[cur.i] == "{":
+        return (yield from p.hermes())
+    if (yield from p.literal(("<function=",))) is None:
+        return False
+    got = yield from p.until((">",), _NAME_LIMIT)
+    if got is None or not p.allowed(got[0].strip()):
+        return False
+    name = got[0].strip()
+    call = p.open_call(name)
+    while True:
+        if not (yield from p.ws()):
+            return False
+        tag = yield from p.literal(("<parameter=", "</function>"))
+        if tag is None:
+            return False
+        if tag == "</function>":
+            break
+        key = yield from p.until((">",), _NAME_LIMIT)
+        value = None if key is None else (yield from p.until(("</parameter>",)))
+        if key is None or value is None:
+            return False
+        text = value[0].removeprefix("\n").removesuffix("\n")  # the template's own newlines
+        k = key[0].strip()
+        p.add_argument(call, k, parameter_value(text, p.param_schema(name, k)))
+    if not (yield from p.ws()) or (yield from p.literal((p.fmt.call_end or "",))) is None:
+        return False
+    p.close_call(call)
+    return True
+
+
+def glm45(p: ToolParser) -> _Block:
+    """NAME\\n<arg_key>KEY</arg_key>\\n<arg_value>VALUE</arg_value>\\n...</tool_call>."""
+    end = p.fmt.call_end or ""
+    got = yield from p.until(("<arg_key>", end), _NAME_LIMIT)
+    if got is None or not p.allowed(got[0].strip()):
+        return False
+    name, stop = got[0].strip(), got[1]
+    call = p.open_call(name)
+    while stop == "<arg_key>":
+        key = yield from p.until(("</arg_key>",), _NAME_LIMIT)
+        if key is None or not (yield from p.ws()):
+            return False
+        if (yield from p.literal(("<arg_value>",))) is None:
+            return False
+        value = yield from p.until(("</arg_value>",))
+        if value is None:
+            return False
+        k = key[0].strip()
+        p.add_argument(call, k, parameter_value(value[0], p.param_schema(name, k)))
+        if not (yield from p.ws()):
+            return False
+        stop = yield from p.literal(("<arg_key>", end))
+        if stop is None:
+            return False
+    p.close_call(call)
+    return True
+
+
+def deepseek(p: ToolParser) -> _Block:
+    """<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜> (V3,
+    R1) or <｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜> (V3.1), repeated, then
+    <｜tool▁calls▁end｜>. Either is read, whichever the format's variant."""
+    cur = p.cur
+    if not (yield from p.ws()) or (yield from p.literal((DS_CALL_BEGIN,))) is None:
+        return False
+    while True:
+        got = yield from p.until((DS_SEP,), _NAME_LIMIT)
+        if got is None or not (yield from p.ws()):
+            return False
+        fenced = cur.s[cur.i] != "{"  # V3: "function<sep>" then the name on its own line
+        name = got[0].strip()
+        if fenced:
+            line = yield from p.until(("\n",), _NAME_LIMIT)
+            if line is None or (yield from p.literal(("```json",))) is None:
+                return False
+            if not (yield from p.ws()):
+                return False
+            name = line[0].strip()
+        if not p.allowed(name) or cur.s[cur.i] != "{":
+            return False
+        if not (yield from p.call_object(name)) or not (yield from p.ws()):
+            return False
+        if fenced and ((yield from p.literal(("```",))) is None or not (yield from p.ws())):
+            return False
+        if (yield from p.literal((DS_CALL_END,))) is None or not (yield from p.ws()):
+            return False
+        following = yield from p.literal((DS_CALLS_END, DS_CALL_BEGIN))
+        if following != DS_CALL_BEGIN:
+            return following is not None
+
+
+def harmony(p: ToolParser) -> _Block:
+    """NAME <|constrain|>json<|message|>{...}<|call|> (after "<|channel|>commentary
+    to=functions.", the form mlxrun.harmony hands call messages over in)."""
+    cur = p.cur
+    got = yield from p.until(("<|message|>",), _NAME_LIMIT)
+    if got is None:
+        return False
+    name = re.split(r"[\s<]", got[0].strip(), maxsplit=1)[0]
+    if not p.allowed(name) or not (yield from p.ws()) or cur.s[cur.i] != "{":
+        return False
+    if not (yield from p.call_object(name)) or not (yield from p.ws()):
+        return False
+    return (yield from p.literal((p.fmt.call_end or "",))) is not None
+
+
+READERS: dict[str, Callable[[ToolParser], _Block]] = {
+    "xml": qwen3_coder,
+    "glm": glm45,
+    "deepseek": deepseek,
+    "harmony": harmony,
+}

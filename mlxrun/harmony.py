@@ -94,7 +94,9 @@ class HarmonySplitter:
         self._channel = channel.group(1) if channel else ""
         self._recipient = recipient.group(1) if recipient else None
         if self._recipient:
-            content.append(f"<|channel|>commentary to={self._recipient} <|constrain|>json{_MESSAGE}")
+            content.append(
+                f"<|channel|>commentary to={self._recipient} <|constrain|>json{_MESSAGE}"
+            )
         self._state = _BODY
         return s[at + len(_MESSAGE) :]
 

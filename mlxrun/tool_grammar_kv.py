@@ -43,7 +43,7 @@ def calls_rule(fmt: ToolFormat, parallel: bool, mark: Mark) -> str:
 def named_call_rule(fmt: ToolFormat, name: str, args: str, mark: Mark) -> str:
     """One call to `name` whose arguments object is the rule `args` (DeepSeek, harmony)."""
     if fmt.syntax == "harmony":
-        head = f'{mark("<|channel|>")} {_lit("commentary to=functions." + name + " ")}'
+        head = f"{mark('<|channel|>')} {_lit('commentary to=functions.' + name + ' ')}"
         return f'{head} {mark("<|constrain|>")} "json" {mark("<|message|>")} {args}'
     if fmt.variant == "v3":
         body = f'"function" {mark(DS_SEP)} {_lit(name + chr(10) + "```json" + chr(10))} {args}'
@@ -64,8 +64,8 @@ def key_value_rules(fmt: ToolFormat, funcs: list[tuple[str, dict]], mark: Mark) 
         for j, (key, prop) in enumerate(props.items()):
             value = f"v{k}_{j}"
             if glm:
-                head = f"{mark('<arg_key>')} {_lit(key)} {mark('</arg_key>')} \"\\n\" "
-                param = f"{head}{mark('<arg_value>')} {value} \"\\n\""
+                head = f'{mark("<arg_key>")} {_lit(key)} {mark("</arg_key>")} "\\n" '
+                param = f'{head}{mark("<arg_value>")} {value} "\\n"'
             else:
                 param = f"{_lit('<parameter=' + key + '>' + chr(10))} {value}"
             params.append(f"({param})" + ("" if key in required else "?"))
@@ -86,7 +86,10 @@ def _is_string(prop: Mapping[str, Any]) -> bool:
     types = [kind] if isinstance(kind, str) else list(kind or [])
     enum = prop.get("enum")
     return "string" in types or (
-        not types and isinstance(enum, list) and bool(enum) and all(isinstance(e, str) for e in enum)
+        not types
+        and isinstance(enum, list)
+        and bool(enum)
+        and all(isinstance(e, str) for e in enum)
     )
 
 

@@ -255,7 +255,9 @@ class ToolParser:
             found = [(got.find(t, max(0, start - len(t) + 1)), t) for t in stops]
             at, stop = min(((a, t) for a, t in found if a >= 0), default=(-1, ""))
             if at >= 0:
-                cur.i -= len(got) - at - len(stop)  # the stop ends in this piece: give back the rest
+                cur.i -= (
+                    len(got) - at - len(stop)
+                )  # the stop ends in this piece: give back the rest
                 return got[:at], stop
             if limit is not None and len(got) > limit + max(map(len, stops)):
                 return None

@@ -78,13 +78,13 @@ class HarmonySplitter:
         return "".join(out[0]), "".join(out[1])
 
     def _header(self, s: str, eof: bool, content: list[str]) -> str:
+        if self._first and not any(o.startswith(s[: len(o)]) for o in _OPENINGS):
+            self._state = _PLAIN  # the reply does not open with a header: not harmony
+            return s
         at = s.find(_MESSAGE)
         if at < 0 or at > _HEADER_LIMIT:
-            opening = self._first and not any(
-                o.startswith(s[: len(o)]) or s.startswith(o) for o in _OPENINGS
-            )
-            if opening or len(s) > _HEADER_LIMIT or eof:
-                self._state = _PLAIN  # not harmony after all (or a header cut off): content
+            if len(s) > _HEADER_LIMIT or eof:
+                self._state = _PLAIN  # a header cut off, or none: content
                 return s
             self._held = s
             return ""

@@ -104,7 +104,7 @@ def _bind(fmt: ToolFormat, tokenizer: Any) -> ToolFormat:
         fmt = replace(fmt, args_marker=args, call_id_marker=call_id)
     added = {t.content: i for i, t in tokenizer.backend.added_tokens_decoder.items()}
     markers = (fmt.call_start, fmt.call_end, fmt.args_marker, fmt.call_id_marker, *fmt.markers)
-    ids = tuple((m, added[m]) for m in markers if m is not None and m in added)
+    ids = tuple((m, added[m]) for m in dict.fromkeys(markers) if m is not None and m in added)
     return replace(fmt, token_ids=ids)
 
 

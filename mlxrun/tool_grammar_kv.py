@@ -25,8 +25,9 @@ def _lit(text: str) -> str:
 
 
 def _re(text: str) -> str:
-    """`text` as a literal inside a Lark /regex/."""
-    return re.escape(text).replace("/", "\\/")
+    """`text` as a literal inside a Lark /regex/ (re.escape leaves line breaks raw)."""
+    escaped = re.escape(text).replace("/", "\\/")
+    return escaped.replace("\n", "n").replace("\r", "r").replace("\t", "t")
 
 
 def calls_rule(fmt: ToolFormat, parallel: bool, mark: Mark) -> str:

@@ -27,6 +27,13 @@ _NAME_LIMIT = 128  # a name or key longer than this is not one: stop holding the
 _PYTHON_LITERALS = {"True": True, "False": False, "None": None}  # what jinja's `| string` writes
 
 
+_NAME = re.compile(r"[\w.\-]+")  # a function name as these syntaxes spell it
+
+
+def _named(p: ToolParser, name: str) -> bool:
+    return bool(_NAME.fullmatch(name)) and p.allowed(name)
+
+
 def _no_constant(text: str) -> Any:
     raise ValueError(text)  # NaN and Infinity are not JSON
 
@@ -59,7 +66,7 @@ def qwen3_coder(p: ToolParser) -> _Block:
     if (yield from p.literal(("<function=",))) is None:
         return False
     got = yield from p.until((">",), _NAME_LIMIT)
-    if got is None or not p.allowed(got[0].strip()):
+    if got is None or not _named(p, got[0].strip()):
         return False
     name = got[0].strip()
     call = p.open_call(name)
@@ -88,7 +95,7 @@ def glm45(p: ToolParser) -> _Block:
     """NAME\\n<arg_key>KEY</arg_key>\\n<arg_value>VALUE</arg_value>\\n...</tool_call>."""
     end = p.fmt.call_end or ""
     got = yield from p.until(("<arg_key>", end), _NAME_LIMIT)
-    if got is None or not p.allowed(got[0].strip()):
+    if got is None or not _named(p, got[0].strip()):
         return False
     name, stop = got[0].strip(), got[1]
     call = p.open_call(name)
@@ -132,7 +139,7 @@ def deepseek(p: ToolParser) -> _Block:
             if not (yield from p.ws()):
                 return False
             name = line[0].strip()
-        if not p.allowed(name) or cur.s[cur.i] != "{":
+        if not _named(p, name) or cur.s[cur.i] != "{":
             return False
         if not (yield from p.call_object(name)) or not (yield from p.ws()):
             return False
@@ -153,7 +160,7 @@ def harmony(p: ToolParser) -> _Block:
     if got is None:
         return False
     name = re.split(r"[\s<]", got[0].strip(), maxsplit=1)[0]
-    if not p.allowed(name) or not (yield from p.ws()) or cur.s[cur.i] != "{":
+    if not _named(p, name) or not (yield from p.ws()) or cur.s[cur.i] != "{":
         return False
     if not (yield from p.call_object(name)) or not (yield from p.ws()):
         return False

@@ -260,3 +260,85 @@ def test_an_unknown_tool_parser_fails_before_loading(tiny_llama):
     result = CliRunner().invoke(main, ["serve", str(tiny_llama), "--tool-parser", "nope"])
     assert result.exit_code != 0
     assert "unknown tool-call format 'nope'" in result.output and "hermes" in result.output
+
+
+# ---------------------------------------------------------------- other call formats
+
+# What no client should see in content: the call markup of any family.
+MARKUP = ("<tool_call>", "<function=", "<parameter=", "<|tool_call|>", "<|channel|>", "<|message|>",
+          "<|call|>", "to=functions", "</")  # fmt: skip
+
+
+# Bounded numbers: random weights would otherwise write digits up to max_tokens.
+SMALL = {"type": "integer", "minimum": 0, "maximum": 99}
+BOUNDED_ADD = {**ADD, "properties": {"a": SMALL, "b": SMALL}}
+FAMILY_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "add", "parameters": BOUNDED_ADD}},
+]
+
+
+@pytest.fixture(scope="module", params=["qwen3_coder", "granite", "gpt_oss"])
+def family_client(request, tiny_llama, tmp_path_factory):
+    from fixtures.tool_models import family_checkpoint
+
+    out = tmp_path_factory.mktemp(request.param) / "model"
+    path = family_checkpoint(tiny_llama, out, request.param)
+    with serve_in_thread(make_app(path, context=2048)) as url:
+        yield request.param, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+
+
+def _stream_parts(stream):
+    """(content, reasoning, calls, finish_reason) of a streamed reply."""
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(
+        (c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+        for c in chunks
+        if c.choices
+    )
+    calls, finish = _reassemble(chunks)
+    return content, reasoning, calls, finish
+
+
+def test_family_forced_calls_stream_the_same_without_markup(family_client):
+    family, client = family_client
+    reply = _chat(client, tools=FAMILY_TOOLS, tool_choice="required", temperature=0, max_tokens=300)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", (family, choice)
+    assert not choice.message.content  # the call's markup never reaches content
+    reasoning = (choice.message.model_extra or {}).get("reasoning_content") or ""
+    assert not any(m in reasoning for m in MARKUP)
+    _check_calls(choice.message.tool_calls)
+    stream = _chat(
+        client,
+        tools=FAMILY_TOOLS,
+        tool_choice="required",
+        temperature=0,
+        max_tokens=300,
+        stream=True,
+    )
+    content, s_reasoning, calls, finish = _stream_parts(stream)
+    assert (content, finish) == ("", "tool_calls")
+    assert s_reasoning == reasoning
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in choice.message.tool_calls
+    ]
+    named = {"type": "function", "function": {"name": "add"}}
+    called = 0
+    for seed in range(3):
+        reply = _chat(client, tools=FAMILY_TOOLS, tool_choice=named, temperature=1.0, seed=seed,
+                      max_tokens=200)  # fmt: skip
+        message = reply.choices[0].message
+        assert not message.content
+        if reply.choices[0].finish_reason == "length":
+            # gpt-oss may reason first (the grammar allows an analysis message), and random
+            # weights seldom end it: the reply is then all reasoning, with no markup.
+            reasoning = message.model_extra["reasoning_content"]
+            assert family == "gpt_oss" and reasoning and message.tool_calls is None
+            assert not any(m in reasoning for m in MARKUP)
+            continue
+        assert reply.choices[0].finish_reason == "tool_calls"
+        _check_calls(message.tool_calls, names={"add"})
+        called += 1
+    assert called > 0

@@ -10,6 +10,7 @@ the others as JSON, so a value is read back by its parameter's schema type (`par
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections.abc import Callable, Generator, Mapping
@@ -167,7 +168,48 @@ def harmony(p: ToolParser) -> _Block:
     return (yield from p.literal((p.fmt.call_end or "",))) is not None
 
 
+def python_tag(p: ToolParser) -> _Block:
+    """After Llama 3's <|python_tag|>: JSON call objects, or a built-in tool's call as the 3.1
+    template writes it, NAME.call(key="value", ...), which runs to the end of the message."""
+    cur = p.cur
+    if not (yield from p.ws()):
+        return False
+    if cur.s[cur.i] == "{":
+        return (yield from p.bare())
+    text = ""
+    while True:  # the call is the rest of the message (it ends with <|eom_id|>)
+        text, cur.i = text + cur.s[cur.i :], len(cur.s)
+        if cur.eof:
+            break
+        yield
+    args = _builtin_call(text.strip())
+    if args is None or not _named(p, args[0]):
+        return False
+    call = p.open_call(args[0])
+    for key, value in args[1].items():
+        p.add_argument(call, key, value)
+    p.close_call(call)
+    return True
+
+
+def _builtin_call(text: str) -> tuple[str, dict[str, Any]] | None:
+    """(name, keyword arguments) of `name.call(k=literal, ...)`, else None."""
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return None
+    ok = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    if not ok or node.func.attr != "call" or not isinstance(node.func.value, ast.Name) or node.args:
+        return None
+    try:
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg}
+    except ValueError:
+        return None
+    return node.func.value.id, kwargs
+
+
 READERS: dict[str, Callable[[ToolParser], _Block]] = {
+    "python_tag": python_tag,
     "xml": qwen3_coder,
     "glm": glm45,
     "deepseek": deepseek,

@@ -177,10 +177,10 @@ class ToolParser:
 
     def _reader(self) -> _Block:
         """The block reader for what follows the format's call marker."""
-        if self.fmt.syntax != "json":
+        if self.fmt.syntax != "json" or self.fmt.name == "llama3":
             from .tool_readers import READERS
 
-            return READERS[self.fmt.syntax](self)
+            return READERS[self.fmt.syntax if self.fmt.syntax != "json" else "python_tag"](self)
         if self.fmt.call_end:
             return self._hermes()
         return self._mistral() if self.fmt.name in ("mistral", "granite") else self._bare()
@@ -302,6 +302,9 @@ class ToolParser:
             return False
         return (yield from self.literal((self.fmt.call_end or "",))) is not None
 
+    def bare(self) -> _Block:
+        return (yield from self._bare())
+
     def _bare(self, bare: bool = False) -> _Block:
         cur = self.cur
         if not (yield from self.ws()) or cur.s[cur.i] != "{":
@@ -309,13 +312,14 @@ class ToolParser:
         return (yield from self.call_object(need_args=bare))
 
     def _mistral(self) -> _Block:
+        """A call object, a list of them, or (Mistral v11+ only) name[ARGS]{...}."""
         cur = self.cur
         if not (yield from self.ws()):
             return False
         if cur.s[cur.i] == "{":
             return (yield from self.call_object())
         if cur.s[cur.i] != "[":
-            return (yield from self._named_call())
+            return self.fmt.name == "mistral" and (yield from self._named_call())
         cur.i += 1
         while True:  # [{call}, {call}, ...]
             if not (yield from self.ws()) or cur.s[cur.i] != "{":

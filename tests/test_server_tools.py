@@ -260,6 +260,8 @@ def test_an_unknown_tool_parser_fails_before_loading(tiny_llama):
     result = CliRunner().invoke(main, ["serve", str(tiny_llama), "--tool-parser", "nope"])
     assert result.exit_code != 0
     assert "unknown tool-call format 'nope'" in result.output and "hermes" in result.output
+    for name in ("qwen3_coder", "glm45", "deepseek_v3", "deepseek_v31", "granite", "gpt_oss"):
+        assert name in result.output
 
 
 # ---------------------------------------------------------------- other call formats
@@ -286,6 +288,18 @@ def family_client(request, tiny_llama, tmp_path_factory):
     path = family_checkpoint(tiny_llama, out, request.param)
     with serve_in_thread(make_app(path, context=2048)) as url:
         yield request.param, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+
+
+def test_new_tool_parser_names_pass_the_early_check(tmp_path):
+    from click.testing import CliRunner
+
+    from mlxrun.cli import main
+
+    for name in ("qwen3_coder", "glm45", "deepseek_v31", "gpt_oss", "openai"):
+        missing = str(tmp_path / "no-model")  # accepted names get as far as loading the model
+        result = CliRunner().invoke(main, ["serve", missing, "--tool-parser", name, "--port", "0"])
+        assert result.exit_code != 0 and "unknown tool-call format" not in result.output
+        assert "no-model" in result.output
 
 
 def _stream_parts(stream):

@@ -182,6 +182,7 @@ DS3 = tool_format_by_name("deepseek_v3")
 DS31 = tool_format_by_name("deepseek_v31")
 GRANITE = tool_format_by_name("granite")
 HARMONY = tool_format_by_name("gpt_oss")
+LLAMA = tool_format_by_name("llama3")
 HARMONY_REASONING = ReasoningFormat("<|channel|>analysis<|message|>", "<|end|>", kind="harmony")
 DS_BEGIN, DS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_CALL, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -251,7 +252,15 @@ def qwen_call(name: str, params: dict[str, str]) -> str:
             "",
             [("add", '{"a": 3}')],
         ),
+        (  # Llama 3.1's built-in tools: NAME.call(key="value") after <|python_tag|>
+            LLAMA,
+            '<|python_tag|>brave_search.call(query="weather in Paris", count=3)',
+            "",
+            [("brave_search", '{"query": "weather in Paris", "count": 3}')],
+        ),
         # Not calls: they come back as content, unchanged.
+        (LLAMA, '<|python_tag|>print("hi")', None, []),
+        (LLAMA, "<|python_tag|>brave_search.call(query=x)", None, []),
         (QWEN, qwen_call("rm_rf", {"path": "/"}), None, []),
         (QWEN, "<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n", None, []),
         (QWEN, "a <function=add> b <tool_cal", None, []),
@@ -263,9 +272,14 @@ def qwen_call(name: str, params: dict[str, str]) -> str:
 def test_parse_examples(
     fmt: ToolFormat, text: str, content: str | None, calls: list[tuple[str, str]]
 ) -> None:
-    got_content, got_calls = parse_tool_calls(fmt, text, tool_names=SCHEMAS)
+    names = {**SCHEMAS, "brave_search": {}}
+    got_content, got_calls = parse_tool_calls(fmt, text, tool_names=names)
     assert got_content == (text if content is None else content)
     assert pairs(got_calls) == calls
+    streamed, deltas, s_calls = stream(fmt, text, list(range(0, len(text), 3)), names)
+    assert (streamed, pairs(s_calls)) == (got_content, calls)
+    ids = {c.id for c in s_calls}
+    assert [(n, a) for i, n, a in reassemble(deltas) if i in ids] == calls
 
 
 def test_parameter_values_follow_the_schema_type() -> None:
@@ -436,9 +450,9 @@ def replies(draw: st.DrawFn, fmt: str) -> tuple[str, list[tuple[str, str]], str]
 
 
 def stream(
-    fmt: ToolFormat, text: str, cuts: list[int]
+    fmt: ToolFormat, text: str, cuts: list[int], names: dict | None = None
 ) -> tuple[str, list[ToolCallDelta], list[ToolCall]]:
-    parser = ToolParser(fmt)
+    parser = ToolParser(fmt, names)
     bounds = [0, *sorted(c % (len(text) + 1) for c in cuts), len(text)]
     content, deltas = [], []
     for a, b in zip(bounds, bounds[1:], strict=False):

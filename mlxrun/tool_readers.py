@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .reasoning import partial_marker_len
 from .tool_formats import DS_CALL_BEGIN, DS_CALL_END, DS_CALLS_END, DS_SEP
 
 if TYPE_CHECKING:
@@ -39,16 +40,24 @@ def _no_constant(text: str) -> Any:
     raise ValueError(text)  # NaN and Infinity are not JSON
 
 
-def parameter_value(text: str, schema: Mapping[str, Any] | None) -> Any:
-    """A parameter's raw text as its value: verbatim for string parameters, else the JSON (or
-    Python literal) it spells, else the text itself."""
+def is_string(schema: Mapping[str, Any] | None) -> bool:
+    """Whether a parameter's text is its value as it stands (the template wrote it raw)."""
     schema = schema if isinstance(schema, Mapping) else {}
     kind = schema.get("type")
     types = [kind] if isinstance(kind, str) else list(kind or [])
     enum = schema.get("enum")
-    if "string" in types or (
-        not types and isinstance(enum, list) and enum and all(isinstance(e, str) for e in enum)
-    ):
+    return "string" in types or (
+        not types
+        and isinstance(enum, list)
+        and bool(enum)
+        and all(isinstance(e, str) for e in enum)
+    )
+
+
+def parameter_value(text: str, schema: Mapping[str, Any] | None) -> Any:
+    """A parameter's raw text as its value: verbatim for string parameters, else the JSON (or
+    Python literal) it spells, else the text itself."""
+    if is_string(schema):
         return text
     try:
         return json.loads(text, parse_constant=_no_constant)
@@ -80,16 +89,42 @@ def qwen3_coder(p: ToolParser) -> _Block:
         if tag == "</function>":
             break
         key = yield from p.until((">",), _NAME_LIMIT)
-        value = None if key is None else (yield from p.until(("</parameter>",)))
-        if key is None or value is None:
+        if key is None or not (yield from _value(p, call, key[0].strip(), "</parameter>", True)):
             return False
-        text = value[0].removeprefix("\n").removesuffix("\n")  # the template's own newlines
-        k = key[0].strip()
-        p.add_argument(call, k, parameter_value(text, p.param_schema(name, k)))
     if not (yield from p.ws()) or (yield from p.literal((p.fmt.call_end or "",))) is None:
         return False
     p.close_call(call)
     return True
+
+
+def _value(p: ToolParser, call: Any, key: str, stop: str, newlines: bool) -> _Block:
+    """A parameter's text up to `stop`, as an argument of `call`. A string parameter streams as
+    it comes; `newlines`: the template put a line break either side of the value (dropped)."""
+    if not is_string(p.param_schema(call.name, key)):
+        got = yield from p.until((stop,))
+        if got is None:
+            return False
+        text = got[0].removeprefix("\n").removesuffix("\n") if newlines else got[0]
+        p.add_argument(call, key, parameter_value(text, p.param_schema(call.name, key)))
+        return True
+    p.add_argument(call, key, text=True)
+    cur, buf, lead = p.cur, "", newlines  # lead: a line break may still open the value
+    while (yield from p.need()):
+        buf, cur.i = buf + cur.s[cur.i :], len(cur.s)
+        if lead:
+            buf, lead = buf.removeprefix("\n"), False
+        at = buf.find(stop)
+        if at >= 0:
+            cur.i -= len(buf) - at - len(stop)  # the stop ends in this piece
+            text = buf[:at].removesuffix("\n") if newlines else buf[:at]
+            p.argument_text(call, json.dumps(text, ensure_ascii=False)[1:])  # and the quote
+            return True
+        cut = len(buf) - partial_marker_len(buf, stop)
+        if newlines and buf[:cut].endswith("\n"):
+            cut -= 1  # it may be the template's line break before the stop
+        p.argument_text(call, json.dumps(buf[:cut], ensure_ascii=False)[1:-1])
+        buf = buf[cut:]
+    return False
 
 
 def glm45(p: ToolParser) -> _Block:
@@ -106,11 +141,8 @@ def glm45(p: ToolParser) -> _Block:
             return False
         if (yield from p.literal(("<arg_value>",))) is None:
             return False
-        value = yield from p.until(("</arg_value>",))
-        if value is None:
+        if not (yield from _value(p, call, key[0].strip(), "</arg_value>", False)):
             return False
-        k = key[0].strip()
-        p.add_argument(call, k, parameter_value(value[0], p.param_schema(name, k)))
         if not (yield from p.ws()):
             return False
         stop = yield from p.literal(("<arg_key>", end))

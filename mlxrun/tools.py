@@ -276,18 +276,24 @@ class ToolParser:
         call = _Pending(name, index=self._next_index, id=new_call_id())
         self._next_index += 1
         self._deltas.append(ToolCallDelta(call.index, call.id, name, "{"))
+        call.pieces.append("{")
         return call
 
-    def add_argument(self, call: _Pending, key: str, value: Any) -> None:
-        text = json.dumps(key, ensure_ascii=False) + ": " + json.dumps(value, ensure_ascii=False)
-        piece = (", " if call.sent else "") + text
+    def add_argument(self, call: _Pending, key: str, value: Any = None, text: bool = False) -> None:
+        """`"key": value` (or, with `text`, `"key": "` and the string's characters to come)."""
+        head = json.dumps(key, ensure_ascii=False) + ": "
+        self.argument_text(call, (", " if call.sent else "") + head)
         call.sent += 1
-        call.pieces.append(piece)
-        self._deltas.append(ToolCallDelta(call.index, arguments=piece))
+        self.argument_text(call, '"' if text else json.dumps(value, ensure_ascii=False))
+
+    def argument_text(self, call: _Pending, piece: str) -> None:
+        if piece:
+            call.pieces.append(piece)
+            self._deltas.append(ToolCallDelta(call.index, arguments=piece))
 
     def close_call(self, call: _Pending) -> None:
-        self._deltas.append(ToolCallDelta(call.index, arguments="}"))
-        self._complete(call, "{" + "".join(call.pieces) + "}")
+        self.argument_text(call, "}")
+        self._complete(call, "".join(call.pieces))
 
     def _complete(self, call: _Pending, args: str) -> None:
         self._calls.append(ToolCall(call.id, call.name, args))

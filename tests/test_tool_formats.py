@@ -15,7 +15,7 @@ import json
 import jsonschema
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_tools import ARGS, SCHEMAS, TOOLS, ll_tokenizer, matcher, random_walk, reassemble
 
@@ -308,6 +308,60 @@ def test_qwen3_coder_streams_one_delta_per_parameter() -> None:
     assert parser.push("</tool_call>") == ("", [ToolCallDelta(0, arguments="}")])
     assert pairs(parser.calls) == [("add", '{"a": 42, "b": 1}')]
     assert parser.calls[0].id == deltas[0].id
+
+
+WRITE = {
+    "type": "object",
+    "properties": {
+        "path": {"type": "string"},
+        "text": {"type": "string"},
+        "n": {"type": "integer"},
+    },
+}
+
+
+def test_string_parameters_stream_as_they_come() -> None:
+    parser = ToolParser(QWEN, {"write": WRITE})
+    _, deltas = parser.push("<tool_call>\n<function=write>\n<parameter=text>\n")
+    assert [(d.name, d.arguments) for d in deltas] == [("write", '{"text": "')]
+    assert parser.push("def f():\n") == ("", [ToolCallDelta(0, arguments="def f():")])
+    # The line break may be the template's own, before </parameter>: it waits.
+    assert parser.push("    return 1 < 2\n</para") == (
+        "",
+        [ToolCallDelta(0, arguments="\\n    return 1 < 2")],
+    )
+    assert parser.push("meter>\n</function>\n</tool_call>") == (
+        "",
+        [ToolCallDelta(0, arguments='"}')],
+    )
+    assert pairs(parser.calls) == [("write", '{"text": "def f():\\n    return 1 < 2"}')]
+
+
+@pytest.mark.parametrize("fmt", [QWEN, GLM], ids=lambda f: f.name)
+@settings(max_examples=120, deadline=None)
+@given(
+    values=st.lists(
+        st.text('a<>/\n é"\\', max_size=12)
+        | st.sampled_from(["</parameter", "</arg_value", "\n\n", "</"]),
+        min_size=1,
+        max_size=3,
+    ),
+    n=st.integers(0, 99),
+    cuts=st.lists(st.integers(0, 10**6), max_size=12),
+)
+def test_string_parameters_split_anywhere(
+    fmt: ToolFormat, values: list[str], n: int, cuts: list[int]
+) -> None:
+    text = "".join(values)
+    assume("</parameter>" not in text and "</arg_value>" not in text)  # no way to write these
+    args = {"path": text, "n": n, "text": text[::-1]}
+    raw = {k: str(v) for k, v in args.items()}
+    call = render(fmt.name, [("write", raw)], 0)
+    content, calls = parse_tool_calls(fmt, call, {"write": WRITE})
+    assert (content, pairs(calls)) == ("", [("write", json.dumps(args, ensure_ascii=False))])
+    s_content, deltas, s_calls = stream(fmt, call, cuts, {"write": WRITE})
+    assert (s_content, pairs(s_calls)) == (content, pairs(calls))
+    assert reassemble(deltas) == [(c.id, c.name, c.arguments) for c in s_calls]
 
 
 # --- harmony channels -----------------------------------------------------------------------------

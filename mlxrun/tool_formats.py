@@ -50,7 +50,7 @@ class ToolFormat:
     args_marker: str | None = None  # "[ARGS]": the grammar writes name[ARGS]{...}
     call_id_marker: str | None = None  # "[CALL_ID]": ... and may put a call id before [ARGS]
     token_ids: tuple[tuple[str, int], ...] = ()  # markers that are added tokens, and their ids
-    syntax: str = "json"  # how a block reads: json, xml, glm, deepseek, harmony
+    syntax: str = "json"  # how a block reads: json, python_tag, xml, glm, deepseek, harmony
     markers: tuple[str, ...] = ()  # the syntax's other markers (matched as tokens when added)
     variant: str = ""  # deepseek: "v3" (fenced JSON after "function<sep>name") or "v31"
 
@@ -65,7 +65,9 @@ _FORMATS: dict[str, ToolFormat] = {
         syntax="glm",
         markers=("<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"),
     ),
-    "llama3": ToolFormat("llama3", "<|python_tag|>", args_key="parameters", bare_json=True),
+    "llama3": ToolFormat(
+        "llama3", "<|python_tag|>", args_key="parameters", bare_json=True, syntax="python_tag"
+    ),
     "mistral": ToolFormat("mistral", "[TOOL_CALLS]"),
     "granite": ToolFormat("granite", "<|tool_call|>"),
     "deepseek_v3": ToolFormat(

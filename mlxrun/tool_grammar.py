@@ -140,7 +140,7 @@ def _call_rule(fmt: ToolFormat, name: str, k: int, mark: Callable[[str | None], 
 
 def _start_rule(fmt: ToolFormat, parallel: bool, mark: Callable[[str | None], str]) -> str:
     """Calls as the format joins them (the chat templates' way)."""
-    if fmt.syntax != "json":
+    if fmt.syntax not in ("json", "python_tag"):
         return calls_rule(fmt, parallel, mark)
     if fmt.args_marker:
         return "call+" if parallel else "call"

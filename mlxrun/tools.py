@@ -22,6 +22,7 @@ from .jsonstream import WHITESPACE as _WS
 from .reasoning import partial_marker_len
 from .tool_formats import ToolFormat, detect_tool_format, tool_format_by_name
 from .tool_grammar import tool_call_grammar, tool_schemas
+from .tool_readers import READERS
 
 __all__ = [
     "ToolCall",
@@ -177,10 +178,8 @@ class ToolParser:
 
     def _reader(self) -> _Block:
         """The block reader for what follows the format's call marker."""
-        if self.fmt.syntax != "json" or self.fmt.name == "llama3":
-            from .tool_readers import READERS
-
-            return READERS[self.fmt.syntax if self.fmt.syntax != "json" else "python_tag"](self)
+        if self.fmt.syntax != "json":
+            return READERS[self.fmt.syntax](self)
         if self.fmt.call_end:
             return self._hermes()
         return self._mistral() if self.fmt.name in ("mistral", "granite") else self._bare()

@@ -217,7 +217,13 @@ class Tokenizer:
             ids.update(_config_eos_ids(self.path / name))
         templates = "".join(self._named_templates.values())
         vocab = self._vocab
-        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and t in templates)
+        # gpt-oss (harmony) ends every message with <|end|>, its turn only with <|return|>/<|call|>.
+        harmony = "<|channel|>" in templates
+        ids.update(
+            vocab[t]
+            for t in END_OF_TURN_TOKENS
+            if t in vocab and t in templates and not (harmony and t == "<|end|>")
+        )
         if self.fim_tokens is not None and self.fim_tokens.eot_id is not None:
             ids.add(self.fim_tokens.eot_id)
         return frozenset(ids)

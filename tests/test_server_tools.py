@@ -302,6 +302,31 @@ def test_new_tool_parser_names_pass_the_early_check(tmp_path):
         assert "no-model" in result.output
 
 
+def test_harmony_channels_split_into_reasoning_and_content(tiny_llama, tmp_path):
+    from fixtures.tool_models import family_checkpoint
+    from mlxrun.tokenizer import load_tokenizer
+
+    path = family_checkpoint(tiny_llama, tmp_path / "m", "gpt_oss")
+    vocab = load_tokenizer(path).backend.get_vocab()
+    t = {name: f"<[{vocab[f'<|{name}|>']}]>" for name in ("start", "channel", "message", "end")}
+    # The grammar makes random weights write what gpt-oss writes: analysis, then a final answer.
+    grammar = (
+        f'start: {t["channel"]} "analysis" {t["message"]} /[a-z ]{{3,20}}/ {t["end"]} '
+        f'{t["start"]} "assistant" {t["channel"]} "final" {t["message"]} /[a-z]{{1,8}}/'
+    )
+    with serve_in_thread(make_app(path)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        body = {"grammar": grammar}
+        reply = _chat(client, extra_body=body, temperature=1.0, seed=2, max_tokens=60)
+        message = reply.choices[0].message
+        reasoning = message.model_extra["reasoning_content"]
+        assert reasoning and set(reasoning) <= set("abcdefghijklmnopqrstuvwxyz ")
+        assert message.content.isalpha() and reply.choices[0].finish_reason == "stop"
+        stream = _chat(client, extra_body=body, temperature=1.0, seed=2, max_tokens=60, stream=True)
+        content, s_reasoning, calls, _ = _stream_parts(stream)
+        assert (content, s_reasoning, calls) == (message.content, reasoning, [])
+
+
 def _stream_parts(stream):
     """(content, reasoning, calls, finish_reason) of a streamed reply."""
     chunks = list(stream)

@@ -107,6 +107,15 @@ def test_family_templates_detect_their_format(family: str, family_toks) -> None:
     assert tool_format_by_name(family, tok) == fmt
 
 
+def test_harmony_messages_do_not_end_the_turn(family_toks) -> None:
+    """gpt-oss ends each message with <|end|> (Phi-3's end of turn) and its turn with <|return|>
+    or <|call|>: stopping at <|end|> would cut every reply after its analysis message."""
+    tok = family_toks["gpt_oss"]
+    vocab = tok.backend.get_vocab()
+    assert vocab["<|end|>"] not in tok.eos_token_ids
+    assert vocab["<|return|>"] in tok.eos_token_ids
+
+
 def test_new_names_and_aliases() -> None:
     for name, canonical in [
         ("qwen3_coder", "qwen3_coder"),

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .tool_formats import DS_CALL_BEGIN, DS_CALL_END, DS_SEP
+from .tool_readers import is_string
 
 if TYPE_CHECKING:
     from .tool_formats import ToolFormat
@@ -81,38 +82,32 @@ def key_value_rules(fmt: ToolFormat, funcs: list[tuple[str, dict]], mark: Mark) 
     return ["call: " + " | ".join(calls), *lines]
 
 
-def _is_string(prop: Mapping[str, Any]) -> bool:
-    """Whether the parser reads this parameter's text verbatim (tool_readers.parameter_value)."""
-    kind = prop.get("type")
-    types = [kind] if isinstance(kind, str) else list(kind or [])
-    enum = prop.get("enum")
-    return "string" in types or (
-        not types
-        and isinstance(enum, list)
-        and bool(enum)
-        and all(isinstance(e, str) for e in enum)
-    )
-
-
 def _value_rule(rule: str, prop: Mapping[str, Any], close: str, mark: Mark) -> str:
-    """`rule`: one parameter's value and the marker that closes it."""
-    if not _is_string(prop):
+    """`rule`: one parameter's value and the marker that closes it. A string is raw text: each of
+    its constraints (enum/const, pattern, length) is a regex the text must match."""
+    if not is_string(prop):
         schema = json.dumps({**prop, "x-guidance": _JSON_STYLE}, ensure_ascii=False)
         return f"{rule}: %json {schema} {mark(close)}"
     enum = prop.get("enum") if "const" not in prop else [prop["const"]]
+    bodies = [f"(?s:.){{{prop.get('minLength', 0)},{prop.get('maxLength', '')}}}"]
     if isinstance(enum, list):
-        body = "(?:" + "|".join(_re(str(e)) for e in enum if isinstance(e, str)) + ")"
-    elif isinstance(prop.get("pattern"), str):
-        body = "(?:" + prop["pattern"].replace("/", "\\/") + ")"
-    else:
-        low, high = prop.get("minLength", 0), prop.get("maxLength")
-        body = f"(?s:.){{{low},{'' if high is None else high}}}"
-    # The value may not hold its closing marker: the parser stops at the first one.
-    exclude = f"~/(?s:.*){_re(close.strip())}(?s:.*){_re(close.strip())}(?s:.*)/"
+        bodies.append("(?:" + "|".join(_re(e) for e in enum if isinstance(e, str)) + ")")
+    if isinstance(prop.get("pattern"), str):  # JSON Schema patterns search: unanchored
+        pattern = prop["pattern"].replace("/", "\\/")
+        head = "" if pattern.startswith("^") else "(?s:.)*"
+        tail = "" if pattern.endswith("$") and not pattern.endswith("\\$") else "(?s:.)*"
+        bodies.append(f"{head}(?:{pattern.removeprefix('^').removesuffix('$')}){tail}")
     if mark(close).startswith("<["):  # an added token ends it (text cannot spell it)
-        text = f"/(?s:{body})/ & ~/(?s:.*){_re(close)}(?s:.*)/"
-        return f"{rule}: {rule.upper()}_TEXT {mark(close)}\n{rule.upper()}_TEXT: {text}"
-    return f"{rule}[lazy]: /(?s:{body}){_re(close)}/ & {exclude}"
+        texts = [f"/(?s:{b})/" for b in bodies]
+        texts.append(f"~/(?s:.*){_re(close)}(?s:.*)/")
+        return (
+            f"{rule}: {rule.upper()}_TEXT {mark(close)}\n{rule.upper()}_TEXT: {' & '.join(texts)}"
+        )
+    # The value may not hold its closing marker: the parser stops at the first one.
+    end = _re(close.strip())
+    texts = [f"/(?s:{b}){_re(close)}/" for b in bodies]
+    texts.append(f"~/(?s:.*){end}(?s:.*){end}(?s:.*)/")
+    return f"{rule}[lazy]: {' & '.join(texts)}"
 
 
 # How chat templates write JSON values (tojson): one space after ":" and ",", nothing else.

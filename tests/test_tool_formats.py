@@ -594,3 +594,30 @@ def test_grammar_writes_the_template_layout(family_toks) -> None:
         assert (
             m.consume_tokens(tok.encode(text, add_special_tokens=False)) and m.is_accepting()
         ) == ok
+
+
+@pytest.mark.parametrize("family", ["qwen3_coder", "glm45"])
+def test_raw_string_constraints_hold(family: str, family_toks) -> None:
+    """Strings are written raw in these syntaxes, so their schema keywords become regexes."""
+    tag = {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 6},
+            "label": {"type": "string", "pattern": "x/y", "maxLength": 7},
+            "kind": {"const": "tag"},
+        },
+        "required": ["code", "label", "kind"],
+    }
+    tok = family_toks[family]
+    fmt = detect_tool_format(tok)
+    assert fmt is not None
+    lltok = ll_tokenizer(tok)
+    grammar = tool_call_grammar(fmt, [{"function": {"name": "tag", "parameters": tag}}])
+    rng = np.random.default_rng(3)
+    for _ in range(8):
+        text = tok.decode(random_walk(matcher(lltok, grammar), lltok, rng))
+        _, content = split(tok, text)
+        rest, calls = parse_tool_calls(fmt, content, tool_names={"tag": tag})
+        assert rest == "" and calls, text
+        for call in calls:
+            jsonschema.validate(json.loads(call.arguments), tag)

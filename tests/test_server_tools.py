@@ -327,6 +327,28 @@ def test_harmony_channels_split_into_reasoning_and_content(tiny_llama, tmp_path)
         assert (content, s_reasoning, calls) == (message.content, reasoning, [])
 
 
+def test_deepseek_tool_history_renders_with_text_arguments(tiny_llama, tmp_path):
+    """DeepSeek's templates concatenate a past call's arguments as text: the history renders."""
+    from fixtures.tool_models import family_checkpoint
+
+    path = family_checkpoint(tiny_llama, tmp_path / "m", "deepseek_v3")
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}  # fmt: skip
+    messages = [
+        {"role": "user", "content": "add 2 and 3"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    ]
+    with serve_in_thread(make_app(path)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        reply = _chat(client, messages=messages, tools=FAMILY_TOOLS, max_tokens=2, temperature=0)
+    from mlxrun.tokenizer import load_tokenizer
+
+    text = load_tokenizer(path).render_chat(messages, tools=FAMILY_TOOLS)
+    assert 'add\n```json\n{"a": 2, "b": 3}\n```' in text
+    assert reply.usage.prompt_tokens == len(load_tokenizer(path).encode(text, False))
+
+
 def _stream_parts(stream):
     """(content, reasoning, calls, finish_reason) of a streamed reply."""
     chunks = list(stream)

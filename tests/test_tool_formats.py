@@ -149,20 +149,13 @@ CALLS = [
 def test_template_rendered_calls_parse_back(family: str, family_toks) -> None:
     tok = family_toks[family]
     calls = CALLS[:1] if family == "gpt_oss" else CALLS  # harmony: one call per message
-    as_text = family.startswith("deepseek")  # DeepSeek's templates concatenate the JSON text
+    # Arguments as objects, the way the server hands them to templates (DeepSeek's templates
+    # concatenate them as text: the tokenizer then renders them as JSON text).
     reply = {
         "role": "assistant",
         "content": "",
         "tool_calls": [
-            {
-                "id": f"call{k}",
-                "type": "function",
-                "function": {
-                    "name": c["name"],
-                    "arguments": json.dumps(c["arguments"]) if as_text else c["arguments"],
-                },
-            }
-            for k, c in enumerate(calls)
+            {"id": f"call{k}", "type": "function", "function": c} for k, c in enumerate(calls)
         ],
     }
     history = [{"role": "user", "content": "Hi"}]

@@ -7,7 +7,7 @@ Formats (what the model writes):
                (Qwen3-Coder, Qwen3.5): string values raw, others as JSON
   glm45        <tool_call>f\\n<arg_key>k</arg_key>\\n<arg_value>value</arg_value>\\n</tool_call>  (GLM-4.5/4.6)
   llama3       {"name": "f", "parameters": {...}}   as the whole reply, optionally after <|python_tag|>,
-               several joined by "; "
+               several joined by "; "; or a built-in tool, <|python_tag|>f.call(k="v") (Llama 3.1)
   mistral      [TOOL_CALLS][{"name": "f", "arguments": {...}}, ...]   (v3, Nemo), or, from v11 on,
                [TOOL_CALLS]f[ARGS]{...}  (optionally f[CALL_ID]abcdefghi[ARGS]{...}), one per call
   granite      <|tool_call|>[{"name": "f", "arguments": {...}}, ...]   (Granite 3.x)
@@ -17,6 +17,8 @@ Formats (what the model writes):
   gpt_oss      <|channel|>commentary to=functions.f <|constrain|>json<|message|>{...}<|call|>  (harmony;
                the channel splitter in mlxrun.harmony hands call messages over in this form)
   json         a bare call object as the reply (templates that mention tools in no known syntax)
+Detection goes by template signatures, most specific first (Qwen3-Coder and GLM also write
+<tool_call>); the parser of a format reads every syntax of its family.
 """
 
 from __future__ import annotations

@@ -55,11 +55,16 @@ class ToolFormat:
     syntax: str = "json"  # how a block reads: json, python_tag, xml, glm, deepseek, harmony
     markers: tuple[str, ...] = ()  # the syntax's other markers (matched as tokens when added)
     variant: str = ""  # deepseek: "v3" (fenced JSON after "function<sep>name") or "v31"
+    alt_start: str | None = None  # a call the model began without call_start (read, not forced)
 
 
 _FORMATS: dict[str, ToolFormat] = {
     "hermes": ToolFormat("hermes", "<tool_call>", "</tool_call>"),
-    "qwen3_coder": ToolFormat("qwen3_coder", "<tool_call>", "</tool_call>", syntax="xml"),
+    # Qwen3-Coder often drops the opening <tool_call> (keeping the closing one): <function= alone
+    # opens a call too.
+    "qwen3_coder": ToolFormat(
+        "qwen3_coder", "<tool_call>", "</tool_call>", syntax="xml", alt_start="<function="
+    ),
     "glm45": ToolFormat(
         "glm45",
         "<tool_call>",

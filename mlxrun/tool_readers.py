@@ -67,13 +67,14 @@ def parameter_value(text: str, schema: Mapping[str, Any] | None) -> Any:
 
 def qwen3_coder(p: ToolParser) -> _Block:
     """<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n...</function>\\n</tool_call>;
-    a hermes JSON object in the block is read too (the family's older syntax)."""
-    cur = p.cur
-    if not (yield from p.ws()):
+    a hermes JSON object in the block is read too (the family's older syntax), and so is a bare
+    <function=...></function> (the model dropped <tool_call>), with the orphan </tool_call>."""
+    cur, bare = p.cur, p.opened_by == p.fmt.alt_start
+    if not bare and not (yield from p.ws()):
         return False
-    if cur.s[cur.i] == "{":
+    if not bare and cur.s[cur.i] == "{":
         return (yield from p.hermes())
-    if (yield from p.literal(("<function=",))) is None:
+    if not bare and (yield from p.literal(("<function=",))) is None:
         return False
     got = yield from p.until((">",), _NAME_LIMIT)
     if got is None or not _named(p, got[0].strip()):
@@ -91,9 +92,12 @@ def qwen3_coder(p: ToolParser) -> _Block:
         key = yield from p.until((">",), _NAME_LIMIT)
         if key is None or not (yield from _value(p, call, key[0].strip(), "</parameter>", True)):
             return False
+    if bare:
+        p.close_call(call)  # complete: what follows is content unless it is the orphan tag
     if not (yield from p.ws()) or (yield from p.literal((p.fmt.call_end or "",))) is None:
         return False
-    p.close_call(call)
+    if not bare:
+        p.close_call(call)
     return True
 
 

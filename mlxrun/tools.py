@@ -85,7 +85,8 @@ class ToolParser:
         self.fmt = fmt
         self._names = None if tool_names is None else frozenset(tool_names)
         self._params = dict(tool_names) if isinstance(tool_names, Mapping) else {}
-        self._markers = (fmt.call_start,) if fmt.call_start else ()
+        self._markers = tuple(m for m in (fmt.call_start, fmt.alt_start) if m)
+        self.opened_by = ""  # the marker that opened the block being read
         self.cur = Cursor()
         self._held = ""  # undecided content: trailing whitespace, a partial marker
         self._lead = fmt.bare_json  # a bare JSON call may start here
@@ -164,6 +165,7 @@ class ToolParser:
             text = s[i:at].rstrip(_WS)
             self._content.append(text)
             end = at + len(marker)
+            self.opened_by = marker
             self._start(self._reader(), s[i + len(text) : end], end)
             return at + len(marker)
         if eof:

@@ -221,6 +221,13 @@ def qwen_call(name: str, params: dict[str, str]) -> str:
             "",
             [("get_weather", '{"city": "a\\nb"}'), ("add", '{"a": 1}')],
         ),
+        (  # Qwen3-Coder's common slip: no opening <tool_call>, an orphan closing one
+            QWEN,
+            "I'll check.\n\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n"
+            "</function>\n</tool_call>\n<function=add>\n</function> Done.",
+            "I'll check.Done.",
+            [("get_weather", '{"city": "Oslo"}'), ("add", "{}")],
+        ),
         (
             GLM,
             "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value> 7 </arg_value>\n"
@@ -266,6 +273,7 @@ def qwen_call(name: str, params: dict[str, str]) -> str:
         (QWEN, qwen_call("rm_rf", {"path": "/"}), None, []),
         (QWEN, "<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n", None, []),
         (QWEN, "a <function=add> b <tool_cal", None, []),
+        (QWEN, "<function=rm_rf>\n</function>\n</tool_call>", None, []),  # not a tool
         (GLM, "<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>1", None, []),
         (DS31, f"{DS_BEGIN}{DS_CALL}add{DS_SEP}[1]{DS_CALL_END}{DS_END}", None, []),
         (HARMONY, "<|channel|>commentary to=functions.nope <|message|>{}<|call|>", None, []),

@@ -6,9 +6,10 @@ The generation prompt ends with `<|start|>assistant`; the model then writes mess
   <|start|>assistant<|channel|>commentary to=functions.f <|constrain|>json<|message|>{...}<|call|>
 (or, as the chat template writes past calls, `<|start|>assistant to=functions.f<|channel|>commentary
 json<|message|>`). The analysis channel is reasoning; final and recipient-less commentary (preambles)
-are content; a message to a recipient is a tool call, handed to the tool parser as content in one
-canonical form, `<|channel|>commentary to=RECIPIENT <|constrain|>json<|message|>BODY<|call|>`, so that
-it reads one syntax (tool_formats' gpt_oss). Text that does not open with a header is plain content.
+are content; a message to a functions.* recipient is a tool call (one to a built-in tool, browser
+or python, counts as reasoning), handed to the tool parser as content in one canonical form,
+`<|channel|>commentary to=RECIPIENT <|constrain|>json<|message|>BODY<|call|>`, so that it reads
+one syntax (tool_formats' gpt_oss). Text that does not open with a header is plain content.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ class HarmonySplitter:
         recipient = _RECIPIENT.search(header)
         self._channel = channel.group(1) if channel else ""
         self._recipient = recipient.group(1) if recipient else None
+        if self._recipient and not self._recipient.startswith("functions."):
+            # A built-in tool (browser, python) the client cannot run: the model's own work.
+            self._channel, self._recipient = "analysis", None
         if self._recipient:
             content.append(
                 f"<|channel|>commentary to={self._recipient} <|constrain|>json{_MESSAGE}"

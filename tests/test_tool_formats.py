@@ -393,6 +393,11 @@ def test_string_parameters_split_anywhere(
             "Let me look. <|channel|>commentary to=functions.f <|constrain|>json<|message|>"
             '{"a": 1}<|call|>',
         ),
+        (  # built-in tools (python, browser) are the model's own work: reasoning
+            "<|channel|>analysis to=python code<|message|>print(1)<|call|>",
+            "print(1)",
+            "",
+        ),
         ("Plain text, no channels.", "", "Plain text, no channels."),
         ("<|channel|>analysis<|message|>cut off", "cut off", ""),
     ],

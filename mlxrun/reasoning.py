@@ -1,4 +1,5 @@
-"""Reasoning models: split `<think>…</think>` out of generated text, streaming.
+"""Reasoning models: split `<think>…</think>` out of generated text, streaming (and gpt-oss's
+harmony channels, through mlxrun.harmony: the analysis channel is reasoning, final is content).
 
 The block counts only at the start of the output (after whitespace), or from the first token when
 the prompt already opened it (`starts_open`: DeepSeek-R1 style templates end with "<think>\\n").
@@ -24,6 +25,7 @@ class ReasoningFormat:
     end: str = "</think>"
     starts_open: bool = False  # the generation prompt already opened the block
     token_ids: tuple[tuple[str, int], ...] = ()  # markers that are added tokens, and their ids
+    kind: str = "think"  # "think" (start/end markers) or "harmony" (channels)
 
 
 def template_texts(tokenizer: Any) -> list[str]:
@@ -48,10 +50,15 @@ def detect_reasoning(tokenizer: Any, prompt_text: str | None = None) -> Reasonin
     rendered prompt ends with the start marker (plus whitespace)."""
     vocab = tokenizer.backend.get_vocab()
     templates = "\n".join(template_texts(tokenizer))
+    added = {t.content: i for i, t in tokenizer.backend.added_tokens_decoder.items()}
+    if all(m in templates for m in ("<|channel|>", "<|message|>", "analysis")):
+        from .harmony import HARMONY_TOKENS
+
+        ids = tuple((m, added[m]) for m in HARMONY_TOKENS if m in added)
+        return ReasoningFormat("<|channel|>analysis<|message|>", "<|end|>", False, ids, "harmony")
     for start, end in _MARKERS:
         if (start in vocab and end in vocab) or (start in templates and end in templates):
             is_open = prompt_text is not None and prompt_text.rstrip(_WS).endswith(start)
-            added = {t.content: i for i, t in tokenizer.backend.added_tokens_decoder.items()}
             ids = tuple((m, added[m]) for m in (start, end) if m in added)
             return ReasoningFormat(start, end, is_open, ids)
     return None
@@ -65,6 +72,10 @@ def think_rules(fmt: ReasoningFormat) -> str:
     def mark(m: str) -> str:  # an added token must be matched as one
         return f"<[{ids[m]}]>" if m in ids else json.dumps(m)
 
+    if fmt.kind == "harmony":  # an analysis message, then the header of the next one
+        head = f'{mark("<|channel|>")} "analysis" {mark("<|message|>")}'
+        after = f'{mark("<|end|>")} {mark("<|start|>")} "assistant"'
+        return f"think: ({head} THINK_TEXT {after})?\nTHINK_TEXT: /(.|\\n)*/\n"
     if fmt.end in ids:
         body, text = f"THINK_TEXT {mark(fmt.end)}", "THINK_TEXT: /(.|\\n)*/"
     else:  # the shortest text that ends with the end marker
@@ -91,18 +102,27 @@ class ReasoningParser:
 
     def __init__(self, fmt: ReasoningFormat):
         self.fmt = fmt
+        self._channels = None
+        if fmt.kind == "harmony":
+            from .harmony import HarmonySplitter
+
+            self._channels = HarmonySplitter()
         self.state = _THINK if fmt.starts_open else _START
         self._held = ""  # text not yet assigned to either side
         self._strip = True  # drop whitespace at the start of the current side
 
     @property
     def in_reasoning(self) -> bool:
-        return self.state == _THINK
+        return self._channels.in_reasoning if self._channels else self.state == _THINK
 
     def push(self, text: str) -> tuple[str, str]:
+        if self._channels:
+            return self._channels.push(text)
         return self._feed(self._held + text, eof=False)
 
     def finish(self) -> tuple[str, str]:
+        if self._channels:
+            return self._channels.finish()
         return self._feed(self._held, eof=True)
 
     def _feed(self, s: str, eof: bool) -> tuple[str, str]:

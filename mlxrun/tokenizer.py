@@ -222,7 +222,13 @@ class Tokenizer:
             ids.update(_config_eos_ids(self.path / name))
         templates = "".join(self._named_templates.values())
         vocab = self._vocab
-        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and t in templates)
+        # gpt-oss (harmony) ends every message with <|end|>, its turn only with <|return|>/<|call|>.
+        harmony = "<|channel|>" in templates
+        ids.update(
+            vocab[t]
+            for t in END_OF_TURN_TOKENS
+            if t in vocab and t in templates and not (harmony and t == "<|end|>")
+        )
         if self.fim_tokens is not None and self.fim_tokens.eot_id is not None:
             ids.add(self.fim_tokens.eot_id)
         return frozenset(ids)
@@ -388,6 +394,11 @@ class Tokenizer:
                 hint="Check the order of roles and the message fields this model accepts.",
             ) from None
         except (TypeError, ValueError) as e:  # e.g. an empty list, content of the wrong type
+            as_text = _text_arguments(messages)
+            if as_text is not None:  # DeepSeek's templates concatenate arguments as JSON text
+                return self._apply(
+                    as_text, tools, add_generation_prompt, continue_final, tokenize, kwargs
+                )
             raise InvalidRequestError(
                 f"cannot render the messages: {e}", param="messages"
             ) from None
@@ -494,3 +505,23 @@ def load_tokenizer(path: Path, eos_token_ids: Iterable[int] | None = None) -> To
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"cannot load the tokenizer in {path}: {e}") from e
     return Tokenizer(backend, path, eos_token_ids or ())
+
+
+def _text_arguments(messages: Sequence[Mapping[str, Any]]) -> list[dict] | None:
+    """`messages` with tool-call arguments given as JSON text instead of objects; None when no
+    call has object arguments."""
+    out, changed = [], False
+    for message in messages:
+        calls = message.get("tool_calls") if isinstance(message, Mapping) else None
+        if not isinstance(calls, list):
+            out.append(message)
+            continue
+        new_calls = []
+        for call in calls:
+            fn = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(fn, Mapping) and isinstance(fn.get("arguments"), Mapping):
+                text = json.dumps(fn["arguments"], ensure_ascii=False)
+                call, changed = {**call, "function": {**fn, "arguments": text}}, True
+            new_calls.append(call)
+        out.append({**message, "tool_calls": new_calls})
+    return out if changed else None

@@ -12,11 +12,12 @@ from llguidance import LLMatcher
 
 from .errors import InvalidRequestError
 from .reasoning import ReasoningFormat, think_rules
+from .tool_grammar_kv import calls_rule, key_value_rules, named_call_rule
 
 if TYPE_CHECKING:  # tools.py re-exports tool_call_grammar, so no import of it at run time
     from .tools import ToolFormat
 
-__all__ = ["tool_call_grammar"]
+__all__ = ["tool_call_grammar", "tool_schemas"]
 
 # How the chat templates write arguments (tojson): one space after ":" and ",", no other whitespace.
 _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -42,6 +43,11 @@ def _functions(tools: Sequence[Mapping]) -> list[tuple[str, dict]]:
         style = {**_JSON_STYLE, **extra} if isinstance(extra, Mapping) else _JSON_STYLE
         out.append((name, {**params, "type": "object", "x-guidance": style}))
     return out
+
+
+def tool_schemas(tools: Sequence[Mapping] | None) -> dict[str, dict]:
+    """Each tool's name -> its parameters schema (what ToolParser reads key/value calls by)."""
+    return dict(_functions(tools or []))
 
 
 def _check(grammar: str, what: str) -> None:
@@ -94,9 +100,13 @@ def tool_call_grammar(
     lines = [
         "start: think calls" if reasoning else "start: calls",
         f"calls: {_start_rule(fmt, parallel, mark)}",
-        "call: " + " | ".join(_call_rule(fmt, name, k, mark) for k, (name, _) in enumerate(funcs)),
-        *(f"args{k}: %json {schema}" for k, schema in enumerate(schemas)),
     ]
+    if fmt.syntax in ("xml", "glm"):  # one rule per parameter, values written raw or as JSON
+        lines += key_value_rules(fmt, funcs, mark)
+    else:
+        calls = (_call_rule(fmt, name, k, mark) for k, (name, _) in enumerate(funcs))
+        lines.append("call: " + " | ".join(calls))
+        lines += (f"args{k}: %json {schema}" for k, schema in enumerate(schemas))
     if fmt.args_marker and fmt.call_id_marker:
         lines.append("CALL_ID: /[A-Za-z0-9]{9}/")  # Mistral's call ids: 9 letters or digits
     grammar = "\n".join(lines) + "\n" + (think_rules(reasoning) if reasoning else "")
@@ -110,6 +120,8 @@ def tool_call_grammar(
 
 
 def _call_rule(fmt: ToolFormat, name: str, k: int, mark: Callable[[str | None], str]) -> str:
+    if fmt.syntax in ("deepseek", "harmony"):
+        return named_call_rule(fmt, name, f"args{k}", mark)
     head = '{"name": ' + _lit(name) + ', "' + fmt.args_key + '": '
     if fmt.call_end:
         parts = (
@@ -128,11 +140,13 @@ def _call_rule(fmt: ToolFormat, name: str, k: int, mark: Callable[[str | None], 
 
 def _start_rule(fmt: ToolFormat, parallel: bool, mark: Callable[[str | None], str]) -> str:
     """Calls as the format joins them (the chat templates' way)."""
+    if fmt.syntax not in ("json", "python_tag"):
+        return calls_rule(fmt, parallel, mark)
     if fmt.args_marker:
         return "call+" if parallel else "call"
     if fmt.call_end:
         return 'call ("\\n" call)*' if parallel else "call"
-    if fmt.name == "mistral":
+    if fmt.name in ("mistral", "granite"):
         calls = 'call (", " call)*' if parallel else "call"
         return f'{mark(fmt.call_start)} " "? "[" {calls} "]"'
     return 'call ("; " call)*' if parallel else "call"

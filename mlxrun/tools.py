@@ -1,36 +1,28 @@
-"""Tool calls on the model side: which syntax a checkpoint writes calls in, a streaming parser from
-generated text to OpenAI-style calls, and (from tool_grammar) a llguidance grammar that forces a
-valid call.
+"""Tool calls on the model side: a streaming parser from generated text to OpenAI-style calls.
+Which syntax a checkpoint writes calls in is tool_formats' business (formats listed there); the
+grammar that forces a valid call is tool_grammar's; readers for the non-JSON syntaxes (XML
+parameters, DeepSeek, harmony) live in tool_readers and drive this parser's cursor.
 
-Formats (what the model writes):
-  hermes   <tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>   (Qwen, Hermes; repeated)
-  llama3   {"name": "f", "parameters": {...}}   as the whole reply, optionally after <|python_tag|>,
-           several joined by "; "
-  mistral  [TOOL_CALLS][{"name": "f", "arguments": {...}}, ...]   (v3, Nemo), or, from v11 on,
-           [TOOL_CALLS]f[ARGS]{...}  (optionally f[CALL_ID]abcdefghi[ARGS]{...}), one per call
-  json     a bare call object as the reply (templates that mention tools in no known syntax)
-The parser reads every syntax of its format's family and takes "arguments" or "parameters".
-
-Arguments come out normalised, as json.dumps(..., ensure_ascii=False) writes them: the JSON is
+JSON arguments come out normalised, as json.dumps(..., ensure_ascii=False) writes them: the JSON is
 re-written while it streams (jsonstream.JsonReader), so argument deltas can be sent before a call
-ends and still add up to ToolCall.arguments.
+ends and still add up to ToolCall.arguments. Key/value syntaxes send one delta per parameter.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import string
-from collections.abc import Callable, Collection, Generator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Collection, Generator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import InvalidRequestError
 from .jsonstream import DONE, ERROR, VALUE_END, VALUE_START, Cursor, JsonReader
 from .jsonstream import WHITESPACE as _WS
-from .reasoning import partial_marker_len, template_texts
-from .tool_grammar import tool_call_grammar
+from .reasoning import partial_marker_len
+from .tool_formats import ToolFormat, detect_tool_format, tool_format_by_name
+from .tool_grammar import tool_call_grammar, tool_schemas
+from .tool_readers import READERS
 
 __all__ = [
     "ToolCall",
@@ -42,6 +34,7 @@ __all__ = [
     "parse_tool_calls",
     "tool_call_grammar",
     "tool_format_by_name",
+    "tool_schemas",
 ]
 
 _ARGS_KEYS = ("arguments", "parameters")
@@ -64,75 +57,8 @@ class ToolCallDelta:
     arguments: str = ""
 
 
-@dataclass(frozen=True)
-class ToolFormat:
-    name: str  # "hermes", "llama3", "mistral", "json"
-    call_start: str | None  # the marker that opens a call block
-    call_end: str | None = None  # the marker that closes it
-    args_key: str = "arguments"  # the member the grammar writes the arguments under
-    bare_json: bool = False  # a call may be a bare JSON object (reply start, or after a call)
-    args_marker: str | None = None  # "[ARGS]": the grammar writes name[ARGS]{...}
-    call_id_marker: str | None = None  # "[CALL_ID]": ... and may put a call id before [ARGS]
-    token_ids: tuple[tuple[str, int], ...] = ()  # markers that are added tokens, and their ids
-
-
-_FORMATS: dict[str, ToolFormat] = {
-    "hermes": ToolFormat("hermes", "<tool_call>", "</tool_call>"),
-    "llama3": ToolFormat("llama3", "<|python_tag|>", args_key="parameters", bare_json=True),
-    "mistral": ToolFormat("mistral", "[TOOL_CALLS]"),
-    "json": ToolFormat("json", None, bare_json=True),
-}
-_ALIASES = {"qwen": "hermes", "llama": "llama3", "llama3_json": "llama3"}
-
-
 def new_call_id() -> str:
     return "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
-
-
-# --- which format ---------------------------------------------------------------------------------
-
-
-def _bind(fmt: ToolFormat, tokenizer: Any) -> ToolFormat:
-    """`fmt` with the Mistral variant and the marker token ids of this tokenizer."""
-    templates = "\n".join(template_texts(tokenizer))
-    if fmt.name == "mistral":  # v7 vocabularies reserve [ARGS] but their templates write lists
-        args = "[ARGS]" if "[ARGS]" in templates else None
-        call_id = "[CALL_ID]" if args and "[CALL_ID]" in templates else None
-        fmt = replace(fmt, args_marker=args, call_id_marker=call_id)
-    added = {t.content: i for i, t in tokenizer.backend.added_tokens_decoder.items()}
-    markers = (fmt.call_start, fmt.call_end, fmt.args_marker, fmt.call_id_marker)
-    ids = tuple((m, added[m]) for m in markers if m is not None and m in added)
-    return replace(fmt, token_ids=ids)
-
-
-def detect_tool_format(tokenizer: Any) -> ToolFormat | None:
-    """The format the chat template asks for, else (if it mentions tools) the vocabulary's."""
-    templates = "\n".join(template_texts(tokenizer))
-    if "[TOOL_CALLS]" in templates:
-        name = "mistral"
-    elif "<tool_call>" in templates:
-        name = "hermes"
-    elif "<|python_tag|>" in templates or '"parameters"' in templates:
-        name = "llama3"
-    elif re.search(r"\btools\b", templates):
-        vocab = tokenizer.backend.get_vocab()
-        markers = {"[TOOL_CALLS]": "mistral", "<tool_call>": "hermes", "<|python_tag|>": "llama3"}
-        name = next((n for m, n in markers.items() if m in vocab), "json")
-    else:
-        return None
-    return _bind(_FORMATS[name], tokenizer)
-
-
-def tool_format_by_name(name: str, tokenizer: Any = None) -> ToolFormat:
-    """A format by name (--tool-parser), bound to `tokenizer` when given."""
-    fmt = _FORMATS.get(_ALIASES.get(name, name))
-    if fmt is None:
-        raise InvalidRequestError(
-            f"unknown tool-call format {name!r}",
-            param="tool_parser",
-            hint=f"Use one of: {', '.join(sorted(_FORMATS))}.",
-        )
-    return fmt if tokenizer is None else _bind(fmt, tokenizer)
 
 
 # --- parsing --------------------------------------------------------------------------------------
@@ -151,11 +77,17 @@ class ToolParser:
     ToolCall in `calls`: `calls` is the authority on complete calls.
     """
 
-    def __init__(self, fmt: ToolFormat, tool_names: Collection[str] | None = None):
+    def __init__(
+        self, fmt: ToolFormat, tool_names: Collection[str] | Mapping[str, Any] | None = None
+    ):
+        """`tool_names`: the callable names, or a mapping of them to their parameters schemas
+        (which key/value syntaxes need to tell a string "1" from the number 1)."""
         self.fmt = fmt
         self._names = None if tool_names is None else frozenset(tool_names)
-        self._markers = (fmt.call_start,) if fmt.call_start else ()
-        self._cur = Cursor()
+        self._params = dict(tool_names) if isinstance(tool_names, Mapping) else {}
+        self._markers = tuple(m for m in (fmt.call_start, fmt.alt_start) if m)
+        self.opened_by = ""  # the marker that opened the block being read
+        self.cur = Cursor()
         self._held = ""  # undecided content: trailing whitespace, a partial marker
         self._lead = fmt.bare_json  # a bare JSON call may start here
         self._after_call = False  # whitespace (and ";") here follows a call: dropped
@@ -232,13 +164,9 @@ class ToolParser:
         if at >= 0:
             text = s[i:at].rstrip(_WS)
             self._content.append(text)
-            block = (
-                self._hermes()
-                if self.fmt.call_end
-                else (self._mistral() if self.fmt.name == "mistral" else self._bare())
-            )
             end = at + len(marker)
-            self._start(block, s[i + len(text) : end], end)
+            self.opened_by = marker
+            self._start(self._reader(), s[i + len(text) : end], end)
             return at + len(marker)
         if eof:
             self._content.append(s[i:])
@@ -250,6 +178,14 @@ class ToolParser:
         self._held = s[cut:]
         return len(s)
 
+    def _reader(self) -> _Block:
+        """The block reader for what follows the format's call marker."""
+        if self.fmt.syntax != "json":
+            return READERS[self.fmt.syntax](self)
+        if self.fmt.call_end:
+            return self._hermes()
+        return self._mistral() if self.fmt.name in ("mistral", "granite") else self._bare()
+
     def _start(self, block: _Block, head: str, raw_from: int) -> None:
         self._block, self._head, self._raw, self._raw_from = block, head, [], raw_from
         self._block_calls = 0
@@ -257,7 +193,7 @@ class ToolParser:
 
     def _run_block(self, s: str, i: int, eof: bool) -> tuple[str, int]:
         """Feed the block; returns the text and position to go on from."""
-        cur = self._cur
+        cur = self.cur
         cur.s, cur.i, cur.eof = s, i, eof
         try:
             self._block.send(None)  # type: ignore[union-attr]
@@ -276,28 +212,29 @@ class ToolParser:
         self._raw_from = 0
         return s, len(s)
 
-    # Block readers: generators over self._cur that yield when they need more text and return
-    # whether the block was well formed.
+    # Block readers: generators over self.cur that yield when they need more text and return
+    # whether the block was well formed. need/ws/literal/until/call_object and the call
+    # builders below are also what tool_readers' readers are made of.
 
-    def _need(self) -> _Block:
-        cur = self._cur
+    def need(self) -> _Block:
+        cur = self.cur
         while cur.i >= len(cur.s):
             if cur.eof:
                 return False
             yield
         return True
 
-    def _ws(self) -> _Block:
-        cur = self._cur
-        while (yield from self._need()):
+    def ws(self) -> _Block:
+        cur = self.cur
+        while (yield from self.need()):
             if cur.s[cur.i] not in _WS:
                 return True
             cur.i += 1
         return False
 
-    def _literal(self, options: tuple[str, ...]) -> Generator[None, None, str | None]:
-        cur, got = self._cur, ""
-        while (yield from self._need()):
+    def literal(self, options: tuple[str, ...]) -> Generator[None, None, str | None]:
+        cur, got = self.cur, ""
+        while (yield from self.need()):
             got += cur.s[cur.i]
             if not any(o.startswith(got) for o in options):
                 return None
@@ -306,33 +243,95 @@ class ToolParser:
                 return got
         return None
 
+    def until(
+        self, stops: tuple[str, ...], limit: int | None = None
+    ) -> Generator[None, None, tuple[str, str] | None]:
+        """The text up to the first of `stops`, and that stop (both consumed); None at the end of
+        the text or past `limit` characters."""
+        cur, got = self.cur, ""
+        while (yield from self.need()):
+            start = len(got)
+            got += cur.s[cur.i :]
+            cur.i = len(cur.s)
+            found = [(got.find(t, max(0, start - len(t) + 1)), t) for t in stops]
+            at, stop = min(((a, t) for a, t in found if a >= 0), default=(-1, ""))
+            if at >= 0:
+                cur.i -= (
+                    len(got) - at - len(stop)
+                )  # the stop ends in this piece: give back the rest
+                return got[:at], stop
+            if limit is not None and len(got) > limit + max(map(len, stops)):
+                return None
+        return None
+
+    def hermes(self) -> _Block:
+        return (yield from self._hermes())
+
+    def param_schema(self, name: str, key: str) -> Mapping[str, Any] | None:
+        """The schema of parameter `key` of tool `name`, when known."""
+        props = self._params.get(name, {}).get("properties")
+        return props.get(key) if isinstance(props, Mapping) else None
+
+    def open_call(self, name: str) -> _Pending:
+        """A call whose arguments come as key/value pairs: its first delta goes out now."""
+        call = _Pending(name, index=self._next_index, id=new_call_id())
+        self._next_index += 1
+        self._deltas.append(ToolCallDelta(call.index, call.id, name, "{"))
+        call.pieces.append("{")
+        return call
+
+    def add_argument(self, call: _Pending, key: str, value: Any = None, text: bool = False) -> None:
+        """`"key": value` (or, with `text`, `"key": "` and the string's characters to come)."""
+        head = json.dumps(key, ensure_ascii=False) + ": "
+        self.argument_text(call, (", " if call.sent else "") + head)
+        call.sent += 1
+        self.argument_text(call, '"' if text else json.dumps(value, ensure_ascii=False))
+
+    def argument_text(self, call: _Pending, piece: str) -> None:
+        if piece:
+            call.pieces.append(piece)
+            self._deltas.append(ToolCallDelta(call.index, arguments=piece))
+
+    def close_call(self, call: _Pending) -> None:
+        self.argument_text(call, "}")
+        self._complete(call, "".join(call.pieces))
+
+    def _complete(self, call: _Pending, args: str) -> None:
+        self._calls.append(ToolCall(call.id, call.name, args))
+        self._head, self._raw, self._raw_from = "", [], self.cur.i
+        self._block_calls += 1
+
     def _hermes(self) -> _Block:
-        cur = self._cur
-        if not (yield from self._ws()) or cur.s[cur.i] != "{":
+        cur = self.cur
+        if not (yield from self.ws()) or cur.s[cur.i] != "{":
             return False
-        if not (yield from self._call_object()) or not (yield from self._ws()):
+        if not (yield from self.call_object()) or not (yield from self.ws()):
             return False
-        return (yield from self._literal((self.fmt.call_end or "",))) is not None
+        return (yield from self.literal((self.fmt.call_end or "",))) is not None
+
+    def bare(self) -> _Block:
+        return (yield from self._bare())
 
     def _bare(self, bare: bool = False) -> _Block:
-        cur = self._cur
-        if not (yield from self._ws()) or cur.s[cur.i] != "{":
+        cur = self.cur
+        if not (yield from self.ws()) or cur.s[cur.i] != "{":
             return False
-        return (yield from self._call_object(need_args=bare))
+        return (yield from self.call_object(need_args=bare))
 
     def _mistral(self) -> _Block:
-        cur = self._cur
-        if not (yield from self._ws()):
+        """A call object, a list of them, or (Mistral v11+ only) name[ARGS]{...}."""
+        cur = self.cur
+        if not (yield from self.ws()):
             return False
         if cur.s[cur.i] == "{":
-            return (yield from self._call_object())
+            return (yield from self.call_object())
         if cur.s[cur.i] != "[":
-            return (yield from self._named_call())
+            return self.fmt.name == "mistral" and (yield from self._named_call())
         cur.i += 1
         while True:  # [{call}, {call}, ...]
-            if not (yield from self._ws()) or cur.s[cur.i] != "{":
+            if not (yield from self.ws()) or cur.s[cur.i] != "{":
                 return False
-            if not (yield from self._call_object()) or not (yield from self._ws()):
+            if not (yield from self.call_object()) or not (yield from self.ws()):
                 return False
             c = cur.s[cur.i]
             if c not in ",]":
@@ -343,37 +342,37 @@ class ToolParser:
 
     def _named_call(self) -> _Block:
         """name[ARGS]{...}, name[CALL_ID]id[ARGS]{...} or name{...} (Mistral v11+)."""
-        cur, name = self._cur, ""
-        while (yield from self._need()) and cur.s[cur.i] in _NAME_CHARS:
+        cur, name = self.cur, ""
+        while (yield from self.need()) and cur.s[cur.i] in _NAME_CHARS:
             name += cur.s[cur.i]
             cur.i += 1
-        if not self._allowed(name) or not (yield from self._ws()):
+        if not self.allowed(name) or not (yield from self.ws()):
             return False
         if cur.s[cur.i] == "[":
-            marker = yield from self._literal(("[ARGS]", "[CALL_ID]"))
+            marker = yield from self.literal(("[ARGS]", "[CALL_ID]"))
             if marker == "[CALL_ID]":
-                while (yield from self._need()) and cur.s[cur.i] in _ID_CHARS:
+                while (yield from self.need()) and cur.s[cur.i] in _ID_CHARS:
                     cur.i += 1
-                marker = yield from self._literal(("[ARGS]",))
-            if marker is None or not (yield from self._ws()):
+                marker = yield from self.literal(("[ARGS]",))
+            if marker is None or not (yield from self.ws()):
                 return False
         if cur.s[cur.i] != "{":
             return False
-        return (yield from self._call_object(name))
+        return (yield from self.call_object(name))
 
-    def _allowed(self, name: Any) -> bool:
+    def allowed(self, name: Any) -> bool:
         return isinstance(name, str) and bool(name) and (self._names is None or name in self._names)
 
-    def _call_object(self, name: str | None = None, need_args: bool = False) -> _Block:
+    def call_object(self, name: str | None = None, need_args: bool = False) -> _Block:
         """At "{": a call object {"name": ..., "arguments": {...}} (`need_args`: the arguments
         member must be there); or, given `name`, the arguments object itself."""
-        cur, reader = self._cur, JsonReader()
+        cur, reader = self.cur, JsonReader()
         call = _Pending(name, args_at=None if name is None else 0)
         while True:
-            if not (yield from self._need()):
+            if not (yield from self.need()):
                 return False
             ev = reader.feed(cur)
-            if ev == ERROR or (name is None and not _member(ev, reader, call, self._allowed)):
+            if ev == ERROR or (name is None and not _member(ev, reader, call, self.allowed)):
                 return False
             pieces = reader.pieces
             if ev == DONE:
@@ -385,10 +384,7 @@ class ToolParser:
                 call.args_end = len(pieces) if call.args_end is None else call.args_end
             self._stream(call, pieces)
             if ev == DONE:
-                args = "".join(pieces[call.args_at : call.args_end])
-                self._calls.append(ToolCall(call.id, call.name, args))
-                self._head, self._raw, self._raw_from = "", [], cur.i
-                self._block_calls += 1
+                self._complete(call, "".join(pieces[call.args_at : call.args_end]))
                 return True
 
     def _stream(self, call: _Pending, pieces: list[str]) -> None:
@@ -419,6 +415,7 @@ class _Pending:
     index: int = -1
     id: str = ""
     sent: int = 0
+    pieces: list[str] = field(default_factory=list)  # key/value calls: "key": value texts
 
 
 def _member(ev: int, reader: JsonReader, call: _Pending, allowed: Callable[[Any], bool]) -> bool:

@@ -142,8 +142,9 @@ def _setup_logging(level: str) -> None:
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow browser requests from this origin (repeatable; off by default).")  # fmt: skip
 @click.option("--tool-parser", default=None,
-              help="Tool-call format (hermes, llama3, mistral…); detected from the model's chat "
-              "template by default.")  # fmt: skip
+              help="Tool-call format (hermes, qwen3_coder, glm45, llama3, mistral, granite, "
+              "deepseek_v3, deepseek_v31, gpt_oss…); detected from the model's chat template by "
+              "default.")  # fmt: skip
 @click.option("--strict", is_flag=True, default=False,
               help="Reject what OpenAI rejects: unknown request fields and a max_tokens past the "
               "context (by default they are reported and ignored, or clamped).")  # fmt: skip

@@ -24,7 +24,7 @@ from mlxrun.sampling import SamplingParams
 from .common import choice_params, fit_context, until_disconnect
 from .errors import from_mlxrun, invalid
 from .generation import ChoiceSpec, Generation
-from .protocol_tools import OutputFormat, ToolChoice, tool_names
+from .protocol_tools import OutputFormat, ToolChoice
 from .state import ServerState
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class ChatPlan:
     prompt_ids: list[int]
     specs: list[ChoiceSpec]
     tool_format: ToolFormat | None  # set when the output is parsed for tool calls
-    tool_names: list[str]
+    tool_names: dict[str, dict]  # name -> parameters schema (key/value calls are read by it)
     reasoning: ReasoningFormat | None
 
 
@@ -92,8 +92,10 @@ def plan_chat(
             code="unsupported_parameter",
         )
     from mlxrun.reasoning import detect_reasoning
+    from mlxrun.tools import tool_schemas
 
     try:
+        names = tool_schemas(tools) if use_tools else {}
         prompt_ids = tokenizer.apply_chat_template(
             list(messages), tools=tools if use_tools else None, **dict(template_kwargs or {})
         )
@@ -124,7 +126,7 @@ def plan_chat(
         )
         for i in range(n)
     ]
-    return ChatPlan(prompt_ids, specs, fmt, tool_names(tools) if use_tools else [], reasoning)
+    return ChatPlan(prompt_ids, specs, fmt, names, reasoning)
 
 
 def _constraint(

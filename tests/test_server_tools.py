@@ -260,3 +260,146 @@ def test_an_unknown_tool_parser_fails_before_loading(tiny_llama):
     result = CliRunner().invoke(main, ["serve", str(tiny_llama), "--tool-parser", "nope"])
     assert result.exit_code != 0
     assert "unknown tool-call format 'nope'" in result.output and "hermes" in result.output
+    for name in ("qwen3_coder", "glm45", "deepseek_v3", "deepseek_v31", "granite", "gpt_oss"):
+        assert name in result.output
+
+
+# ---------------------------------------------------------------- other call formats
+
+# What no client should see in content: the call markup of any family.
+MARKUP = ("<tool_call>", "<function=", "<parameter=", "<|tool_call|>", "<|channel|>", "<|message|>",
+          "<|call|>", "to=functions", "</")  # fmt: skip
+
+
+# Bounded numbers: random weights would otherwise write digits up to max_tokens.
+SMALL = {"type": "integer", "minimum": 0, "maximum": 99}
+BOUNDED_ADD = {**ADD, "properties": {"a": SMALL, "b": SMALL}}
+FAMILY_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "add", "parameters": BOUNDED_ADD}},
+]
+
+
+@pytest.fixture(scope="module", params=["qwen3_coder", "granite", "gpt_oss"])
+def family_client(request, tiny_llama, tmp_path_factory):
+    from fixtures.tool_models import family_checkpoint
+
+    out = tmp_path_factory.mktemp(request.param) / "model"
+    path = family_checkpoint(tiny_llama, out, request.param)
+    with serve_in_thread(make_app(path, context=2048)) as url:
+        yield request.param, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+
+
+def test_new_tool_parser_names_pass_the_early_check(tmp_path):
+    from click.testing import CliRunner
+
+    from mlxrun.cli import main
+
+    for name in ("qwen3_coder", "glm45", "deepseek_v31", "gpt_oss", "openai"):
+        missing = str(tmp_path / "no-model")  # accepted names get as far as loading the model
+        result = CliRunner().invoke(main, ["serve", missing, "--tool-parser", name, "--port", "0"])
+        assert result.exit_code != 0 and "unknown tool-call format" not in result.output
+        assert "no-model" in result.output
+
+
+def test_harmony_channels_split_into_reasoning_and_content(tiny_llama, tmp_path):
+    from fixtures.tool_models import family_checkpoint
+    from mlxrun.tokenizer import load_tokenizer
+
+    path = family_checkpoint(tiny_llama, tmp_path / "m", "gpt_oss")
+    vocab = load_tokenizer(path).backend.get_vocab()
+    t = {name: f"<[{vocab[f'<|{name}|>']}]>" for name in ("start", "channel", "message", "end")}
+    # The grammar makes random weights write what gpt-oss writes: analysis, then a final answer.
+    grammar = (
+        f'start: {t["channel"]} "analysis" {t["message"]} /[a-z ]{{3,20}}/ {t["end"]} '
+        f'{t["start"]} "assistant" {t["channel"]} "final" {t["message"]} /[a-z]{{1,8}}/'
+    )
+    with serve_in_thread(make_app(path)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        body = {"grammar": grammar}
+        reply = _chat(client, extra_body=body, temperature=1.0, seed=2, max_tokens=60)
+        message = reply.choices[0].message
+        reasoning = message.model_extra["reasoning_content"]
+        assert reasoning and set(reasoning) <= set("abcdefghijklmnopqrstuvwxyz ")
+        assert message.content.isalpha() and reply.choices[0].finish_reason == "stop"
+        stream = _chat(client, extra_body=body, temperature=1.0, seed=2, max_tokens=60, stream=True)
+        content, s_reasoning, calls, _ = _stream_parts(stream)
+        assert (content, s_reasoning, calls) == (message.content, reasoning, [])
+
+
+def test_deepseek_tool_history_renders_with_text_arguments(tiny_llama, tmp_path):
+    """DeepSeek's templates concatenate a past call's arguments as text: the history renders."""
+    from fixtures.tool_models import family_checkpoint
+
+    path = family_checkpoint(tiny_llama, tmp_path / "m", "deepseek_v3")
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}  # fmt: skip
+    messages = [
+        {"role": "user", "content": "add 2 and 3"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    ]
+    with serve_in_thread(make_app(path)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        reply = _chat(client, messages=messages, tools=FAMILY_TOOLS, max_tokens=2, temperature=0)
+    from mlxrun.tokenizer import load_tokenizer
+
+    text = load_tokenizer(path).render_chat(messages, tools=FAMILY_TOOLS)
+    assert 'add\n```json\n{"a": 2, "b": 3}\n```' in text
+    assert reply.usage.prompt_tokens == len(load_tokenizer(path).encode(text, False))
+
+
+def _stream_parts(stream):
+    """(content, reasoning, calls, finish_reason) of a streamed reply."""
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(
+        (c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+        for c in chunks
+        if c.choices
+    )
+    calls, finish = _reassemble(chunks)
+    return content, reasoning, calls, finish
+
+
+def test_family_forced_calls_stream_the_same_without_markup(family_client):
+    family, client = family_client
+    reply = _chat(client, tools=FAMILY_TOOLS, tool_choice="required", temperature=0, max_tokens=300)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", (family, choice)
+    assert not choice.message.content  # the call's markup never reaches content
+    reasoning = (choice.message.model_extra or {}).get("reasoning_content") or ""
+    assert not any(m in reasoning for m in MARKUP)
+    _check_calls(choice.message.tool_calls)
+    stream = _chat(
+        client,
+        tools=FAMILY_TOOLS,
+        tool_choice="required",
+        temperature=0,
+        max_tokens=300,
+        stream=True,
+    )
+    content, s_reasoning, calls, finish = _stream_parts(stream)
+    assert (content, finish) == ("", "tool_calls")
+    assert s_reasoning == reasoning
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in choice.message.tool_calls
+    ]
+    named = {"type": "function", "function": {"name": "add"}}
+    called = 0
+    for seed in range(3):
+        reply = _chat(client, tools=FAMILY_TOOLS, tool_choice=named, temperature=1.0, seed=seed,
+                      max_tokens=200)  # fmt: skip
+        message = reply.choices[0].message
+        assert not message.content
+        if reply.choices[0].finish_reason == "length":
+            # gpt-oss may reason first (the grammar allows an analysis message), and random
+            # weights seldom end it: the reply is then all reasoning, with no markup.
+            reasoning = message.model_extra["reasoning_content"]
+            assert family == "gpt_oss" and reasoning and message.tool_calls is None
+            assert not any(m in reasoning for m in MARKUP)
+            continue
+        assert reply.choices[0].finish_reason == "tool_calls"
+        _check_calls(message.tool_calls, names={"add"})
+        called += 1
+    assert called > 0

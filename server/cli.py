@@ -102,6 +102,9 @@ def _banner(info: Any, base_url: str, aliases: tuple[str, ...], api_key: str | N
 @click.option("--strict", is_flag=True, default=False,
               help="Reject what OpenAI rejects: unknown request fields and a max_tokens past the "
               "context (by default they are reported and ignored, or clamped).")  # fmt: skip
+@click.option("--responses-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep stored /v1/responses responses here across restarts (memory only by "
+              "default).")  # fmt: skip
 @friendly_errors
 def serve_cmd(
     model: str,
@@ -116,6 +119,7 @@ def serve_cmd(
     cors_origins: tuple[str, ...],
     tool_parser: str | None,
     strict: bool,
+    responses_dir: str | None = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…)."""
     cache_bytes = _cache_bytes(cache_memory)
@@ -142,6 +146,7 @@ def serve_cmd(
         cors_origins=cors_origins,
         tool_parser=tool_parser,
         strict=strict,
+        responses_dir=responses_dir,
     )
     uv_config = uvicorn.Config(
         None,  # set below: the app needs on_fatal, which needs the server

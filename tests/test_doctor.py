@@ -178,3 +178,43 @@ def test_a_broken_stream_fails_the_client_and_names_the_check():
         line for line in lines if line.startswith("  FAIL  agent: POST /v1/chat/completions")
     ]
     assert len(failing) == 1 and "-> a tool_calls delta: function.arguments" in failing[0]
+
+
+def test_codex_check_and_config(base_url):
+    """Codex CLI: the Responses stream as Codex reads it, and a config.toml provider on the
+    Responses wire API."""
+    import tomllib
+
+    report = _report(doctor(base_url, "--client", "codex", "--json"))
+    codex = report["codex"]
+    assert codex["ok"] and [c["status"] for c in codex["checks"]] == ["pass", "pass"], codex
+    config = tomllib.loads(codex["snippet"]["text"])
+    provider = config["model_providers"][config["model_provider"]]
+    assert provider["wire_api"] == "responses" and provider["base_url"] == base_url + "/v1"
+    assert config["model"] == MODEL_ID and "env_key" not in provider
+
+
+async def _responses(request: Request) -> StreamingResponse:
+    """A stream Codex cannot use: it stops after the item, without response.completed."""
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": "hi", "annotations": []}]}  # fmt: skip
+    response = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
+    events = [{"type": "response.created", "response": response},
+              {"type": "response.output_item.added", "output_index": 0, "item": item},
+              {"type": "response.output_item.done", "output_index": 0, "item": item}]  # fmt: skip
+
+    async def frames():
+        for n, e in enumerate(events):
+            yield f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': n})}\n\n"
+
+    return StreamingResponse(frames(), media_type="text/event-stream")
+
+
+def test_a_responses_stream_without_completed_fails_codex():
+    app = Starlette(routes=[Route("/v1/models", _models),
+                            Route("/v1/responses", _responses, methods=["POST"])])  # fmt: skip
+    with serve_in_thread(app, wait=False) as url:
+        report = _report(doctor(url, "--client", "codex", "--json"))
+    agent, tool_result = report["codex"]["checks"]
+    assert agent["status"] == tool_result["status"] == "fail" and not report["_"]["ok"]
+    assert "without response.completed" in tool_result["detail"], tool_result

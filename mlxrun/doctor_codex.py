@@ -110,7 +110,9 @@ def snippet(v1: str, model: str, context: int, keyed: bool) -> tuple[str, list[s
     """~/.codex/config.toml: a provider on the Responses wire API."""
     lines = [
         f"model = {json.dumps(model)}", 'model_provider = "mlxrun"',
-        f"model_context_window = {context}", "", "[model_providers.mlxrun]", 'name = "mlxrun"',
+        f"model_context_window = {context}",
+        'web_search = "disabled"  # a hosted tool: Codex would send it, the server refuses it',
+        "", "[model_providers.mlxrun]", 'name = "mlxrun"',
         f"base_url = {json.dumps(v1)}", 'wire_api = "responses"',
     ]  # fmt: skip
     if keyed:

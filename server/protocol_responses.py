@@ -60,6 +60,7 @@ class ResponsesRequest:
     store: bool = True
     background: bool = False
     previous_response_id: str | None = None
+    namespaces: dict[str, str] = field(default_factory=dict)  # tool name -> its namespace
     echo: dict[str, Any] = field(default_factory=dict)  # request fields the response repeats
     ignored: tuple[str, ...] = ()  # unknown top-level fields, accepted and not used
 
@@ -125,6 +126,8 @@ def _item(raw: Any, at: str) -> dict[str, Any]:
                "name": check_kind(item.get("name"), "string", f"{at}.name"),
                "arguments": check_kind(item.get("arguments"), "string", f"{at}.arguments"),
                "status": item.get("status") or "completed"}  # fmt: skip
+        if isinstance(item.get("namespace"), str):
+            out["namespace"] = item["namespace"]
     elif kind == "function_call_output":
         out = {"type": "function_call_output",
                "call_id": check_kind(item.get("call_id"), "string", f"{at}.call_id"),
@@ -203,20 +206,33 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[d
 # ---------------------------------------------------------------- tools, format, reasoning
 
 
-def _tools(body: Mapping[str, Any]) -> list[dict] | None:
-    raw = optional(body, "tools", "array")
-    if not raw:
+def _function(tool: dict, at: str, unsupported: list[str]) -> dict | None:
+    kind = tool.get("type")
+    if kind != "function":
+        unsupported.append(str(kind))
         return None
-    tools, unsupported = [], []
-    for i, tool in enumerate(raw):
+    return function_tool(tool.get("name"), tool.get("description"), tool.get("parameters"), at)
+
+
+def _tools(body: Mapping[str, Any]) -> tuple[list[dict] | None, dict[str, str]]:
+    """Function tools, and the namespace of each one that came in a `namespace` group (a named
+    set of function tools; Codex sends its sub-agent tools so): its calls name it."""
+    raw = optional(body, "tools", "array")
+    tools: list[dict] = []
+    unsupported: list[str] = []
+    namespaces: dict[str, str] = {}
+    for i, tool in enumerate(raw or ()):
         at = f"tools[{i}]"
-        kind = check_kind(tool, "object", at).get("type")
-        if kind != "function":
-            unsupported.append(str(kind))
-            continue
-        tools.append(
-            function_tool(tool.get("name"), tool.get("description"), tool.get("parameters"), at)
-        )
+        if check_kind(tool, "object", at).get("type") == "namespace":
+            group = check_kind(tool.get("name"), "string", f"{at}.name")
+            for j, inner in enumerate(check_kind(tool.get("tools"), "array", f"{at}.tools")):
+                where = f"{at}.tools[{j}]"
+                found = _function(check_kind(inner, "object", where), where, unsupported)
+                if found is not None:
+                    tools.append(found)
+                    namespaces[found["function"]["name"]] = group
+        elif (found := _function(tool, at, unsupported)) is not None:
+            tools.append(found)
     if unsupported:
         raise invalid(
             f"Tool types not supported by this server: {', '.join(sorted(set(unsupported)))}. "
@@ -225,7 +241,7 @@ def _tools(body: Mapping[str, Any]) -> list[dict] | None:
             code="unsupported_tool_type",
         )
     check_unique(tools, "tools")
-    return tools
+    return tools or None, namespaces
 
 
 def _tool_choice(body: Mapping[str, Any], tools: list[dict] | None) -> ToolChoice:
@@ -329,7 +345,7 @@ def parse_responses(body: Mapping[str, Any], *, strict: bool = False) -> Respons
         raise invalid("Missing required parameter: 'input'.", "input",
                       code="missing_required_parameter")  # fmt: skip
     items = parse_input(body["input"])
-    tools = _tools(body)
+    tools, namespaces = _tools(body)
     choice = _tool_choice(body, tools)
     template_kwargs, reasoning = _reasoning(body)
     store = optional(body, "store", "boolean", True)
@@ -369,6 +385,7 @@ def parse_responses(body: Mapping[str, Any], *, strict: bool = False) -> Respons
         tools=tools,
         choice=choice,
         output=_text_format(body),
+        namespaces=namespaces,
         template_kwargs=template_kwargs,
         stream=stream,
         store=store,

@@ -18,7 +18,8 @@ from .protocol_responses import new_id
 
 
 class OutputItems:
-    def __init__(self) -> None:
+    def __init__(self, namespaces: dict[str, str] | None = None) -> None:
+        self.namespaces = namespaces or {}  # tool name -> the namespace its calls name
         self.items: list[dict[str, Any]] = []
         self._open: str | None = None  # type of the open item (always the last one)
         self._calls: dict[int, int] = {}  # tool-call index -> its item's index
@@ -109,6 +110,8 @@ class OutputItems:
             item = {"id": new_id("fc"), "type": "function_call",
                     "call_id": call.id or new_id("call"), "name": call.name, "arguments": "",
                     "status": "in_progress"}  # fmt: skip
+            if call.name in self.namespaces:
+                item["namespace"] = self.namespaces[call.name]
             events += self._add(item)
             self._calls[call.index] = len(self.items) - 1
         index = self._calls[call.index]

@@ -192,6 +192,7 @@ def test_codex_check_and_config(base_url):
     provider = config["model_providers"][config["model_provider"]]
     assert provider["wire_api"] == "responses" and provider["base_url"] == base_url + "/v1"
     assert config["model"] == MODEL_ID and "env_key" not in provider
+    assert config["web_search"] == "disabled"  # Codex sends a web_search tool otherwise
 
 
 async def _responses(request: Request) -> StreamingResponse:

@@ -154,6 +154,24 @@ def test_required_tool_choice_streamed(client):
     jsonschema.validate(json.loads(args), WEATHER if calls[0].name == "get_weather" else ADD)
 
 
+def test_namespace_tools_are_function_tools_that_name_it(client):
+    """Codex sends its sub-agent tools as a `namespace` group; a call names the namespace."""
+    group = {
+        "type": "namespace",
+        "name": "agents",
+        "description": "Sub-agents.",
+        "tools": [{"type": "function", "name": "add", "strict": False, "parameters": ADD}],
+    }
+    r = _create(client, tools=[TOOLS[0], group], tool_choice={"type": "function", "name": "add"},
+                max_output_tokens=60)  # fmt: skip
+    [call] = r.output
+    assert call.name == "add" and call.namespace == "agents"
+    jsonschema.validate(json.loads(call.arguments), ADD)
+    plain = _create(client, tools=TOOLS, tool_choice={"type": "function", "name": "add"},
+                    max_output_tokens=60)  # fmt: skip
+    assert plain.output[0].namespace is None
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_json_schema_text_format(client, stream):
     fmt = {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}

@@ -62,8 +62,11 @@ class _Run:
     id: str
     context: list[dict[str, Any]]  # the input items the prompt was rendered from
     created_at: int
-    items: OutputItems = dataclasses.field(default_factory=OutputItems)
     finish: str = "stop"
+    items: OutputItems = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.items = OutputItems(self.req.namespaces)
 
     def usage(self) -> dict[str, Any]:
         gen, reasoning = self.gen, self.items.reasoning_text

@@ -38,7 +38,8 @@ _HONOURED = {"model", "input", "instructions", "tools", "tool_choice", "parallel
              "seed", "top_k", "min_p"}  # fmt: skip
 # Accepted and left alone: hints and bookkeeping that change nothing in what is generated here.
 _NOOP = {"include", "truncation", "user", "safety_identifier", "service_tier", "prompt_cache_key",
-         "prompt_cache_retention", "stream_options", "top_logprobs", "max_tool_calls"}  # fmt: skip
+         "prompt_cache_retention", "stream_options", "top_logprobs", "max_tool_calls",
+         "client_metadata"}  # fmt: skip
 _UNSUPPORTED = ("conversation", "prompt")  # server-side state we do not keep
 _EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
@@ -92,7 +93,7 @@ def _text_part(part: Any, at: str, role: str) -> dict[str, Any]:
 
 
 def _message_item(item: Mapping[str, Any], at: str) -> dict[str, Any]:
-    role = required(item, "role", "string") if "role" in item else None
+    role = item.get("role")
     if role not in ("user", "system", "developer", "assistant"):
         raise invalid(f"Invalid value for '{at}.role': {role!r}. Supported values are: 'user', "
                       "'system', 'developer' and 'assistant'.", f"{at}.role",
@@ -188,7 +189,12 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[d
             message["content"] += _texts(item["content"])
         elif kind == "message":
             role = "system" if item["role"] == "developer" else item["role"]
-            out.append({"role": role, "content": _texts(item["content"])})
+            text = _texts(item["content"])
+            if role == "system" and out and out[-1]["role"] == "system":
+                # One system turn: Codex sends several, and many templates take one at the start.
+                out[-1]["content"] += "\n\n" + text
+            else:
+                out.append({"role": role, "content": text})
         elif kind == "function_call" and item.get("status") != "incomplete":  # cut off: unusable
             names[item["call_id"]] = item["name"]
             call = assistant_call(item["call_id"], item["name"], item["arguments"],

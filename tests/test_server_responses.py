@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from mlxrun.server.responses_store import ResponseStore, StoredResponse
-from serverutil import ADD, MODEL_ID, WEATHER, make_app, serve_in_thread
+from serverutil import ADD, MODEL_ID, WEATHER, make_app, serve_in_thread, start_cli
 
 CONTEXT = 2048  # room for five turns with tools
 GREEDY = {"temperature": 0}
@@ -84,6 +84,13 @@ def test_instructions_and_input_items_reach_the_prompt(client):
     ]
     longer = _create(client, input=items, max_output_tokens=1)
     assert longer.usage.input_tokens > bare + 6
+    # Consecutive system / developer turns are one system turn, as instructions + input are.
+    two = [{"role": "developer", "content": "A."}, {"role": "system", "content": "B."},
+           {"role": "user", "content": "Write a function."}]  # fmt: skip
+    joined = _create(client, instructions="A.", input=two[1:], max_output_tokens=1)
+    merged = _create(client, input=two, max_output_tokens=1)
+    assert merged.usage.input_tokens == joined.usage.input_tokens
+    assert merged.usage.input_tokens_details.cached_tokens > 0  # the very same prompt
 
 
 def test_streamed_events_build_the_same_response(client):
@@ -439,3 +446,18 @@ def test_responses_dir_survives_a_restart(tiny_llama, tmp_path):
         assert client.responses.retrieve(first.id).output_text == first.output_text
         follow = _create(client, previous_response_id=first.id, max_output_tokens=2)
     assert follow.usage.input_tokens > first.usage.input_tokens + 2
+
+
+def test_serve_responses_dir_flag(tiny_llama, tmp_path):
+    """`mlxrun serve --responses-dir`: stored responses land there, private to the user."""
+    directory = tmp_path / "kept"
+    proc, url = start_cli(tiny_llama, "--responses-dir", str(directory))
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.responses.create(model=tiny_llama.name, input="Hi", max_output_tokens=1)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert [p.name for p in directory.iterdir()] == [f"{r.id}.json"]
+    assert directory.stat().st_mode & 0o777 == 0o700
+    assert json.loads((directory / f"{r.id}.json").read_text())["response"]["id"] == r.id

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from mlxrun.server.responses_store import ResponseStore, StoredResponse
+from mlxrun.server.routes import responses as responses_routes
 from serverutil import ADD, MODEL_ID, WEATHER, make_app, serve_in_thread, start_cli
 
 CONTEXT = 2048  # room for five turns with tools
@@ -378,6 +379,30 @@ def test_unknown_fields_are_reported_or_refused(server, tiny_llama):
     with serve_in_thread(make_app(tiny_llama, context=256, strict=True)) as url:
         r = httpx.post(url + "/v1/responses", json=body, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate"
+
+
+def test_prompt_past_the_context(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        _create(client, input=_words(3, 3000))
+    assert _error(e)["code"] == "context_length_exceeded"
+
+
+def test_a_failure_mid_stream_is_response_failed(client, monkeypatch):
+    real = responses_routes.message_deltas
+
+    async def breaking(gen, plan):
+        async for d in real(gen, plan):
+            yield d
+            raise RuntimeError("the engine broke")
+
+    monkeypatch.setattr(responses_routes, "message_deltas", breaking)
+    stream = client.responses.create(model=MODEL_ID, input="Hi", max_output_tokens=20,
+                                     stream=True, **GREEDY)  # fmt: skip
+    events = list(stream)
+    last = events[-1]
+    assert last.type == "response.failed" and last.response.status == "failed"
+    assert last.response.error.code == "server_error"
+    assert client.responses.retrieve(last.response.id).status == "failed"
 
 
 # ---------------------------------------------------------------- reasoning

@@ -30,6 +30,19 @@ def _cache_bytes(text: str | None) -> int | None:
         ) from None
 
 
+def _private_dir(path: str) -> None:
+    """--responses-dir made (0700) now, so an unusable path fails before the model loads."""
+    import os
+
+    from mlxrun.errors import InvalidRequestError
+
+    try:
+        os.makedirs(os.path.expanduser(path), mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise InvalidRequestError(f"--responses-dir {path}: {e.strerror}",
+                                  param="responses_dir") from None  # fmt: skip
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """The server's socket, bound now so a busy port is a one-line error before anything loads.
     uvicorn starts listening on it once the model is in memory (until then connections are
@@ -127,6 +140,8 @@ def serve_cmd(
         from mlxrun.tools import tool_format_by_name
 
         tool_format_by_name(tool_parser)  # an unknown name fails before the model loads
+    if responses_dir is not None:
+        _private_dir(responses_dir)
     sock = _bind(host, port)
     import uvicorn
 

@@ -7,6 +7,7 @@ weights never call a tool by themselves, so calls are forced with tool_choice; d
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import httpx
@@ -16,7 +17,7 @@ import pytest
 
 from mlxrun.server.responses_store import ResponseStore, StoredResponse
 from mlxrun.server.routes import responses as responses_routes
-from serverutil import ADD, MODEL_ID, WEATHER, make_app, serve_in_thread, start_cli
+from serverutil import ADD, CLI, MODEL_ID, WEATHER, make_app, serve_in_thread, start_cli
 
 CONTEXT = 2048  # room for five turns with tools
 GREEDY = {"temperature": 0}
@@ -486,3 +487,13 @@ def test_serve_responses_dir_flag(tiny_llama, tmp_path):
     assert [p.name for p in directory.iterdir()] == [f"{r.id}.json"]
     assert directory.stat().st_mode & 0o777 == 0o700
     assert json.loads((directory / f"{r.id}.json").read_text())["response"]["id"] == r.id
+
+
+def test_serve_unusable_responses_dir_is_one_line(tiny_llama, tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = subprocess.run([*CLI, str(tiny_llama), "--port", "0", "--responses-dir",
+                           str(tmp_path / "file" / "sub")], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: --responses-dir"), proc.stderr

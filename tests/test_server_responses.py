@@ -13,7 +13,9 @@ import time
 import httpx
 import jsonschema
 import openai
+import pydantic
 import pytest
+from openai.types.responses import Response, ResponseStreamEvent
 
 from mlxrun.server.responses_store import ResponseStore, StoredResponse
 from mlxrun.server.routes import responses as responses_routes
@@ -119,14 +121,43 @@ def test_streamed_events_build_the_same_response(client):
     assert client.responses.retrieve(final.id).output_text == deltas  # streams are stored too
 
 
-def test_raw_stream_framing(server):
-    body = {"model": MODEL_ID, "input": "Hi", "max_output_tokens": 3, "stream": True, **GREEDY}
-    with httpx.stream("POST", server[1] + "/v1/responses", json=body, timeout=60) as r:
+STRICT_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
+
+
+def _raw_events(url: str, **kw) -> list[dict]:
+    """A raw stream, each frame checked: `event:` names its data's type, and the data validates
+    strictly (every required field) against the SDK's event types."""
+    body = {
+        "model": MODEL_ID,
+        "input": "Hi",
+        "max_output_tokens": 3,
+        "stream": True,
+        **GREEDY,
+        **kw,
+    }
+    with httpx.stream("POST", url + "/v1/responses", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         raw = r.read().decode()
+    events = []
     for frame in [f for f in raw.split("\n\n") if f]:
         event, data = frame.split("\n")
-        assert json.loads(data.removeprefix("data: "))["type"] == event.removeprefix("event: ")
+        events.append(json.loads(data.removeprefix("data: ")))
+        assert events[-1]["type"] == event.removeprefix("event: ")
+        STRICT_EVENT.validate_python(events[-1])
+    return events
+
+
+def test_raw_streams_match_the_sdk_types_strictly(server):
+    url = server[1]
+    text = _raw_events(url)
+    calls = _raw_events(url, tools=TOOLS, tool_choice="required", max_output_tokens=60)
+    assert "response.output_text.delta" in {e["type"] for e in text}
+    assert "response.function_call_arguments.delta" in {e["type"] for e in calls}
+    for events in (text, calls):
+        final = events[-1]["response"]
+        Response.model_validate(final)
+        got = httpx.get(f"{url}/v1/responses/{final['id']}", timeout=60).json()
+        assert Response.model_validate(got) == Response.model_validate(final)
 
 
 # ---------------------------------------------------------------- tools and formats
@@ -417,7 +448,9 @@ def test_thinking_model_gives_reasoning_items(thinking_model):
                                      reasoning={"effort": "low"}, max_output_tokens=6,
                                      **GREEDY) as stream:  # fmt: skip
             events = list(stream)
+        raw = _raw_events(url, reasoning={"effort": "low"}, max_output_tokens=6)
     final = events[-1].response  # response.incomplete
+    assert "response.reasoning_text.delta" in {e["type"] for e in raw}  # validated strictly
     [item] = r.output  # random weights never close the think block within 6 tokens
     assert item.type == "reasoning" and item.content[0].type == "reasoning_text"
     assert item.content[0].text and r.output_text == ""

@@ -135,8 +135,9 @@ def _item(raw: Any, at: str) -> dict[str, Any]:
                "output": _output_text(item.get("output"), f"{at}.output"),
                "status": "completed"}  # fmt: skip
     elif kind == "reasoning":
-        out = {"type": "reasoning", "summary": list(item.get("summary") or []),
-               "content": list(item.get("content") or [])}  # fmt: skip
+        out = {"type": "reasoning",
+               "summary": check_kind(item.get("summary") or [], "array", f"{at}.summary"),
+               "content": check_kind(item.get("content") or [], "array", f"{at}.content")}  # fmt: skip
     else:
         raise invalid(
             f"Invalid input item '{at}': type {kind!r} is not supported by this server (use "
@@ -271,8 +272,8 @@ def _tool_choice(body: Mapping[str, Any], tools: list[dict] | None) -> ToolChoic
 
 def _text_format(body: Mapping[str, Any]) -> OutputFormat | None:
     text = optional(body, "text", "object", {})
-    fmt = optional(text, "format", "object")
-    kind = None if fmt is None else fmt.get("type")
+    fmt = text.get("format")
+    kind = None if fmt is None else check_kind(fmt, "object", "text.format").get("type")
     if kind in (None, "text"):
         return None
     if kind == "json_object":

@@ -390,6 +390,26 @@ def test_bad_input_items(client):
     assert _error(e)["param"] == "input[0].role"
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [("input", 5, "input"), ("input", [{"role": "user", "content": [5]}], "input[0].content[0]"),
+     ("input", [{"type": "reasoning", "summary": 5}], "input[0].summary"),
+     ("input", [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}],
+      "input[0].arguments"),
+     ("tools", [{"type": "namespace", "name": "n", "tools": 5}], "tools[0].tools"),
+     ("tool_choice", "required", "tool_choice"), ("text", {"format": "json"}, "text.format"),
+     ("text", {"format": {"type": "json_schema"}}, "text.format.schema"),
+     ("reasoning", {"effort": "max"}, "reasoning.effort"), ("metadata", {"a": 1}, "metadata.a"),
+     ("max_output_tokens", 0, "max_output_tokens"), ("stop", [5], "stop"),
+     ("background", True, "background"), ("conversation", "conv_1", "conversation")],
+)  # fmt: skip
+def test_malformed_fields_are_400s_naming_them(server, field, value, param):
+    body = {"model": MODEL_ID, "input": "Hi", "max_output_tokens": 1, "store": False,
+            field: value}  # fmt: skip
+    r = httpx.post(server[1] + "/v1/responses", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_input_image_is_refused(client):
     content = [
         {"type": "input_text", "text": "What is this?"},

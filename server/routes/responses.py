@@ -81,6 +81,8 @@ class _Run:
 
     def response(self, status: str, error: APIError | None = None) -> dict[str, Any]:
         done = status not in ("queued", "in_progress")
+        if status == "failed" and error is None:  # aborted by the engine (shutting down)
+            error = APIError(503, "The generation was aborted by the server.")
         echo = dict(self.req.echo)
         echo["reasoning"] = echo["reasoning"] or {"effort": None, "summary": None}
         return {

@@ -1,9 +1,10 @@
 """A 10-turn agent conversation over the Responses API: previous_response_id against resending the
 whole history each turn (what a stateless client does), same server code, same run.
 
-Each turn's input is a block of --message-tokens tokens of real Python source (as a tool's output
-would be), the reply is greedy and at most --reply-tokens tokens, and the instructions are the
-same every turn. Three conversations, each on a fresh server (so none reads another's cache):
+Each turn's input is a block of --message-tokens tokens of real Python source (as a tool's
+output would be), the reply is greedy and at most --reply-tokens tokens, and the instructions are
+the same every turn. Three conversations, each on its own server (none reads another's cache),
+run in lockstep (turn k of each, then turn k+1) so that they share the machine's noise:
 
 - chain:    `previous_response_id` + only the new input (store true: the prompt is pinned).
 - resend:   `store: false` and the whole history as input items each turn (prefix cache on).
@@ -11,8 +12,8 @@ same every turn. Three conversations, each on a fresh server (so none reads anot
             server that keeps nothing between requests prefills.
 
 Reported per turn: prompt tokens, prefilled tokens (input_tokens - cached_tokens, from the
-server's usage) and TTFT (request sent -> first output event, measured by the client over
-loopback, streaming). The last turn's figures and the no-cache / chain TTFT ratio are the
+server's usage) and TTFT (request sent -> the first output item, which the server opens at the
+first non-blank text; measured by the client over loopback, streaming). The last turn's figures and the no-cache / chain TTFT ratio are the
 summary.
 
 Usage: python benchmarks/responses_chain.py [MODEL] [--turns 10] [--message-tokens 128]
@@ -110,8 +111,12 @@ def _text(response: dict) -> str:
     )
 
 
-def conversation(url: str, model: str, blocks: list[str], reply: int, chain: bool) -> list[dict]:
-    rows, history, previous = [], [], None
+def conversation(
+    url: str, model: str, blocks: list[str], reply: int, chain: bool
+) -> Iterator[dict]:
+    """One row per turn, yielded as each turn ends (so modes can run in lockstep)."""
+    history: list[dict] = []
+    previous = None
     with httpx.Client(timeout=600) as http:
         for text in blocks:
             item = {"role": "user", "content": text}
@@ -126,9 +131,8 @@ def conversation(url: str, model: str, blocks: list[str], reply: int, chain: boo
             history += [item, *final["output"]]
             usage = final["usage"]
             cached = usage["input_tokens_details"]["cached_tokens"]
-            rows.append({"prompt": usage["input_tokens"], "prefilled": usage["input_tokens"] - cached,
-                         "ttft_ms": ttft * 1000, "text": _text(final)})  # fmt: skip
-    return rows
+            yield {"prompt": usage["input_tokens"], "prefilled": usage["input_tokens"] - cached,
+                   "ttft_ms": ttft * 1000, "text": _text(final)}  # fmt: skip
 
 
 def main() -> None:
@@ -149,16 +153,18 @@ def main() -> None:
     mx.eval(model.parameters())
     lm = (model, tokenizer, info)
     blocks = _messages(tokenizer, args.turns, args.message_tokens)
-    runs = {}
-    for name, chain, cache in (("chain", True, None), ("resend", False, None),
-                               ("no-cache", False, 0)):  # fmt: skip
-        with serve(lm, cache) as url:
-            _turn(
-                httpx.Client(timeout=600),
-                url,
-                {"model": info.name, "input": "warm up", "max_output_tokens": 2, "store": False},
-            )
-            runs[name] = conversation(url, info.name, blocks, args.reply_tokens, chain)
+    modes = (("chain", True, None), ("resend", False, None), ("no-cache", False, 0))
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in modes}
+    with contextlib.ExitStack() as stack:
+        talks = {}
+        for name, chain, cache in modes:
+            url = stack.enter_context(serve(lm, cache))
+            warm = {"model": info.name, "input": "warm up", "max_output_tokens": 2, "store": False}
+            _turn(httpx.Client(timeout=600), url, warm)
+            talks[name] = conversation(url, info.name, blocks, args.reply_tokens, chain)
+        for _ in blocks:  # in lockstep: turn k of every mode at about the same moment
+            for name, talk in talks.items():
+                runs[name].append(next(talk))
     same = all(r["text"] == runs["chain"][i]["text"] for rows in runs.values()
                for i, r in enumerate(rows))  # fmt: skip
     print(

@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from mlxrun import doctor_codex
 from mlxrun.cli_common import friendly_errors, report_error
 from mlxrun.doctor import Ctx, discover, measured, run_clients
 from mlxrun.doctor_checks import CLIENTS
@@ -88,6 +89,7 @@ def snippets(url: str, model: str, card: dict, keyed: bool,
         "copilot": ("VS Code: the Ollama endpoint, or a Custom Endpoint model", [
             "// settings.json", ollama, "// chatLanguageModels.json (Chat: Manage Language Models "
             "> Add Models > Custom Endpoint; it asks for the key)", json.dumps(custom, indent=2)]),
+        "codex": doctor_codex.snippet(v1, model, size, keyed),
     }  # fmt: skip
     return {k: {"where": where, "text": "\n".join(lines)} for k, (where, lines) in texts.items()}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mlxrun import doctor_codex
 from mlxrun.doctor import (
     NONE,
     Check,
@@ -365,4 +366,5 @@ CLIENTS: dict[str, Client] = {
         Check("Ollama model info", "POST /api/show", copilot_show),
         Check("agent", f"{CHAT}, {FORCED}", copilot_chat, "tools"),
     ]),
+    "codex": ("Codex CLI", doctor_codex.CHECKS),
 }  # fmt: skip

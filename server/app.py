@@ -44,7 +44,7 @@ log = logging.getLogger("mlxrun.server")
 # Endpoints whose full duration is a generation (the request-duration histogram).
 GENERATION_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/fim/completions", "/infill",
-     "/v1/messages", "/api/chat", "/api/generate"}
+     "/v1/messages", "/api/chat", "/api/generate", "/v1/responses"}
 )  # fmt: skip
 
 

@@ -32,6 +32,19 @@ def _cache_bytes(text: str | None) -> int | None:
         ) from None
 
 
+def _private_dir(path: str) -> None:
+    """--responses-dir made (0700) now, so an unusable path fails before the model loads."""
+    import os
+
+    from mlxrun.errors import InvalidRequestError
+
+    try:
+        os.makedirs(os.path.expanduser(path), mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise InvalidRequestError(f"--responses-dir {path}: {e.strerror}",
+                                  param="responses_dir") from None  # fmt: skip
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """The server's socket, bound now so a busy port is a one-line error before anything loads.
     uvicorn starts listening on it once the model is in memory (until then connections are
@@ -153,6 +166,9 @@ def _setup_logging(level: str) -> None:
               help="info: one access line per request; debug adds max_tokens clamps.")  # fmt: skip
 @click.option("-q", "--quiet", is_flag=True, default=False,
               help="No access log (same as --log-level warning).")  # fmt: skip
+@click.option("--responses-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep stored /v1/responses responses here across restarts (memory only by "
+              "default).")  # fmt: skip
 @friendly_errors
 def serve_cmd(
     model: str,
@@ -169,6 +185,7 @@ def serve_cmd(
     strict: bool,
     log_level: str,
     quiet: bool,
+    responses_dir: str | None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…)."""
     _setup_logging("warning" if quiet else log_level)
@@ -177,6 +194,8 @@ def serve_cmd(
         from mlxrun.tools import tool_format_by_name
 
         tool_format_by_name(tool_parser)  # an unknown name fails before the model loads
+    if responses_dir is not None:
+        _private_dir(responses_dir)
     sock = _bind(host, port)
     from mlxrun.engine import Engine
     from mlxrun.loader import load
@@ -194,6 +213,7 @@ def serve_cmd(
         cors_origins=cors_origins,
         tool_parser=tool_parser,
         strict=strict,
+        responses_dir=responses_dir,
     )
     app_parts = (Engine(lm, engine_config), config, tokenizer)
     _run(app_parts, info, host, sock)

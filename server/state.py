@@ -39,6 +39,7 @@ class ServerConfig:
     tool_parser: str | None = None  # a mlxrun.tools format name; None: detected from the model
     # OpenAI's rules to the letter: unknown fields and a max_tokens past the context are 400s.
     strict: bool = False
+    responses_dir: str | None = None  # stored Responses API responses persist here
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -89,6 +90,13 @@ class ServerState:
         if self.config.tool_parser:
             return tools.tool_format_by_name(self.config.tool_parser, self.tokenizer)
         return tools.detect_tool_format(self.tokenizer)
+
+    @functools.cached_property
+    def responses(self) -> Any:
+        """Stored /v1/responses responses (server/responses_store.py)."""
+        from .responses_store import ResponseStore
+
+        return ResponseStore(self.config.responses_dir)
 
     @functools.cached_property
     def reasoning_format(self) -> Any:

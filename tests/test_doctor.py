@@ -257,3 +257,44 @@ def test_a_server_error_is_a_failure_even_where_the_model_lacks_the_capability()
     assert result.exit_code == 1 and not report["_"]["ok"]
     assert [c["status"] for c in report["zed"]["checks"]] == ["fail", "fail"]
     assert "HTTP 500: Internal error" in report["zed"]["checks"][0]["detail"]
+
+
+def test_codex_check_and_config(base_url):
+    """Codex CLI: the Responses stream as Codex reads it, and a config.toml provider on the
+    Responses wire API."""
+    import tomllib
+
+    report = _report(doctor(base_url, "--client", "codex", "--json"))
+    codex = report["codex"]
+    assert codex["ok"] and [c["status"] for c in codex["checks"]] == ["pass", "pass"], codex
+    config = tomllib.loads(codex["snippet"]["text"])
+    provider = config["model_providers"][config["model_provider"]]
+    assert provider["wire_api"] == "responses" and provider["base_url"] == base_url + "/v1"
+    assert config["model"] == MODEL_ID and "env_key" not in provider
+    assert config["web_search"] == "disabled"  # Codex sends a web_search tool otherwise
+
+
+async def _responses(request: Request) -> StreamingResponse:
+    """A stream Codex cannot use: it stops after the item, without response.completed."""
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": "hi", "annotations": []}]}  # fmt: skip
+    response = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
+    events = [{"type": "response.created", "response": response},
+              {"type": "response.output_item.added", "output_index": 0, "item": item},
+              {"type": "response.output_item.done", "output_index": 0, "item": item}]  # fmt: skip
+
+    async def frames():
+        for n, e in enumerate(events):
+            yield f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': n})}\n\n"
+
+    return StreamingResponse(frames(), media_type="text/event-stream")
+
+
+def test_a_responses_stream_without_completed_fails_codex():
+    app = Starlette(routes=[Route("/v1/models", _models),
+                            Route("/v1/responses", _responses, methods=["POST"])])  # fmt: skip
+    with serve_in_thread(app, wait=False) as url:
+        report = _report(doctor(url, "--client", "codex", "--json"))
+    agent, tool_result = report["codex"]["checks"]
+    assert agent["status"] == tool_result["status"] == "fail" and not report["_"]["ok"]
+    assert "without response.completed" in tool_result["detail"], tool_result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from . import anthropic, chat, completions, fim, models, ollama, ops
+from . import anthropic, chat, completions, fim, models, ollama, ops, responses
 
 routes = [
     Route("/v1/chat/completions", chat.create, methods=["POST"]),
@@ -18,4 +18,5 @@ routes = [
     *fim.routes,
     *anthropic.routes,
     *ollama.routes,
+    *responses.routes,
 ]

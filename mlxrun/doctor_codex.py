@@ -100,9 +100,9 @@ def codex_tool_result(ctx: Ctx) -> None:
 
 CHECKS = [
     Check("agent", "POST /v1/responses stream, input items, function tools, "
-          "tool_choice=required", codex_agent),
+          "tool_choice=required", codex_agent, "tools"),
     Check("tool result", "POST /v1/responses stream, function_call + function_call_output",
-          codex_tool_result),
+          codex_tool_result, "tools"),
 ]  # fmt: skip
 
 

@@ -99,7 +99,8 @@ def test_tags_show_and_ps(client, tiny_llama):
     assert running.context_length == 512 and running.expires_at.year > 2100
     with pytest.raises(ollama.ResponseError) as e:
         client.show("llama3:8b")
-    assert e.value.status_code == 404 and e.value.error == "model 'llama3:8b' not found"
+    assert e.value.status_code == 404
+    assert e.value.error == "model 'llama3:8b' not found; this server serves: tiny:latest"
 
 
 # ---------------------------------------------------------------- chat

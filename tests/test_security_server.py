@@ -176,10 +176,11 @@ def test_hostile_model_names_are_404s_that_touch_nothing(url, no_lookups, tiny_l
         with pytest.raises(anthropic.NotFoundError) as a:
             an.messages.create(model=name, messages=USER, max_tokens=1)
         assert a.value.body["error"]["type"] == "not_found_error"
-        for call in (lambda: ol.chat(model=name, messages=USER), lambda: ol.show(name),
-                     lambda: ol.pull(name), lambda: ol.delete(name)):  # fmt: skip
+        calls = [(ol.chat, {"model": name, "messages": USER}), (ol.show, {"model": name}),
+                 (ol.pull, {"model": name}), (ol.delete, {"model": name})]  # fmt: skip
+        for call, kwargs in calls:
             with pytest.raises(ollama.ResponseError) as o:
-                call()
+                call(**kwargs)
             assert o.value.status_code == 404 and "this server serves: tiny:latest" in o.value.error
     r = httpx.get(
         url + "/v1/models/..%2F..%2Fetc%2Fpasswd", headers={"Authorization": f"Bearer {ALICE}"}

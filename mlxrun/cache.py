@@ -148,10 +148,11 @@ class _DiskEntry:
     layout: list = field(default_factory=list)  # [(name, dtype, shape)] as validated
 
 
-def _private_dir(path: Path) -> None:
-    """Make `path` (0700: the cache holds other people's prompts) or tighten it if ours."""
+def _private_dir(path: Path, tighten: bool = True) -> None:
+    """Make `path` 0700 (the cache holds people's prompts); `tighten` also fixes an existing one
+    (our namespace folders; the root may be a directory the user made and shares)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.stat().st_mode & 0o077:
+    if tighten and path.stat().st_mode & 0o077:
         os.chmod(path, 0o700)
 
 
@@ -226,7 +227,7 @@ class DiskCache:
         self.budget_bytes = int(budget_bytes)
         self._entries: dict[str, list[_DiskEntry]] = {}
         self._counts = {"hits": 0, "hit_tokens": 0, "writes": 0, "deleted": 0, "rejected": 0}
-        _private_dir(self.root)
+        _private_dir(self.root, tighten=False)
         self._key = _fingerprint_key(self.root)
         self._scan()
 

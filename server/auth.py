@@ -94,13 +94,13 @@ class KeyRing:
     the keys in force and logs one line."""
 
     def __init__(self, keys: Iterable[tuple[str, str]] = (), file: str | Path | None = None):
-        self._fixed = list(keys)
+        self._fixed = [(_digest(k), Principal(n)) for n, k in keys]
         self.file = Path(file) if file is not None else None
         self._digests: list[tuple[bytes, Principal]] = []
         self._load(read_key_file(self.file) if self.file is not None else [])
 
     def _load(self, from_file: list[tuple[str, str]]) -> None:
-        self._digests = [(_digest(k), Principal(n)) for n, k in [*self._fixed, *from_file]]
+        self._digests = [*self._fixed, *((_digest(k), Principal(n)) for n, k in from_file)]
 
     def __bool__(self) -> bool:
         return bool(self._digests)

@@ -47,6 +47,9 @@ LIMITS: dict[str, int] = {
     "sliding_window": 1 << 28,
 }
 _NESTED = ("text_config", "language_config")
+# Fields where 0 means "none" (a dense model's expert count, no sliding window).
+_ZERO_OK = frozenset({"num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
+                      "moe_intermediate_size", "sliding_window"})  # fmt: skip
 
 
 def check_config(config: Mapping[str, Any], source: str = "config.json") -> None:
@@ -58,10 +61,11 @@ def check_config(config: Mapping[str, Any], source: str = "config.json") -> None
             value = section.get(key)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            low = 0 if key in _ZERO_OK else 1
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= limit:
                 raise ImplausibleConfigError(
                     f"{source}: {prefix}{key} = {value!r} is out of range "
-                    f"(a positive integer up to {limit} is expected)"
+                    f"(an integer from {low} to {limit} is expected)"
                 )
 
 

@@ -133,7 +133,10 @@ def test_absurd_config_sizes_are_refused_before_any_allocation(
 def test_nested_text_config_is_checked_too():
     with pytest.raises(safety.ImplausibleConfigError, match="text_config.vocab_size"):
         safety.check_config({"model_type": "x", "text_config": {"vocab_size": 2**40}})
-    safety.check_config({"num_hidden_layers": 126, "vocab_size": 262144, "hidden_size": 16384})
+    safety.check_config({"num_hidden_layers": 126, "vocab_size": 262144, "hidden_size": 16384,
+                         "num_local_experts": 0, "sliding_window": None})  # fmt: skip
+    with pytest.raises(safety.ImplausibleConfigError, match="num_hidden_layers = 0"):
+        safety.check_config({"num_hidden_layers": 0})
 
 
 def _lying_shard(path: Path, header_len: int | None = None, header: dict | None = None) -> None:

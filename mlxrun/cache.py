@@ -13,17 +13,22 @@ The disk tier (`DiskCache`) keeps one safetensors file per evicted token path un
 `cache_dir/<namespace hash>/`: arrays `<layer>.keys` / `<layer>.values`, token ids and the
 namespace in the metadata. Files are written to a temporary name and renamed, survive restarts
 (the directory is scanned at start), and are bounded by a byte budget (LRU by mtime).
+
+Cache files are not a back door: directories are made 0700 and files 0600; each file carries a
+fingerprint (an HMAC, under a key kept in the cache directory, of its metadata and tensor layout),
+and a file whose header, shapes or fingerprint do not check out is removed, never loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,9 @@ import mlx.core as mx
 import numpy as np
 
 FORMAT = "mlxrun-kv-1"
+_KEY_FILE = ".fingerprint-key"
+_KV_DTYPES = frozenset({"F16", "BF16", "F32"})
+_SAFETENSORS_DTYPE = {mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32"}
 
 
 class KVBlock:
@@ -137,6 +145,61 @@ class _DiskEntry:
     tokens: np.ndarray  # (L,) int64
     size: int
     mtime: float
+    layout: list = field(default_factory=list)  # [(name, dtype, shape)] as validated
+
+
+def _private_dir(path: Path, tighten: bool = True) -> None:
+    """Make `path` 0700 (the cache holds people's prompts); `tighten` also fixes an existing one
+    (our namespace folders; the root may be a directory the user made and shares)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if tighten and path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def _private_file(path: Path) -> Any:
+    """A new file opened for writing, created 0600 (never through a loose umask)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
+def _fingerprint_key(root: Path) -> bytes:
+    """This cache directory's secret: files written under another key do not validate."""
+    path = root / _KEY_FILE
+    try:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+    except OSError:
+        pass
+    key = os.urandom(32)
+    tmp = root / f".tmp-key-{uuid.uuid4().hex}"
+    with _private_file(tmp) as f:
+        f.write(key)
+    os.replace(tmp, path)
+    return key
+
+
+def _layout(header: dict) -> list:
+    return sorted((name, m["dtype"], [int(d) for d in m["shape"]]) for name, m in header.items())
+
+
+def _fingerprint(key: bytes, meta: dict, layout: list) -> str:
+    signed = json.dumps([FORMAT, meta["namespace"], meta["tokens"], layout])
+    return hmac.new(key, signed.encode(), hashlib.sha256).hexdigest()
+
+
+def _shapes_ok(layout: list, tokens: np.ndarray) -> bool:
+    """`<i>.keys` / `<i>.values` for i = 0..n-1, each (1, heads, len(tokens), dim), K and V alike."""
+    shapes = {name: (dtype, shape) for name, dtype, shape in layout}
+    n = len(shapes) // 2
+    if n == 0 or len(shapes) != 2 * n:
+        return False
+    for i in range(n):
+        k, v = shapes.get(f"{i}.keys"), shapes.get(f"{i}.values")
+        if k is None or v is None or k[0] not in _KV_DTYPES or k[0] != v[0]:
+            return False
+        if len(k[1]) != 4 or k[1][0] != 1 or k[1][2] != len(tokens) or v[1][:3] != k[1][:3]:
+            return False
+    return True
 
 
 def _namespace_key(namespace: tuple) -> str:
@@ -163,32 +226,46 @@ class DiskCache:
         self.root = Path(root)
         self.budget_bytes = int(budget_bytes)
         self._entries: dict[str, list[_DiskEntry]] = {}
-        self._counts = {"hits": 0, "hit_tokens": 0, "writes": 0, "deleted": 0}
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._counts = {"hits": 0, "hit_tokens": 0, "writes": 0, "deleted": 0, "rejected": 0}
+        _private_dir(self.root, tighten=False)
+        self._key = _fingerprint_key(self.root)
         self._scan()
 
     # -- index -------------------------------------------------------------------------------
 
     def _scan(self) -> None:
-        from mlxrun import hub
-        from mlxrun.errors import CorruptCheckpointError
-
         for path in self.root.glob("*/*.safetensors"):
             if path.name.startswith("."):
                 continue  # a write that never finished
-            try:
-                meta = hub.safetensors_header(path).get("__metadata__") or {}
-                if meta.get("format") != FORMAT:
-                    continue
-                namespace = tuple(json.loads(meta["namespace"]))
-                tokens = np.asarray(json.loads(meta["tokens"]), dtype=np.int64)
-                st = path.stat()
-            except (CorruptCheckpointError, OSError, KeyError, ValueError, TypeError):
-                continue  # unreadable files are ignored, never fatal
-            if path.parent.name != _namespace_key(namespace):
+            entry = self._validated(path)
+            if entry is None:
+                self._counts["rejected"] += 1
+                path.unlink(missing_ok=True)  # ignored and removed: never loaded later
                 continue
-            entry = _DiskEntry(path, tokens, st.st_size, st.st_mtime)
             self._entries.setdefault(path.parent.name, []).append(entry)
+
+    def _validated(self, path: Path) -> _DiskEntry | None:
+        """The file's entry when its header, shapes and fingerprint check out; None otherwise."""
+        from mlxrun import hub
+        from mlxrun.errors import CorruptCheckpointError
+
+        try:
+            header = hub.checked_safetensors_header(path)  # bounded, offsets vs file size
+            meta = header.pop("__metadata__", None) or {}
+            if meta.get("format") != FORMAT:
+                return None
+            namespace = tuple(json.loads(meta["namespace"]))
+            tokens = np.asarray(json.loads(meta["tokens"]), dtype=np.int64)
+            layout = _layout(header)
+            expected = _fingerprint(self._key, meta, layout)
+            if not hmac.compare_digest(meta.get("fingerprint", ""), expected):
+                return None
+            if path.parent.name != _namespace_key(namespace) or not _shapes_ok(layout, tokens):
+                return None
+            st = path.stat()
+        except (CorruptCheckpointError, OSError, KeyError, ValueError, TypeError):
+            return None  # unreadable files are never fatal
+        return _DiskEntry(path, tokens, st.st_size, st.st_mtime, layout)
 
     @property
     def total_bytes(self) -> int:
@@ -208,9 +285,15 @@ class DiskCache:
                 best = (n, entry)
         return best
 
-    def load(self, handle: Any, num_tokens: int) -> KVBlock:
-        """The first `num_tokens` of a file found by `longest_prefix`, as a stored block."""
+    def load(self, handle: Any, num_tokens: int) -> KVBlock | None:
+        """The first `num_tokens` of a file found by `longest_prefix`, as a stored block; None
+        (and the file removed) when it changed since it was validated."""
         entry: _DiskEntry = handle
+        again = self._validated(entry.path)
+        if again is None or again.layout != entry.layout:
+            self._counts["rejected"] += 1
+            self._delete(entry.path.parent.name, entry)
+            return None
         arrays = mx.load(str(entry.path))
         layers = [
             (arrays[f"{i}.keys"][:, :, :num_tokens], arrays[f"{i}.values"][:, :, :num_tokens])
@@ -243,12 +326,17 @@ class DiskCache:
             "namespace": json.dumps(list(namespace), default=str),
             "tokens": json.dumps(tokens.tolist()),
         }
+        layout = sorted(
+            (n, _SAFETENSORS_DTYPE.get(a.dtype, str(a.dtype)), list(a.shape))
+            for n, a in arrays.items()
+        )
+        metadata["fingerprint"] = _fingerprint(self._key, metadata, layout)
         folder = self.root / key
-        folder.mkdir(parents=True, exist_ok=True)
+        _private_dir(folder)
         name = hashlib.sha1(tokens.tobytes()).hexdigest()[:24] + ".safetensors"
         tmp = folder / f".tmp-{uuid.uuid4().hex}.safetensors"
         try:
-            with open(tmp, "wb") as f:
+            with _private_file(tmp) as f:
                 mx.save_safetensors(f, arrays, metadata=metadata)
             os.replace(tmp, folder / name)
         finally:
@@ -257,7 +345,8 @@ class DiskCache:
         # Files holding a strict prefix of this path are now redundant.
         for old in [e for e in entries if _common_prefix(e.tokens, tokens) == len(e.tokens)]:
             self._delete(key, old)
-        entries.append(_DiskEntry(folder / name, tokens, (folder / name).stat().st_size, mtime))
+        size = (folder / name).stat().st_size
+        entries.append(_DiskEntry(folder / name, tokens, size, mtime, layout))
         self._counts["writes"] += 1
         self._enforce_budget()
         return True

@@ -400,8 +400,8 @@ class Engine:
         blocks, hit = match.values, match.length
         if self._disk is not None:
             n, handle = self._disk.longest_prefix(namespace, tokens)
-            if n > hit:
-                block = self._disk.load(handle, n)
+            block = self._disk.load(handle, n) if n > hit else None  # None: a rejected file
+            if block is not None:
                 self._counts["disk_hits"] += 1
                 self._counts["disk_hit_tokens"] += n
                 self._radix.insert(namespace, tokens[:n], block)

@@ -14,7 +14,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxrun import hfconfig, hub, memory, models, store
+from mlxrun import hfconfig, hub, memory, models, safety, store
 from mlxrun.errors import (
     CorruptCheckpointError,
     InsufficientMemoryError,
@@ -221,9 +221,11 @@ def load(
 
     text = str(name_or_path)
     path = store.resolve_model(text)
+    raw = hub.read_config(path)
+    safety.check_config(raw, str(path / "config.json"))  # before any size allocates memory
     # transformers-5 keys -> what mlx-lm's classes read; UnsupportedModelError before any file
     # is opened when the class would drop a key that changes the math.
-    config = hfconfig.normalize(hub.read_config(path))
+    config = hfconfig.normalize(raw)
     if context is not None and context < 1:
         raise InvalidRequestError(f"context must be >= 1, got {context}", param="context")
     limit = _exact_limit(config, context)

@@ -501,7 +501,10 @@ def load_tokenizer(path: Path, eos_token_ids: Iterable[int] | None = None) -> To
             hint="The directory needs tokenizer.json or tokenizer.model (with tokenizer_config.json).",
         )
     try:
-        backend = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # Never run code shipped with a model (auto_map): a checkpoint is untrusted input.
+        backend = AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"cannot load the tokenizer in {path}: {e}") from e
     return Tokenizer(backend, path, eos_token_ids or ())

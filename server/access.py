@@ -45,13 +45,17 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     clamp: str | None = None  # "requested->granted" when max_tokens was cut to what fits
+    principal: str = ""  # the API key's name (server/auth.py), never the key
 
     def line(self, seconds: float) -> str:
         tokens = ""
         if self.prompt_tokens or self.completion_tokens:
             tokens = f" prompt={self.prompt_tokens} completion={self.completion_tokens}"
         clamp = f" max_tokens={self.clamp}" if self.clamp else ""
-        return f"{self.id} {self.method} {self.path} {self.status}{tokens}{clamp} {seconds:.3f}s"
+        key = f" key={self.principal}" if self.principal else ""
+        return (
+            f"{self.id} {self.method} {self.path} {self.status}{key}{tokens}{clamp} {seconds:.3f}s"
+        )
 
 
 _current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +23,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import access, errors
+from . import access, auth, errors
 from .errors import APIError
 from .metrics import Metrics
 from .routes import routes
@@ -67,31 +66,66 @@ _WRONG_KEY = {
 
 
 class AuthMiddleware:
-    """The API key on every path but /health, as a bearer token or (Anthropic's clients) an
-    x-api-key header; constant-time comparison. A 401 is written in the path's dialect."""
+    """An API key on every path but the open probes, as a bearer token or (Anthropic's clients)
+    an x-api-key header, looked up among the key digests (server/auth.py). The key's principal
+    goes on `request.state.principal` and its name on the access record; a 401 is written in
+    the path's dialect. With no keys configured everyone is auth.ANONYMOUS."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
+    def __init__(self, app: ASGIApp, keys: auth.KeyRing | None):
         self.app = app
-        self.key = api_key.encode("utf-8")
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if not self.keys:
+            return await self._as(auth.ANONYMOUS, scope, receive, send)
         headers = dict(scope["headers"])
         header = headers.get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
-            return await self.app(scope, receive, send)
         x_api_key = headers.get(b"x-api-key")
-        if x_api_key is not None and hmac.compare_digest(x_api_key.strip(), self.key):
-            return await self.app(scope, receive, send)
+        sent = token.strip() if scheme.lower() == b"bearer" else (x_api_key or b"").strip()
+        who = self.keys.lookup(sent) if sent else None
+        if who is None and x_api_key is not None and sent != x_api_key.strip():
+            who = self.keys.lookup(x_api_key.strip())
+        if who is not None or scope["path"] in OPEN_PATHS:
+            return await self._as(who or auth.ANONYMOUS, scope, receive, send)
         dialect = access.dialect(scope["path"])
-        sent = header or x_api_key
-        messages = _WRONG_KEY if sent else _MISSING_KEY
+        messages = _WRONG_KEY if header or x_api_key else _MISSING_KEY
         message = messages.get(dialect, messages[access.OPENAI])
         challenge = {} if dialect == access.ANTHROPIC else {"WWW-Authenticate": "Bearer"}
         err = APIError(401, message, code="invalid_api_key", headers=challenge)
         await errors.dialect_response(err, dialect)(scope, receive, send)
+
+    async def _as(self, who: auth.Principal, scope: Scope, receive: Receive, send: Send) -> None:
+        scope.setdefault("state", {})["principal"] = who
+        if who is not auth.ANONYMOUS:
+            access.current().principal = who.name
+        await self.app(scope, receive, send)
+
+
+class KeyLimitMiddleware:
+    """--max-concurrent-per-key: generation requests beyond a key's slots wait in its own queue;
+    past --max-queued-per-key they get a 429 with Retry-After in the path's dialect."""
+
+    def __init__(self, app: ASGIApp, limits: auth.KeyLimits):
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
+            return await self.app(scope, receive, send)
+        name = scope.get("state", {}).get("principal", auth.ANONYMOUS).name
+        try:
+            await self.limits.acquire(name)
+        except APIError as e:
+            return await errors.dialect_response(e, access.dialect(scope["path"]))(
+                scope, receive, send
+            )
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.limits.release(name)
 
 
 class ReadyGate:
@@ -175,7 +209,9 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.in_flight -= 1
-            self.metrics.count_request(endpoint, status)
+            who = scope.get("state", {}).get("principal")
+            key = None if who in (None, auth.ANONYMOUS) else who.name
+            self.metrics.count_request(endpoint, status, key)
             if endpoint in GENERATION_PATHS:
                 self.metrics.duration.observe(time.perf_counter() - start)
 
@@ -244,8 +280,12 @@ def create_app(
         )
     middleware.append(Middleware(AccessMiddleware))
     middleware.append(Middleware(MetricsMiddleware, metrics=state.metrics, known_paths=known))
-    if config.api_key:
-        middleware.append(Middleware(AuthMiddleware, api_key=config.api_key))
+    keys = key_ring(config)
+    middleware.append(Middleware(AuthMiddleware, keys=keys))
+    if config.max_concurrent_per_key:
+        running = config.max_concurrent_per_key
+        queued = running if config.max_queued_per_key is None else config.max_queued_per_key
+        middleware.append(Middleware(KeyLimitMiddleware, limits=auth.KeyLimits(running, queued)))
     middleware.append(Middleware(ReadyGate, state=state))
     app = Starlette(
         routes=routes,
@@ -254,4 +294,15 @@ def create_app(
         lifespan=_lifespan(state),
     )
     app.state.server = state
+    app.state.keys = keys  # the CLI reloads its file on SIGHUP
     return app
+
+
+def key_ring(config: ServerConfig) -> auth.KeyRing | None:
+    """The configured keys (--api-key is the principal "default"); None: no auth."""
+    fixed = list(config.api_keys)
+    if config.api_key:
+        fixed.insert(0, (auth.DEFAULT_KEY_NAME, config.api_key))
+    if not fixed and config.api_key_file is None:
+        return None
+    return auth.KeyRing(fixed, config.api_key_file)

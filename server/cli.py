@@ -79,6 +79,26 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _check_exposure(host: str, has_key: bool, key_file: str | None, no_auth: bool) -> None:
+    """A non-loopback --host needs a key (or an explicit --no-auth): servers bound to every
+    interface with no key are how open model servers end up on the internet."""
+    from mlxrun.errors import InvalidRequestError
+    from mlxrun.server.auth import read_key_file
+
+    if key_file is not None:
+        read_key_file(key_file)  # a bad file is a one-line error before the model loads
+    if no_auth:
+        click.echo(f"Warning: --no-auth: anyone who can reach {host} may use this server.",
+                   err=True)  # fmt: skip
+    if _is_loopback(host) or has_key or key_file is not None or no_auth:
+        return
+    raise InvalidRequestError(
+        f"refusing to listen on {host} without an API key: anyone on the network could use "
+        "this server. Pass --api-key KEY or --api-key-file FILE (or --no-auth to allow it)",
+        param="host",
+    )
+
+
 def _lan_address() -> str | None:
     """This machine's address on its network (the one a route out would use); None offline.
     A UDP connect sends nothing: it only asks the kernel to pick the interface."""
@@ -106,7 +126,7 @@ def _base_urls(host: str, port: int) -> list[str]:
     return [f"http://{f'[{h}]' if ':' in h else h}:{port}/v1" for h in hosts]
 
 
-def _banner(info: Any, urls: list[str], aliases: tuple[str, ...], api_key: str | None) -> None:
+def _banner(info: Any, urls: list[str], aliases: tuple[str, ...], keys: Any) -> None:
     echo = click.echo
     echo(f"mlxrun: serving {info.name} ({info.architecture}, {info.quantization}, "
          f"context {info.context_length})")  # fmt: skip
@@ -115,7 +135,10 @@ def _banner(info: Any, urls: list[str], aliases: tuple[str, ...], api_key: str |
         echo(f"  on the network:  {url}")
     names = ", ".join(aliases)
     echo(f"  model id:        {info.name}" + (f" (aliases: {names})" if names else ""))
-    echo("  API key:         " + ("required (Authorization: Bearer ...)" if api_key else "none"))
+    names = f", keys: {', '.join(keys.names)}" if keys else ""
+    echo(
+        "  API key:         " + (f"required (Authorization: Bearer ...{names})" if keys else "none")
+    )
     echo("Press Ctrl-C to stop.")
 
 
@@ -143,6 +166,17 @@ def _setup_logging(level: str) -> None:
     default=None,
     help="Require this bearer key on every request but /health (or set MLXRUN_API_KEY).",
 )
+@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
+              help="Named keys, one `name:key` a line (names appear in logs and /metrics); "
+              "re-read on SIGHUP.")  # fmt: skip
+@click.option("--no-auth", is_flag=True, default=False,
+              help="Serve a non-loopback --host without any key (anyone who can reach it may "
+              "use it).")  # fmt: skip
+@click.option("--max-concurrent-per-key", type=click.IntRange(min=1), default=None,
+              help="Generation requests one key may run at once (default: no limit).")  # fmt: skip
+@click.option("--max-queued-per-key", type=click.IntRange(min=0), default=None,
+              help="More of one key's requests that may wait for a slot before a 429 "
+              "(default: as many as --max-concurrent-per-key).")  # fmt: skip
 @click.option("--alias", "aliases", multiple=True,
               help="Another model id clients may use; a pattern such as 'claude-*' accepts every "
               "matching name (Claude Code asks for its own model names).")  # fmt: skip
@@ -175,6 +209,10 @@ def serve_cmd(
     host: str,
     port: int,
     api_key: str | None,
+    api_key_file: str | None,
+    no_auth: bool,
+    max_concurrent_per_key: int | None,
+    max_queued_per_key: int | None,
     aliases: tuple[str, ...],
     context: int | None,
     max_running: int,
@@ -189,6 +227,7 @@ def serve_cmd(
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…)."""
     _setup_logging("warning" if quiet else log_level)
+    _check_exposure(host, bool(api_key), api_key_file, no_auth)
     cache_bytes = _cache_bytes(cache_memory)
     if tool_parser is not None:
         from mlxrun.tools import tool_format_by_name
@@ -199,10 +238,14 @@ def serve_cmd(
     sock = _bind(host, port)
     from mlxrun.engine import Engine
     from mlxrun.loader import load
+    from mlxrun.safety import check_chat_template
     from mlxrun.server.app import ServerConfig
 
     lm, tokenizer, info = load(model, context=context)
     click.echo(f"Loading {info.name}...", err=True)
+    problem = check_chat_template(tokenizer)
+    if problem:  # said now, before any client gets a 400 for it
+        click.echo(f"Warning: {problem}", err=True)
     _read_weights(lm)
     engine_config = _engine_config(tokenizer, info, max_running, cache_bytes, cache_dir)
     config = ServerConfig(
@@ -210,6 +253,9 @@ def serve_cmd(
         context_length=info.context_length,
         aliases=tuple(a for a in aliases if a != info.name),
         api_key=api_key or None,
+        api_key_file=api_key_file,
+        max_concurrent_per_key=max_concurrent_per_key,
+        max_queued_per_key=max_queued_per_key,
         cors_origins=cors_origins,
         tool_parser=tool_parser,
         strict=strict,
@@ -245,14 +291,14 @@ def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.soc
         while not server.started:
             await asyncio.sleep(0.01)
         urls = _base_urls(host, sock.getsockname()[1])
-        _banner(info, urls, config.aliases, config.api_key)
-        if not _is_loopback(host) and not config.api_key:
-            click.echo("Warning: listening beyond this machine with no --api-key.", err=True)
+        _banner(info, urls, config.aliases, app.state.keys)
+        if not _is_loopback(host) and not app.state.keys:
+            click.echo("Warning: listening beyond this machine with no API key.", err=True)
         sys.stdout.flush()
 
-    uv_config.app = create_app(engine, config, tokenizer=tokenizer, on_fatal=on_fatal,
-                               on_ready=on_ready)  # fmt: skip
-    _serve(server, sock)
+    app = create_app(engine, config, tokenizer=tokenizer, on_fatal=on_fatal, on_ready=on_ready)
+    uv_config.app = app
+    _serve(server, sock, app.state.keys)
     if failed:
         raise failed[0]
 
@@ -281,10 +327,13 @@ def _read_weights(model: Any) -> None:
     mx.eval(model.parameters())
 
 
-def _serve(server: Any, sock: socket.socket) -> None:
+def _serve(server: Any, sock: socket.socket, keys: Any = None) -> None:
     # uvicorn replays the signal that stopped it once it has shut down; with no-op handlers that
     # replay does nothing, so Ctrl-C / SIGTERM end in "Stopped." and exit status 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if keys is not None and keys.file is not None and hasattr(signal, "SIGHUP"):
+        # SIGHUP re-reads --api-key-file: keys are added and revoked without a restart.
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: keys.reload())
     try:
         server.run(sockets=[sock])
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -98,10 +98,13 @@ def _context_error(exc: ContextLengthExceededError) -> APIError:
     )
 
 
-def model_not_found(model: str) -> APIError:
+def model_not_found(model: str, available: Sequence[str] = ()) -> APIError:
+    """404; `available` (the servable names) is listed so the client can pick one. The name is
+    only ever compared with those: nothing is loaded or fetched because a request named it."""
+    served = f" This server serves: {', '.join(available)}." if available else ""
     return APIError(
         404,
-        f"The model `{model}` does not exist or you do not have access to it.",
+        f"The model `{model}` does not exist or you do not have access to it.{served}",
         param="model",
         code="model_not_found",
     )

@@ -31,6 +31,7 @@ class ChoiceSpec:
     constraint: Any = None  # a mlxrun.constrain.Constraint: decoding follows its grammar
     pin_prefix: int = 0  # prompt tokens to keep in the prefix cache (Anthropic cache_control)
     keep_special: bool = False  # special tokens stay in the text (tool-call / reasoning markers)
+    namespace: str | None = None  # prefix-cache scope (an API key's: its pins are its own)
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Generation:
                         group=spec.group,
                         constraint=spec.constraint,
                         pin_prefix=spec.pin_prefix,
+                        namespace=spec.namespace,
                     )
                 )
         except BaseException:

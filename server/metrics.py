@@ -65,6 +65,7 @@ class Metrics:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = defaultdict(int)  # (endpoint, status)
         self.ignored_fields: dict[str, int] = defaultdict(int)  # request fields we did not act on
+        self.by_key: dict[tuple[str, int], int] = defaultdict(int)  # (API key name, status)
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.generation_tokens = 0
@@ -86,8 +87,10 @@ class Metrics:
             DURATION_BUCKETS,
         )
 
-    def count_request(self, endpoint: str, status: int) -> None:
+    def count_request(self, endpoint: str, status: int, key: str | None = None) -> None:
         self.requests[(endpoint, status)] += 1
+        if key is not None:  # the key's name (server/auth.py), never the key itself
+            self.by_key[(key, status)] += 1
 
     def count_ignored(self, labels: Iterable[str]) -> None:
         for label in labels:
@@ -112,6 +115,12 @@ class Metrics:
         ]
         for field, count in sorted(self.ignored_fields.items()):
             lines.append(f'{name}{{field="{_escape(field)}"}} {count}')
+        if self.by_key:
+            name = f"{PREFIX}_key_requests_total"
+            lines += [f"# HELP {name} HTTP API requests by API key name and status.",
+                      f"# TYPE {name} counter"]  # fmt: skip
+            for (key, status), count in sorted(self.by_key.items()):
+                lines.append(f'{name}{{key="{_escape(key)}",status="{status}"}} {count}')
         counters = {
             "prompt_tokens_total": ("Prompt tokens processed.", self.prompt_tokens),
             "cached_prompt_tokens_total": ("Prompt tokens served from the prefix cache.", self.cached_tokens),

@@ -32,7 +32,11 @@ class ServerConfig:
     context_length: int
     aliases: tuple[str, ...] = ()
     max_output_tokens: int | None = None  # None: whatever the context leaves
-    api_key: str | None = None
+    api_key: str | None = None  # authenticates as the principal "default"
+    api_keys: tuple[tuple[str, str], ...] = ()  # (name, key) pairs
+    api_key_file: str | None = None  # `name:key` lines, re-read on SIGHUP (server/auth.py)
+    max_concurrent_per_key: int | None = None  # generation requests at once per key
+    max_queued_per_key: int | None = None  # more waiting per key; past it a 429
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = DEFAULT_MAX_BODY
     owned_by: str = "mlxrun"
@@ -109,7 +113,7 @@ class ServerState:
         """The name as the client sent it when we serve it; 404 otherwise. Ollama's tag form
         "id:latest" names the same model (clients that list /api/tags send it back)."""
         if not self.config.serves(name):
-            raise errors.model_not_found(name)
+            raise errors.model_not_found(name, self.config.model_ids)
         return name
 
     def check_ready(self) -> None:

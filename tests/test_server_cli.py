@@ -173,7 +173,7 @@ def test_banner_means_ready_at_a_reachable_address(tiny_llama, tmp_path):
     local = f"http://127.0.0.1:{port}"
     errors = (tmp_path / "stderr").open("w+")
     proc = subprocess.Popen([*CLI, str(tiny_llama), "--host", "0.0.0.0", "--port", str(port),
-                             "--context", "512"], stdout=subprocess.PIPE, stderr=errors, text=True)  # fmt: skip
+                             "--context", "512", "--no-auth"], stdout=subprocess.PIPE, stderr=errors, text=True)  # fmt: skip
     seen: list[tuple[int | None, int | None]] = []  # (/v1/models, /health) per round
     done = threading.Event()
 

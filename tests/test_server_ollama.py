@@ -75,7 +75,8 @@ def test_version_root_and_unsupported_endpoints(base_url, client):
     with pytest.raises(ollama.ResponseError) as e:
         client.embed(MODEL_ID, "text")
     assert e.value.status_code == 501 and "embeddings" in e.value.error
-    _error(httpx.post(base_url + "/api/pull", json={"model": "x"}), 501)
+    _error(httpx.post(base_url + "/api/pull", json={"model": MODEL_ID}), 501)
+    _error(httpx.post(base_url + "/api/pull", json={"model": "x"}), 404)  # never looked up
 
 
 def test_tags_show_and_ps(client, tiny_llama):
@@ -99,7 +100,10 @@ def test_tags_show_and_ps(client, tiny_llama):
     assert running.context_length == 512 and running.expires_at.year > 2100
     with pytest.raises(ollama.ResponseError) as e:
         client.show("llama3:8b")
-    assert e.value.status_code == 404 and e.value.error == "model 'llama3:8b' not found"
+    assert e.value.status_code == 404
+    assert e.value.error == (
+        "model 'llama3:8b' not found; this server serves: tiny:latest, tiny-alias:latest"
+    )
 
 
 # ---------------------------------------------------------------- chat

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from mlxrun.errors import InvalidRequestError
 from mlxrun.tools import ToolCallDelta
 
-from .. import errors
+from .. import auth, errors
 from ..access import ANTHROPIC
 from ..common import in_thread, start_generation, until_disconnect
 from ..dialogue import ChatPlan, MessageDelta, message_deltas, plan_chat
@@ -340,7 +340,11 @@ async def create(request: Request) -> Response:
     state, req = await _read(request)
     state.check_ready()
     plan, marked = await in_thread(_prepare, state, req)
-    specs = [dataclasses.replace(s, pin_prefix=marked) for s in plan.specs]
+    # With API keys, the prefix cache (and so every cache_control pin) is the key's own: another
+    # key neither reads nor renews it, nor learns from cache_read_input_tokens that it exists.
+    who = auth.principal(request)
+    scope = None if who is auth.ANONYMOUS else auth.owner(request)
+    specs = [dataclasses.replace(s, pin_prefix=marked, namespace=scope) for s in plan.specs]
     plan = dataclasses.replace(plan, specs=specs)
     request_id = state.next_id("msg").replace("-", "_", 1)
     gen = start_generation(state, plan.specs, request_id, arrival)

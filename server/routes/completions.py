@@ -5,8 +5,8 @@ plumbing all three FIM dialects share (the other two are in fim.py): priority an
 Stale requests. FIM requests (here with `suffix`, /v1/fim/completions, /infill) run at priority 1,
 before chat and batch work, in a cancellation group: a new request makes the engine abort its
 group's unfinished older ones, whose responses end cleanly with the text so far (finish_reason
-"abort" here; each dialect's own way in fim.py). Groups never span clients; a client is its API key
-(Authorization bearer token, else x-api-key, else none). Within a client the group is:
+"abort" here; each dialect's own way in fim.py). Groups never span clients; a client is its API key's
+principal (server/auth.py), or without auth the key it sends. Within a client the group is:
 
 1. the `X-Mlxrun-Group` header when sent: each request supersedes the previous one with that value;
 2. else prompt-prefix lineage: the request joins the group of the newest in-flight FIM request with
@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 
 from mlxrun.engine import TokenLogprob
 
+from .. import auth
 from ..common import (
     SYSTEM_FINGERPRINT,
     choice_params,
@@ -291,9 +292,14 @@ def fim_groups(request: Request) -> FimGroups:
 
 
 def client_id(request: Request) -> str:
+    """Whose groups a request may join: its API key's principal (server/auth.py), so one key
+    never cancels another's requests; without auth, a digest of whatever key the client sends
+    (group ids live on in the engine and must not carry keys)."""
+    who = auth.principal(request)
+    if who is not auth.ANONYMOUS:
+        return auth.owner(request)
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     key = (token.strip() if scheme.lower() == "bearer" else "") or request.headers.get("x-api-key")
-    # A digest: group ids live on in the engine and must not carry keys.
     return hashlib.sha256((key or "").encode("utf-8")).hexdigest()[:16]
 
 

@@ -51,5 +51,5 @@ async def get_model(request: Request) -> JSONResponse:
     state = server_state(request)
     model_id = request.path_params["model_id"]
     if model_id not in state.config.model_ids:
-        raise model_not_found(model_id)
+        raise model_not_found(model_id, state.config.model_ids)
     return JSONResponse(model_card(state, model_id))

@@ -39,7 +39,6 @@ from ..protocol_ollama import (
     OllamaRequest,
     parse_chat,
     parse_generate,
-    served_model,
 )
 from ..sse import EventStreamResponse
 from ..state import ServerState, server_state
@@ -73,7 +72,7 @@ async def _accept(
     state = server_state(request)
     body = await state.read_json(request)
     name = body.get("model")
-    served_model(state.config.model_ids, name)
+    ollama_models.served(state, name)
     req = parse(body, state.config.context_length, state.config.strict)
     note(request, req.ignored)
     deadline = time.monotonic() + READY_WAIT_S

@@ -40,6 +40,20 @@ def ollama_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable
     return guarded(handler, _ollama_error)
 
 
+def served(state: ServerState, name: Any) -> str:
+    """The served id Ollama's `name` means; otherwise a 404 listing what this server serves.
+    Names are only compared with the served ones: a path, a registry name or a URL is never
+    opened, stat'ed or fetched because a request sent it."""
+    try:
+        return served_model(state.config.model_ids, name)
+    except APIError as e:
+        if e.status != 404:
+            raise
+        names = ", ".join(_tagged(i) for i in state.config.model_ids)
+        raise APIError(404, f"{e.message}; this server serves: {names}", param="model",
+                       code="model_not_found") from None  # fmt: skip
+
+
 def rfc3339(at: dt.datetime | None = None) -> str:
     at = at or dt.datetime.now(dt.timezone.utc)
     return at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -174,7 +188,7 @@ def _model_info(state: ServerState, model_id: str, facts: dict[str, Any]) -> dic
 async def show(request: Request) -> Response:
     state = server_state(request)
     body = await state.read_json(request)
-    model_id = served_model(state.config.model_ids, body.get("model") or body.get("name"))
+    model_id = served(state, body.get("model") or body.get("name"))
     facts = await _model_facts(request)
     ctx = state.config.context_length
     template = state.tokenizer.chat_template or ""
@@ -207,6 +221,11 @@ async def root(request: Request) -> Response:
 @ollama_errors
 async def unsupported(request: Request) -> Response:
     path = request.url.path
+    if path in _NAMED_MODEL_PATHS:
+        # An unserved name is a 404 like everywhere else (never a lookup on disk or the Hub).
+        state = server_state(request)
+        body = await state.read_json(request)
+        served(state, body.get("model") or body.get("name"))
     if path.startswith("/api/embed"):
         message = "mlxrun serves a generative model; embeddings are not supported."
     else:
@@ -216,6 +235,8 @@ async def unsupported(request: Request) -> Response:
         )
     raise APIError(501, message, code="not_implemented")
 
+
+_NAMED_MODEL_PATHS = frozenset({"/api/pull", "/api/push", "/api/delete"})
 
 routes: list[Route] = [
     Route("/", root, methods=["GET", "HEAD"]),

@@ -49,6 +49,12 @@ def owner(request: Any) -> str:
     return "key:" + principal(request).name
 
 
+def cache_scope(request: Any) -> str | None:
+    """The prefix-cache namespace for state a request pins: the key's own with API keys (another
+    key neither reads nor renews it, nor learns from cached-token counts that it exists)."""
+    return None if principal(request) is ANONYMOUS else owner(request)
+
+
 def _digest(key: str | bytes) -> bytes:
     raw = key.encode("utf-8") if isinstance(key, str) else key
     return hashlib.sha256(raw).digest()

@@ -30,10 +30,11 @@ class StoredResponse:
     response: dict[str, Any]  # the response object, as GET returns it
     input_items: list[dict[str, Any]]  # every item it read (earlier turns included), with ids
     size: int = 0  # its JSON size in bytes, for the budget
+    owner: str = ""  # the API key's owner tag (server.auth.owner): only it may read the record
 
     def to_json(self) -> bytes:
         return json.dumps(
-            {"response": self.response, "input_items": self.input_items},
+            {"response": self.response, "input_items": self.input_items, "owner": self.owner},
             ensure_ascii=False,
             separators=(",", ":"),
         ).encode("utf-8")
@@ -138,7 +139,9 @@ class ResponseStore:
         for path in files:
             try:
                 raw = json.loads(path.read_bytes())
-                record = StoredResponse(raw["response"], raw["input_items"])
+                record = StoredResponse(
+                    raw["response"], raw["input_items"], owner=str(raw.get("owner", ""))
+                )
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             record.size = path.stat().st_size

@@ -224,3 +224,28 @@ def test_one_key_over_its_limit_gets_429s_while_another_is_served(tiny_llama):
         # Her slot is free again once her stream is done.
         done = _oa(url, ALICE).chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=1)
         assert done.usage.completion_tokens == 1
+
+
+def test_a_stored_response_belongs_to_the_key_that_made_it(url):
+    """Bob gets Alice's response id only as a 404: not by GET, input_items, DELETE, cancel or as
+    previous_response_id; Alice still has it afterwards."""
+    alice, bob = _oa(url, ALICE), _oa(url, BOB)
+    made = alice.responses.create(model=MODEL_ID, input="Say hi", max_output_tokens=2)
+    for attempt in (
+        lambda: bob.responses.retrieve(made.id),
+        lambda: bob.responses.input_items.list(made.id),
+        lambda: bob.responses.delete(made.id),
+        lambda: bob.responses.cancel(made.id),
+        lambda: bob.responses.create(
+            model=MODEL_ID, input="more", previous_response_id=made.id, max_output_tokens=2
+        ),
+    ):
+        with pytest.raises(openai.NotFoundError) as caught:
+            attempt()
+        assert "Say hi" not in str(caught.value.body)
+    assert alice.responses.retrieve(made.id).id == made.id
+    assert [i.type for i in alice.responses.input_items.list(made.id).data] == ["message"]
+    follow = alice.responses.create(
+        model=MODEL_ID, input="more", previous_response_id=made.id, max_output_tokens=2
+    )
+    assert follow.previous_response_id == made.id

@@ -340,10 +340,7 @@ async def create(request: Request) -> Response:
     state, req = await _read(request)
     state.check_ready()
     plan, marked = await in_thread(_prepare, state, req)
-    # With API keys, the prefix cache (and so every cache_control pin) is the key's own: another
-    # key neither reads nor renews it, nor learns from cache_read_input_tokens that it exists.
-    who = auth.principal(request)
-    scope = None if who is auth.ANONYMOUS else auth.owner(request)
+    scope = auth.cache_scope(request)  # every cache_control pin is the key's own
     specs = [dataclasses.replace(s, pin_prefix=marked, namespace=scope) for s in plan.specs]
     plan = dataclasses.replace(plan, specs=specs)
     request_id = state.next_id("msg").replace("-", "_", 1)

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .. import auth
 from ..common import in_thread, start_generation, until_disconnect
 from ..dialogue import ChatPlan, MessageDelta, message_deltas, plan_chat
 from ..errors import APIError, guarded, invalid, to_api_error
@@ -44,9 +45,12 @@ def _not_found(response_id: str, param: str | None = None) -> APIError:
                     code="previous_response_not_found" if param else "not_found")  # fmt: skip
 
 
-def _stored(state: ServerState, response_id: str, param: str | None = None) -> StoredResponse:
+def _stored(
+    state: ServerState, response_id: str, owner: str, param: str | None = None
+) -> StoredResponse:
+    """The record, if it exists and belongs to `owner` (another key's is a plain 404)."""
     record = state.responses.get(response_id) if valid_id(response_id) else None
-    if record is None:
+    if record is None or record.owner != owner:
         raise _not_found(response_id, param)
     return record
 
@@ -62,6 +66,7 @@ class _Run:
     id: str
     context: list[dict[str, Any]]  # the input items the prompt was rendered from
     created_at: int
+    owner: str  # server.auth.owner of the creating request
     finish: str = "stop"
     items: OutputItems = dataclasses.field(init=False)
 
@@ -109,7 +114,7 @@ class _Run:
 
     def save(self, body: dict[str, Any]) -> dict[str, Any]:
         if self.req.store:
-            self.state.responses.put(StoredResponse(body, self.context))
+            self.state.responses.put(StoredResponse(body, self.context, owner=self.owner))
         return body
 
 
@@ -173,27 +178,26 @@ async def _background(run: _Run) -> None:
         run.state.responses.running.pop(run.id, None)
 
 
-def _context(state: ServerState, req: ResponsesRequest) -> list[dict[str, Any]]:
+def _context(state: ServerState, req: ResponsesRequest, owner: str) -> list[dict[str, Any]]:
     """The items the prompt is rendered from: the previous response's input and output, then
     this request's input."""
     if req.previous_response_id is None:
         return req.items
-    prev = _stored(state, req.previous_response_id, "previous_response_id")
+    prev = _stored(state, req.previous_response_id, owner, "previous_response_id")
     output = [i for i in prev.response.get("output", []) if isinstance(i, dict)]
     return [*prev.input_items, *output, *req.items]
 
 
-def _plan(state: ServerState, req: ResponsesRequest, messages: list[dict]) -> ChatPlan:
+def _plan(
+    state: ServerState, req: ResponsesRequest, messages: list[dict], scope: str | None
+) -> ChatPlan:
     plan = plan_chat(state, messages, req.params, tools=req.tools, choice=req.choice,
                      output=req.output, max_param="max_output_tokens",
                      template_kwargs=req.template_kwargs)  # fmt: skip
-    if not req.store:
-        return plan
-    # Pinned: the next turn's prompt starts with this one.
-    pin = len(plan.prompt_ids)
-    return dataclasses.replace(
-        plan, specs=[dataclasses.replace(s, pin_prefix=pin) for s in plan.specs]
-    )
+    # Pinned when stored: the next turn's prompt starts with this one; in the key's own scope.
+    pin = len(plan.prompt_ids) if req.store else 0
+    specs = [dataclasses.replace(s, pin_prefix=pin, namespace=scope) for s in plan.specs]
+    return dataclasses.replace(plan, specs=specs)
 
 
 @guarded
@@ -203,11 +207,13 @@ async def create(request: Request) -> Response:
     req = parse_responses(await state.read_json(request), strict=state.config.strict)
     state.check_model(req.model)
     state.check_ready()
-    context = _context(state, req)
-    plan = await in_thread(_plan, state, req, to_messages(req.instructions, context))
+    owner = auth.owner(request)
+    context = _context(state, req, owner)
+    messages = to_messages(req.instructions, context)
+    plan = await in_thread(_plan, state, req, messages, auth.cache_scope(request))
     response_id = new_id("resp")
     gen = start_generation(state, plan.specs, response_id, arrival)
-    run = _Run(state, req, gen, plan, response_id, context, int(time.time()))
+    run = _Run(state, req, gen, plan, response_id, context, int(time.time()), owner)
     headers = {IGNORED_HEADER: ",".join(req.ignored)} if req.ignored else {}
     if req.background:
         body = run.save(run.response("in_progress"))
@@ -221,14 +227,16 @@ async def create(request: Request) -> Response:
 @guarded
 async def retrieve(request: Request) -> Response:
     state = server_state(request)
-    return JSONResponse(_stored(state, request.path_params["response_id"]).response)
+    return JSONResponse(
+        _stored(state, request.path_params["response_id"], auth.owner(request)).response
+    )
 
 
 @guarded
 async def delete(request: Request) -> Response:
     state = server_state(request)
     response_id = request.path_params["response_id"]
-    _stored(state, response_id)
+    _stored(state, response_id, auth.owner(request))
     task = state.responses.running.get(response_id)
     if task is not None:
         task.cancel()
@@ -241,19 +249,21 @@ async def delete(request: Request) -> Response:
 async def cancel(request: Request) -> Response:
     state = server_state(request)
     response_id = request.path_params["response_id"]
-    if not _stored(state, response_id).response.get("background"):
+    if not _stored(state, response_id, auth.owner(request)).response.get("background"):
         raise invalid("Only responses created with background true can be cancelled.")
     task = state.responses.running.get(response_id)
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    return JSONResponse(_stored(state, response_id).response)
+    return JSONResponse(_stored(state, response_id, auth.owner(request)).response)
 
 
 @guarded
 async def input_items(request: Request) -> Response:
     state = server_state(request)
-    items = list(_stored(state, request.path_params["response_id"]).input_items)
+    items = list(
+        _stored(state, request.path_params["response_id"], auth.owner(request)).input_items
+    )
     query = dict(request.query_params)
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):

@@ -342,14 +342,15 @@ def test_mistral_fim_and_tokenize_unknown_fields(url, strict_url):
     assert _ignored(_post(url, "/v1/fim/completions", fim)) == ["frobnicate"]
     r = _post(strict_url, "/v1/fim/completions", fim)
     assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate"
-    # llama.cpp's /tokenize names: content and add_special; with_pieces is not done here.
-    body = {"content": "hello world", "add_special": False, "with_pieces": True}
+    # llama.cpp's /tokenize names: content, add_special and with_pieces are all honoured.
+    body = {"content": "hello world", "add_special": False, "with_pieces": True, "id_slot": 0}
     r = _post(url, "/tokenize", body)
     plain = _post(url, "/tokenize", {"prompt": "hello world", "add_special_tokens": False})
-    assert r.status_code == 200 and r.json()["tokens"] == plain.json()["tokens"]
-    assert _ignored(r) == ["with_pieces"]
+    assert r.status_code == 200 and [t["id"] for t in r.json()["tokens"]] == plain.json()["tokens"]
+    assert "".join(t["piece"] for t in r.json()["tokens"]) == "hello world"
+    assert _ignored(r) == ["id_slot"]
     r = _post(strict_url, "/tokenize", body)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "with_pieces"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "id_slot"
 
 
 # ---------------------------------------------------------------- chat_template_kwargs

@@ -11,7 +11,8 @@ are the output stage's job: the caller feeds tokens to mlxrun.output.TextOutput 
 `abort(id)` when a stop string completes (the request then ends within one step).
 
 One step: drain submit/abort commands -> Scheduler.schedule() -> admitted requests get their KV
-from the prefix cache (memory tier, else disk tier; >= 1 prompt token is always computed) ->
+from the prefix cache (memory tier, else disk tier; >= 1 prompt token is always computed; with
+cache_reuse, runs cached past the prefix too, spliced in when the prefill reaches them) ->
 prompt chunks run into each request's own cache; prompts whose last chunk this is run it
 together (one right-padded pass) and join the decode batch feeding their last token -> one
 batched decode step (B, 1) with per-row penalties and samplers -> the tokens sampled in the

@@ -207,6 +207,7 @@ class RequestState:
         self.computed = 0  # prompt tokens the scheduler counts as computed
         self.kv = 0  # tokens of prompt + generated whose KV exists
         self.cached = 0
+        self.reuse: Any = None  # a mlxrun.kv_reuse.ReusePlan when cache_reuse found runs
         self.done = False
 
 

@@ -11,7 +11,8 @@ are the output stage's job: the caller feeds tokens to mlxrun.output.TextOutput 
 `abort(id)` when a stop string completes (the request then ends within one step).
 
 One step: drain submit/abort commands -> Scheduler.schedule() -> admitted requests get their KV
-from the prefix cache (memory tier, else disk tier; >= 1 prompt token is always computed) ->
+from the prefix cache (memory tier, else disk tier; >= 1 prompt token is always computed; with
+cache_reuse, runs cached past the prefix too, spliced in when the prefill reaches them) ->
 prompt chunks run into each request's own cache; prompts whose last chunk this is run it
 together (one right-padded pass) and join the decode batch feeding their last token -> one
 batched decode step (B, 1) with per-row penalties and samplers -> the tokens sampled in the
@@ -56,6 +57,7 @@ from mlxrun.cache import (
     supports_prefix_cache,
 )
 from mlxrun.errors import InvalidRequestError
+from mlxrun.kv_reuse import ChunkReuse
 from mlxrun.prefix_cache import RadixCache
 from mlxrun.sampling import SamplingParams
 from mlxrun.scheduler import Scheduler, SchedulerConfig, SeqState
@@ -91,9 +93,10 @@ class Event:
     new_token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None  # one per new token, when params.logprobs
     finish_reason: str | None = None  # None | "stop" | "length" | "abort"
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (chunks too)
     prompt_tokens: int = 0
     step: int = 0  # the engine step that produced it (for tests and tracing)
+    reused_chunk_tokens: int = 0  # of cached_tokens, those reused past the prefix (cache_reuse)
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class EngineConfig:
     default_max_tokens: int | None = None
     max_pinned_prefixes: int = 8  # pinned prefixes beyond it release the oldest
     pin_ttl_s: float = 300.0  # a pin lasts this long after its last use (Anthropic's 5 minutes)
+    cache_reuse: int = 0  # reuse cached runs this long past the prefix (0 = off; kv_reuse)
 
 
 class Engine:
@@ -125,6 +129,7 @@ class Engine:
         self._batch = DecodeBatch()
         self._scheduler: Scheduler | None = None
         self._radix: RadixCache | None = None
+        self._reuse: ChunkReuse | None = None
         self._disk: DiskCache | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -210,6 +215,8 @@ class Engine:
             self._radix = RadixCache(
                 cfg.cache_memory_bytes, nbytes=block_nbytes, split=split_block, on_evict=on_evict
             )
+        if cfg.cache_reuse > 0:
+            self._reuse = ChunkReuse.for_model(self.model, cfg.cache_reuse, self._radix)
         self._publish_cache_stats()
 
     # -- submitting and stats (any thread) ----------------------------------------------------
@@ -287,6 +294,7 @@ class Engine:
             "kv_tokens_reserved": sched.get("kv_tokens_reserved", 0),
             "kv_capacity_tokens": sched.get("kv_capacity_tokens"),
             **self._counts,
+            **(self._reuse.counts if self._reuse is not None else {}),
             "prompt_tokens_per_s": prompt_rate,
             "generation_tokens_per_s": gen_rate,
             "steps": self._step_no,
@@ -391,6 +399,8 @@ class Engine:
                 if state is not None:
                     state.num_computed_tokens = hit
         seq.computed = seq.cached = seq.kv = hit
+        if self._reuse is not None:  # runs cached past the prefix, spliced as prefill reaches them
+            seq.reuse = self._reuse.plan_for(seq, hit)
         return hit
 
     def _lookup(self, namespace: tuple, tokens: list[int]) -> tuple[list, int]:
@@ -417,9 +427,11 @@ class Engine:
         joiners = []
         for rid, n in chunks:
             seq = self._seqs[rid]
-            chunk = seq.prompt[seq.computed : seq.computed + n]
+            spliced = seq.reuse.splice(seq) if seq.reuse is not None else 0
+            stop = seq.computed + n if seq.reuse is None else seq.reuse.clip(seq.computed + n)
+            chunk = seq.prompt[seq.computed : stop]
             seq.computed += len(chunk)
-            computed[rid] = len(chunk)
+            computed[rid] = spliced + len(chunk)
             self._counts["prompt_tokens"] += len(chunk)
             if seq.computed == len(seq.prompt):
                 joiners.append((seq, chunk))
@@ -427,6 +439,7 @@ class Engine:
             self.model(mx.array(chunk)[None], cache=seq.cache)  # logits are never evaluated
             mx.async_eval([c.state for c in seq.cache])
             seq.kv += len(chunk)
+            computed[rid] += seq.reuse.splice(seq) if seq.reuse is not None else 0
         return joiners
 
     def _join(self, joiners: list[tuple[RequestState, list[int]]]) -> None:
@@ -540,7 +553,10 @@ class Engine:
         self._emit(seq, [], None, "abort")
 
     def _emit(self, seq: RequestState, tokens: list[int], lps: Any, finish: str | None) -> None:
-        event = Event(seq.id, tokens, lps, finish, seq.cached, len(seq.prompt), self._step_no)
+        reused = seq.reuse.reused if seq.reuse is not None else 0
+        event = Event(
+            seq.id, tokens, lps, finish, seq.cached, len(seq.prompt), self._step_no, reused
+        )
         if finish is not None:
             seq.done = True
             self._counts["finished"] += 1

@@ -275,3 +275,32 @@ class RadixCache:
         """Drop everything without calling on_evict (a reset, not memory pressure)."""
         self._roots.clear()
         self._bytes = self._tokens = self._nodes = 0
+
+    # -- beyond the prefix (chunk reuse) -----------------------------------------------------------
+
+    def continuations(
+        self, namespace: tuple, token_ids: Sequence[int], limit: int = 4
+    ) -> tuple[int, list[tuple[tuple[int, ...], list[Any]]]]:
+        """The cached paths that go on past the longest stored prefix of `token_ids`, for reusing
+        chunks after the point where the tokens diverge (mlxrun.kv_reuse).
+
+        Returns (prefix length, [(tokens, values) of each path below it]): at most `limit` paths,
+        leaf to leaf, most recently used first; the values cover the tokens, which start at
+        position `prefix length`. Refreshes the prefix's LRU time, not the paths'.
+        """
+        root = self._roots.get(namespace)
+        if root is None:
+            return 0, []
+        node, length, _ = self._walk(root, tuple(token_ids))
+        paths: list[tuple[tuple[int, ...], list[Any]]] = []
+        stack: list[tuple[_Node, tuple[int, ...], list[Any]]] = [(node, (), [])]
+        while stack and len(paths) < limit:
+            cur, tokens, values = stack.pop()
+            if not cur.children:
+                if tokens:
+                    paths.append((tokens, values))
+                continue
+            # Pushed oldest first, so the most recently used child is walked first.
+            for child in sorted(cur.children.values(), key=lambda n: (n.last_access, n.uid)):
+                stack.append((child, tokens + child.key, [*values, child.value]))
+        return length, paths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import signal
 import socket
@@ -186,6 +187,10 @@ def _setup_logging(level: str) -> None:
 @click.option("--cache-memory", default=None, help="Prefix-cache memory, e.g. 2GB (0 = off).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Directory for the prefix cache's disk tier (off by default).")  # fmt: skip
+@click.option("--cache-reuse", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also reuse cached KV of runs of at least this many tokens that reappear "
+              "after an edit mid-prompt, re-rotated to their new place (0 = off). An "
+              "approximation: outputs can differ slightly from a full prefill.")  # fmt: skip
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow browser requests from this origin (repeatable; off by default).")  # fmt: skip
 @click.option("--tool-parser", default=None,
@@ -218,6 +223,7 @@ def serve_cmd(
     max_running: int,
     cache_memory: str | None,
     cache_dir: str | None,
+    cache_reuse: int,
     cors_origins: tuple[str, ...],
     tool_parser: str | None,
     strict: bool,
@@ -248,6 +254,7 @@ def serve_cmd(
         click.echo(f"Warning: {problem}", err=True)
     _read_weights(lm)
     engine_config = _engine_config(tokenizer, info, max_running, cache_bytes, cache_dir)
+    engine_config = dataclasses.replace(engine_config, cache_reuse=cache_reuse)
     config = ServerConfig(
         model_id=info.name,
         context_length=info.context_length,

@@ -139,11 +139,14 @@ async def sse_stream(
 
 def usage(gen: Generation) -> dict[str, Any]:
     prompt, completion = gen.prompt_tokens, gen.completion_tokens
+    details: dict[str, int] = {"cached_tokens": gen.cached_tokens}  # prefix and reused chunks
+    if gen.reused_chunk_tokens:  # mlxrun's own field, only when --cache-reuse reused some
+        details["reused_chunk_tokens"] = gen.reused_chunk_tokens
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
+        "prompt_tokens_details": details,
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
 

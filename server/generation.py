@@ -53,6 +53,7 @@ class _Choice:
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.cached_tokens = 0
+        self.reused_chunk_tokens = 0  # of cached_tokens, reused past the prefix (--cache-reuse)
         self.last_token_at: float | None = None
 
 
@@ -95,6 +96,14 @@ class Generation:
         for c in self.choices:
             key = tuple(c.spec.prompt_ids)
             seen[key] = max(seen.get(key, 0), c.cached_tokens)
+        return sum(seen.values())
+
+    @property
+    def reused_chunk_tokens(self) -> int:
+        seen: dict[tuple[int, ...], int] = {}
+        for c in self.choices:
+            key = tuple(c.spec.prompt_ids)
+            seen[key] = max(seen.get(key, 0), c.reused_chunk_tokens)
         return sum(seen.values())
 
     def matched_stop(self, index: int) -> str | None:
@@ -155,6 +164,7 @@ class Generation:
         if choice.finish_reason is not None:
             return None  # events after a stop string: the abort is on its way
         choice.cached_tokens = event.cached_tokens
+        choice.reused_chunk_tokens = event.reused_chunk_tokens
         self.looked_up = True
         self._time_tokens(choice, len(event.new_token_ids))
         delta = Delta(choice.index)

@@ -57,6 +57,10 @@ def _engine_gauges(state: ServerState) -> dict[str, tuple[str, float]]:
             "KV tokens reserved by running requests.",
             stats.get("kv_tokens_reserved", 0),
         ),
+        "reused_chunk_tokens": (
+            "Prompt tokens reused past the prefix by --cache-reuse (since start).",
+            stats.get("reuse_chunk_tokens", 0),
+        ),
         "generation_tokens_per_second": (
             "Recent engine generation rate (all requests).",
             stats.get("generation_tokens_per_s", 0.0),

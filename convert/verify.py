@@ -21,6 +21,7 @@ from mlxrun.errors import InvalidRequestError, UnsupportedModelError, format_siz
 METHODS = ("auto", "end-to-end", "per-tensor")
 DEFAULT_MAX_TOKENS = 256
 _WORST = 3
+_STEP_TOKENS = 32  # tokens per evaluation in the end-to-end run
 _CHUNK_ELEMENTS = 1 << 24  # per-tensor error in blocks of 16M elements (64 MB as float32)
 
 
@@ -185,10 +186,18 @@ def _tokenize(source_dir: Path, text: str, max_tokens: int) -> mx.array:
 
 
 def _log_probs(model, tokens: mx.array) -> mx.array:
-    logits = model(tokens[None])[0].astype(mx.float32)  # (T, V)
-    out = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    mx.eval(out)
-    return out
+    """(T, V) log-probs, a batch of tokens per evaluation over a KV cache: each step is short,
+    so Ctrl-C is seen between steps instead of after one long forward pass."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    parts = []
+    for i in range(0, tokens.size, _STEP_TOKENS):
+        logits = model(tokens[None, i : i + _STEP_TOKENS], cache=cache)[0].astype(mx.float32)
+        part = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (step, V)
+        mx.eval(part)
+        parts.append(part)
+    return mx.concatenate(parts, axis=0)
 
 
 def _source_log_probs(source_dir: Path, tokens: mx.array) -> mx.array:

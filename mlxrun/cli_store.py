@@ -152,10 +152,12 @@ def pull_cmd(repo, name, revision, bits, group_size, recipe, no_verify, force, q
 
 
 def _convert(repo, name, revision, bits, group_size, recipe, no_verify, force, quiet):
+    from mlxrun.cli_common import report_error
     from mlxrun.convert.api import convert_model
     from mlxrun.store import models_dir
 
-    options = {"verify": not no_verify, "force": force, "quiet": quiet, "revision": revision}
+    options = {"verify": not no_verify, "force": force, "quiet": quiet, "revision": revision,
+               "exit_on_signal": report_error}  # fmt: skip
     if bits:
         options["bits"] = int(bits)
     if group_size:

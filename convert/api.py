@@ -189,6 +189,10 @@ def _convert(source: str, output, opts: ConvertOptions, watcher, where: dict) ->
             f"{source} is already an MLX quantized model",
             hint="Use it directly, or `mlxrun pull` it into the store.",
         )
+    if opts.calib is not None and Path(opts.calib).is_file():
+        from mlxrun.convert.verify import check_calib
+
+        check_calib(src, opts.calib)  # a pipe can be read once only: that is in the quality step
     model = build_model(ckpt.config)
     recipe = _choose_recipe(model, ckpt.config, opts)
     out = Path(output) if output is not None else default_output(source, recipe)

@@ -7,6 +7,7 @@ first forward pass evaluates it, so loading is instant and the memory check runs
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from mlxrun.errors import (
     UnsupportedModelError,
     format_size,
 )
+
+_log = logging.getLogger(__name__)
 
 # Planning context when config.json names none (rare: every mainstream family records it).
 DEFAULT_CONTEXT = 4096
@@ -188,6 +191,18 @@ def model_info(name: str, path: Path, config: dict, context: int) -> ModelInfo:
     )
 
 
+def _context_limit(config: dict, context: int | None) -> int:
+    """The requested context, else the model's own. Past the model's maximum it is kept (rope
+    scaling can stretch a model) but said out loud: quality usually falls apart there."""
+    own = store.context_length(config)
+    if context is None:
+        return own or DEFAULT_CONTEXT
+    if own and context > own:
+        _log.warning("context %d is beyond the model's maximum of %d tokens: expect poor output "
+                     "past %d", context, own, own)  # fmt: skip
+    return context
+
+
 def load(
     name_or_path: str | Path, *, context: int | None = None, force: bool = False
 ) -> tuple[Any, Any, ModelInfo]:
@@ -204,7 +219,7 @@ def load(
     config = hub.read_config(path)
     if context is not None and context < 1:
         raise InvalidRequestError(f"context must be >= 1, got {context}", param="context")
-    limit = context or store.context_length(config) or DEFAULT_CONTEXT
+    limit = _context_limit(config, context)
     models.model_classes(config)  # UnsupportedModelError before any file is opened
     info = model_info(store.default_name(text), path, config, limit)
     check_memory(info.weights_bytes, config, limit, force=force)

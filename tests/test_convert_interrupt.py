@@ -131,3 +131,63 @@ print("still here")
     assert proc.returncode == 0, proc.stderr
     assert "caught: conversion interrupted" in proc.stdout and "still here" in proc.stdout
     assert_nothing_left(out)
+
+
+def _stalling_hub(root: Path):
+    """A local Hub whose weight downloads send their first KB and then stall, as on a slow
+    line: the download phase lasts as long as the test wants."""
+    from hubserver import HubServer
+
+    class Stalled:
+        def __init__(self, wfile):
+            self.wfile = wfile
+
+        def write(self, data: bytes) -> None:
+            self.wfile.write(data[:1024])
+            self.wfile.flush()
+            time.sleep(60)
+
+    class StallingHub(HubServer):
+        def _handler_class(self):
+            base = super()._handler_class()
+
+            class Handler(base):
+                def _resolve(self, owner, name, rev, file, body):
+                    if body and file.endswith(".safetensors"):
+                        self.wfile = Stalled(self.wfile)
+                    super()._resolve(owner, name, rev, file, body)
+
+            return Handler
+
+    return StallingHub(root)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_a_download_at_once(tiny_llama, tmp_path, sig):
+    (tmp_path / "repos" / "acme").mkdir(parents=True)
+    (tmp_path / "repos" / "acme" / "tiny").symlink_to(tiny_llama)
+    out = tmp_path / "out"
+    with _stalling_hub(tmp_path / "repos") as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+               "HF_HUB_OFFLINE": "0"}  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlxrun.cli", "convert", "acme/tiny", "-o", str(out), "-q"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        deadline = time.time() + 120
+        while not any(f.endswith(".safetensors") for f in hub.downloaded("acme/tiny")):
+            assert time.time() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        try:
+            _, err = proc.communicate(timeout=_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"still running {_GRACE_S}s after {sig.name} during the download")
+    assert time.monotonic() - t0 < _GRACE_S
+    assert proc.returncode == 130, err
+    assert "Error: conversion interrupted" in err and "Traceback" not in err, err
+    assert_nothing_left(out)

@@ -323,7 +323,7 @@ def plan_for(source: str, *, fit: str | None = None, context: int | None = None,
 
     opts = ConvertOptions(fit=fit, context=context, bits=bits, group_size=group_size,
                           recipe=recipe, revision=revision)  # fmt: skip
-    check_conflicts(opts)
+    check_conflicts(opts, plan_only=True)
     src = resolve_source(source, revision=revision, allow_patterns=["config.json"], progress=False)
     config = load_config(Path(src))
     model = build_model(config)

@@ -73,8 +73,14 @@ CONFLICTS = (
 )  # fmt: skip
 
 
-def check_conflicts(opts: ConvertOptions) -> None:
+def check_conflicts(opts: ConvertOptions, *, plan_only: bool = False) -> None:
     """InvalidRequestError naming both flags of the first pair that cannot go together."""
+    if opts.context is not None and opts.fit is None and not plan_only:
+        raise InvalidRequestError(
+            "--context is only read by the --fit planner; this conversion would ignore it",
+            param="context",
+            hint="Add --fit SIZE (or --fit auto), or drop --context.",
+        )
     given = _given(opts)
     for a, b, why, fix in CONFLICTS:
         if given[a] and given[b]:

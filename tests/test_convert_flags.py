@@ -91,6 +91,14 @@ def test_compatible_flags_still_work(tiny_llama, tmp_path):
 # --- context past the model's maximum ---------------------------------------------------------
 
 
+def test_context_without_fit_is_refused(tiny_llama, tmp_path):
+    """Only the --fit planner reads --context: a plain conversion would drop it silently."""
+    out = tmp_path / "out"
+    code, err = _invoke("convert", str(tiny_llama), "-o", str(out), "--context", "4096")
+    line = _one_error_line(err)
+    assert code != 0 and "--context" in line and "--fit" in line and not out.exists()
+
+
 def test_plan_context_beyond_the_model_is_clamped_with_a_warning(tiny_llama):
     code, err = _invoke("convert", str(tiny_llama), "--plan", "--context", "100000")
     assert code == 0

@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mlxrun.convert.cancel import add_cleanup, interruptible, shield
+from mlxrun.convert.cancel import add_cleanup, exit_now, interruptible, shield
 from mlxrun.convert.checkpoint import open_checkpoint
 from mlxrun.convert.options import DEFAULT_CONTEXT, ConvertOptions, check_conflicts
 from mlxrun.convert.recipes import Recipe, config_section, get_recipe, quantization_map
@@ -176,7 +176,10 @@ def convert_model(source: str, output: str | Path | None = None, **options) -> C
         try:
             return _convert(source, output, opts, watcher, where)
         except KeyboardInterrupt:
-            raise interrupted() from None
+            error = interrupted()  # the temporary output is gone already
+    if opts.exit_on_signal is not None:
+        exit_now(opts.exit_on_signal, error)  # stop within the second, as the watcher would
+    raise error
 
 
 def _convert(source: str, output, opts: ConvertOptions, watcher, where: dict) -> ConvertResult:
@@ -229,7 +232,7 @@ def _summary(result: dict, out: Path) -> str:
 
     check = result.get("verify_seconds")
     timing = (
-        f"weights {result['write_seconds']:.1f}s, quality check {check:.1f}s (--no-verify skips it)"
+        f"weights {result['write_seconds']:.1f}s, quality check {check:.1f}s; --no-verify skips it"
         if check is not None
         else f"weights {result['write_seconds']:.1f}s, no quality check"
     )

@@ -60,9 +60,16 @@ class _Watcher:
                 return
             for cleanup in self.cleanups:
                 cleanup()
-            code = self.reporter(self.make_error())
-        sys.stderr.flush()
-        os._exit(code)
+            exit_now(self.reporter, self.make_error())
+
+
+def exit_now(reporter: Reporter, error: BaseException) -> None:
+    """Report `error` and end the process at once. Interpreter teardown is skipped: with torch
+    and transformers loaded it takes seconds on a busy machine, and nothing is left to flush."""
+    code = reporter(error)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextlib.contextmanager

@@ -153,6 +153,7 @@ def pull_cmd(repo, name, revision, bits, group_size, recipe, no_verify, force, q
         )
     if name is not None:
         store.check_free(name, force=force)
+    _check_convert_flags(bits, group_size, recipe)  # before the download, not after
     src = hub.resolve_source(repo, revision=revision, progress=not quiet)
     if hub.is_mlx_model(src):
         if bits or group_size or recipe:
@@ -170,6 +171,13 @@ def pull_cmd(repo, name, revision, bits, group_size, recipe, no_verify, force, q
     click.echo(
         f"Pulled {repo} -> {info.name} ({info.quantization}, {info.bits_per_weight:.2f} b/w)"
     )
+
+
+def _check_convert_flags(bits, group_size, recipe) -> None:
+    from mlxrun.convert.options import ConvertOptions, check_conflicts
+
+    check_conflicts(ConvertOptions(bits=int(bits) if bits else None, recipe=recipe,
+                                   group_size=int(group_size) if group_size else None))  # fmt: skip
 
 
 def _convert(repo, name, revision, bits, group_size, recipe, no_verify, force, quiet):

@@ -59,6 +59,12 @@ def test_conflicting_flags_are_refused_naming_both(tiny_llama, tmp_path, flags):
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "notes.txt"]
 
 
+def test_pull_refuses_conflicting_flags_before_downloading(tmp_path):
+    code, err = _invoke("pull", "acme/tiny", "--recipe", "mixed_4_6", "--bits", "3")
+    line = _one_error_line(err)
+    assert code != 0 and "--recipe and --bits cannot be used together" in line, line
+
+
 @pytest.mark.parametrize(
     "flags",
     [["-o", "OUT"], ["--no-quantize"], ["--calib", "notes.txt"], ["--no-verify"], ["--force"],

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mlxrun.convert.cancel import add_cleanup, exit_now, interruptible, shield
 from mlxrun.convert.checkpoint import open_checkpoint
+from mlxrun.convert.options import DEFAULT_CONTEXT, ConvertOptions, check_conflicts
 from mlxrun.convert.recipes import Recipe, config_section, get_recipe, quantization_map
-from mlxrun.convert.writer import DEFAULT_MAX_SHARD_BYTES
 from mlxrun.errors import (
     ConversionInterruptedError,
     DiskFullError,
@@ -38,23 +35,6 @@ PARTIAL_TAG = ".mlxrun-partial-"
 
 
 @dataclass(frozen=True)
-class ConvertOptions:
-    bits: int = 4
-    group_size: int = 64
-    recipe: str | None = None
-    quantize: bool = True
-    dtype: str | None = None
-    fit: str | None = None  # a size such as "16GB", or "auto"
-    context: int = 8192
-    verify: bool = True
-    calib: str | None = None
-    force: bool = False
-    quiet: bool = False
-    revision: str | None = None
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-
-
-@dataclass(frozen=True)
 class ConvertResult:
     output: Path
     source: str
@@ -65,6 +45,8 @@ class ConvertResult:
     num_tensors: int
     seconds: float
     quality: dict | None = field(default=None)
+    write_seconds: float = 0.0  # reading, quantizing and writing the weights
+    verify_seconds: float | None = None  # the quality check; None under --no-verify
 
 
 def _say(opts: ConvertOptions, msg: str) -> None:
@@ -72,10 +54,27 @@ def _say(opts: ConvertOptions, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _warn(msg: str) -> None:
+    # Warnings are shown even with --quiet: they say the result differs from what was asked.
+    print(f"Warning: {msg}", file=sys.stderr, flush=True)
+
+
+def plan_context(config: dict, requested: int | None) -> int:
+    """The context the planner reserves KV cache for: never past the model's own maximum."""
+    from mlxrun.store import context_length
+
+    limit = context_length(config)
+    if requested is None:
+        return min(DEFAULT_CONTEXT, limit) if limit else DEFAULT_CONTEXT
+    if limit and requested > limit:
+        _warn(f"--context {requested} is beyond the model's maximum of {limit} tokens; "
+              f"planning for {limit}")  # fmt: skip
+        return limit
+    return requested
+
+
 def _choose_recipe(model, config: dict, opts: ConvertOptions) -> Recipe | None:
     if not opts.quantize:
-        if opts.fit:
-            raise InvalidRequestError("--fit cannot be combined with --no-quantize", param="fit")
         return None
     if opts.fit:
         from mlxrun.convert.plan import choose_plan
@@ -83,9 +82,10 @@ def _choose_recipe(model, config: dict, opts: ConvertOptions) -> Recipe | None:
         from mlxrun.memory import device_memory
 
         budget = device_memory().budget_bytes if opts.fit == "auto" else parse_size(opts.fit)
-        plan = choose_plan(model, config, budget, opts.context, group_size=opts.group_size)
+        context = plan_context(config, opts.context)
+        plan = choose_plan(model, config, budget, context, group_size=opts.group_size_or_default)
         return plan.recipe
-    return get_recipe(opts.recipe, bits=opts.bits, group_size=opts.group_size)
+    return get_recipe(opts.recipe, bits=opts.bits_or_default, group_size=opts.group_size_or_default)
 
 
 def default_output(source: str, recipe: Recipe | None) -> Path:
@@ -125,23 +125,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C so the temporary output is removed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def _copy_sidecars(src: Path, dst: Path) -> None:
     names = [n for n in SIDECAR_FILES if (src / n).is_file()]
     names += [p.name for g in SIDECAR_GLOBS for p in src.glob(g)]
@@ -174,12 +157,32 @@ def convert_model(source: str, output: str | Path | None = None, **options) -> C
     """Convert a local checkpoint dir or Hub repo id into MLX weights at `output`.
 
     Nothing is ever left at `output` unless the conversion finished: work happens in a hidden
-    sibling directory that is renamed into place at the end.
+    sibling directory that is renamed into place at the end. Ctrl-C or SIGTERM in any phase
+    (download, quantization, quality check) stops it within a second (convert/cancel.py).
     """
     opts = ConvertOptions(**options)
+    check_conflicts(opts)
     if opts.calib is not None and (Path(opts.calib).is_dir() or not Path(opts.calib).exists()):
         # Fail before converting rather than after; the file is read in the quality step.
         raise InvalidRequestError(f"calibration file {opts.calib} does not exist", param="calib")
+    where = {"out": None}
+
+    def interrupted() -> ConversionInterruptedError:
+        out = where["out"]
+        said = f"nothing was written to {out}" if out else "nothing was written"
+        return ConversionInterruptedError(f"conversion interrupted; {said}")
+
+    with interruptible(opts.exit_on_signal, interrupted) as watcher:
+        try:
+            return _convert(source, output, opts, watcher, where)
+        except KeyboardInterrupt:
+            error = interrupted()  # the temporary output is gone already
+    if opts.exit_on_signal is not None:
+        exit_now(opts.exit_on_signal, error)  # stop within the second, as the watcher would
+    raise error
+
+
+def _convert(source: str, output, opts: ConvertOptions, watcher, where: dict) -> ConvertResult:
     from mlxrun.hub import resolve_source
 
     src = resolve_source(source, revision=opts.revision, progress=not opts.quiet)
@@ -189,6 +192,10 @@ def convert_model(source: str, output: str | Path | None = None, **options) -> C
             f"{source} is already an MLX quantized model",
             hint="Use it directly, or `mlxrun pull` it into the store.",
         )
+    if opts.calib is not None and Path(opts.calib).is_file():
+        from mlxrun.convert.verify import check_calib
+
+        check_calib(src, opts.calib)  # a pipe can be read once only: that is in the quality step
     model = build_model(ckpt.config)
     recipe = _choose_recipe(model, ckpt.config, opts)
     out = Path(output) if output is not None else default_output(source, recipe)
@@ -196,19 +203,16 @@ def convert_model(source: str, output: str | Path | None = None, **options) -> C
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out.parent, out.name)
     tmp = out.parent / f".{out.name}{PARTIAL_TAG}{os.getpid()}"
+    where["out"] = out
+    add_cleanup(watcher, lambda: shutil.rmtree(tmp, ignore_errors=True))
     tmp.mkdir()
     label = recipe.label if recipe else (opts.dtype or "unquantized")
     _say(opts, f"Converting {source} ({ckpt.model_type}) -> {out} [{label}]")
     t0 = time.perf_counter()
     try:
-        with _sigterm_as_interrupt():
-            result = _convert_into(tmp, ckpt, model, recipe, source, opts)
+        result = _convert_into(tmp, ckpt, model, recipe, source, opts)
+        with shield(watcher):
             _install(tmp, out)
-    except KeyboardInterrupt:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ConversionInterruptedError(
-            f"conversion interrupted; nothing was written to {out}"
-        ) from None
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -219,12 +223,24 @@ def convert_model(source: str, output: str | Path | None = None, **options) -> C
         raise
     seconds = time.perf_counter() - t0
     result = {**result, "output": out, "seconds": seconds}
-    _say(
-        opts,
-        f"Done in {seconds:.1f}s: {result['num_tensors']} tensors, "
-        f"{result['size_bytes'] / 1e9:.2f} GB, {result['bits_per_weight']:.3f} bits/weight -> {out}",
-    )
+    _say(opts, _summary(result, out))
     return ConvertResult(**result)
+
+
+def _summary(result: dict, out: Path) -> str:
+    from mlxrun.errors import format_size
+
+    check = result.get("verify_seconds")
+    timing = (
+        f"weights {result['write_seconds']:.1f}s, quality check {check:.1f}s; --no-verify skips it"
+        if check is not None
+        else f"weights {result['write_seconds']:.1f}s, no quality check"
+    )
+    return (
+        f"Done in {result['seconds']:.1f}s ({timing}): {result['num_tensors']} tensors, "
+        f"{format_size(result['size_bytes'])}, {result['bits_per_weight']:.3f} bits/weight "
+        f"-> {out}"
+    )
 
 
 def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOptions) -> dict:
@@ -247,29 +263,37 @@ def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOpti
     cast_pred = getattr(model, "cast_predicate", lambda _k: True)
     jobs = make_jobs(weights, qmap, dtype, cast_pred)
     total_src = sum(j[2] for j in jobs)
-    with ByteProgress(total_src, len(jobs), enabled=not opts.quiet) as bar:
+    num_out = sum(len(j[0]) for j in jobs)  # output tensors: a quantized weight adds scales, biases
+    t0 = time.perf_counter()
+    with ByteProgress(total_src, num_out, enabled=not opts.quiet) as bar:
         written = write_jobs(
             jobs, tmp, max_shard_bytes=opts.max_shard_bytes, on_progress=bar.update
         )
+    write_seconds = time.perf_counter() - t0
     index = written.index
     index["metadata"]["total_parameters"] = total_params
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
     _write_config(ckpt.config, recipe, qmap, tmp)
     _copy_sidecars(ckpt.path, tmp)
     bpw = written.total_bytes * 8 / max(1, total_params)
+    from mlxrun.store import weight_bytes
+
     info = {
         "source": source,
         "architecture": ckpt.model_type,
         "recipe": recipe.label if recipe else "unquantized",
         "bits_per_weight": round(bpw, 4),
-        "size_bytes": written.total_bytes,
+        "size_bytes": weight_bytes(tmp),  # on disk, headers included: what `mlxrun list` shows
         "num_tensors": written.num_tensors,
     }
     from mlxrun.convert.verify import verify_conversion, write_report
 
-    quality = None
+    quality = verify_seconds = None
     if opts.verify:
+        _say(opts, "Checking quality against the source (--no-verify skips this)...")
+        t0 = time.perf_counter()
         quality = verify_conversion(ckpt.path, tmp, calib=opts.calib, quiet=opts.quiet)
+        verify_seconds = time.perf_counter() - t0
     write_report(tmp, info, quality)  # the model card, with "not measured" under --no-verify
     (tmp / "mlxrun.json").write_text(
         json.dumps(
@@ -282,11 +306,17 @@ def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOpti
             indent=2,
         )  # fmt: skip
     )
-    return {**info, "quality": asdict(quality) if quality is not None else None}
+    return {
+        **info,
+        "quality": asdict(quality) if quality is not None else None,
+        "write_seconds": write_seconds,
+        "verify_seconds": verify_seconds,
+    }
 
 
-def plan_for(source: str, *, fit: str | None, context: int, bits: int = 4, group_size: int = 64,
-             recipe: str | None = None, revision: str | None = None) -> str:  # fmt: skip
+def plan_for(source: str, *, fit: str | None = None, context: int | None = None,
+             bits: int | None = None, group_size: int | None = None, recipe: str | None = None,
+             revision: str | None = None) -> str:  # fmt: skip
     """The `--plan` table. Needs only config.json: shapes come from the lazily built model."""
     from mlxrun.convert.checkpoint import load_config
     from mlxrun.convert.plan import choose_plan, estimate, format_plan_table
@@ -294,13 +324,18 @@ def plan_for(source: str, *, fit: str | None, context: int, bits: int = 4, group
     from mlxrun.hub import resolve_source
     from mlxrun.memory import device_memory
 
+    opts = ConvertOptions(fit=fit, context=context, bits=bits, group_size=group_size,
+                          recipe=recipe, revision=revision)  # fmt: skip
+    check_conflicts(opts, plan_only=True)
     src = resolve_source(source, revision=revision, allow_patterns=["config.json"], progress=False)
     config = load_config(Path(src))
     model = build_model(config)
     budget = device_memory().budget_bytes if fit in (None, "auto") else parse_size(fit)
+    context = plan_context(config, context)
     if fit:
-        plan = choose_plan(model, config, budget, context, group_size=group_size)
+        plan = choose_plan(model, config, budget, context, group_size=opts.group_size_or_default)
     else:
-        plan = estimate(model, config, get_recipe(recipe, bits=bits, group_size=group_size), context,
-                        budget_bytes=budget)  # fmt: skip
+        chosen = get_recipe(recipe, bits=opts.bits_or_default,
+                            group_size=opts.group_size_or_default)  # fmt: skip
+        plan = estimate(model, config, chosen, context, budget_bytes=budget)
     return format_plan_table(plan)

@@ -42,6 +42,21 @@ def fmt_metric(value, spec: str = ".4f") -> str:
     return str(value)
 
 
+def quality_summary(q: dict) -> str:
+    """One line for a quality report (QualityReport as a dict, or quality.json's "quality")."""
+    if q.get("method") == "end-to-end":
+        return (
+            f"Quality (end-to-end, {q.get('tokens')} tokens): KL {fmt_metric(q.get('kl_divergence'))}, "
+            f"top-1 {fmt_metric(q.get('top1_agreement'), '.1%')}, "
+            f"ppl ratio {fmt_metric(q.get('ppl_ratio'), '.3f')}"
+        )
+    worst = (q.get("worst_tensors") or ["-"])[0]
+    return (
+        f"Quality (per-tensor, {q.get('tensors')} tensors): mean rel. error "
+        f"{fmt_metric(q.get('mean_rel_error'))}, max {fmt_metric(q.get('max_rel_error'))} ({worst})"
+    )
+
+
 def _conversion_table(info: dict) -> str:
     size = info.get("size_bytes")
     rows = [

@@ -18,8 +18,8 @@ class ByteProgress:
                 desc="Converting", file=sys.stderr, dynamic_ncols=True,
             )  # fmt: skip
 
-    def update(self, nbytes: int, _tensors: int = 1) -> None:
-        self._tensors += 1
+    def update(self, nbytes: int, tensors: int = 1) -> None:
+        self._tensors += tensors  # output tensors, as the summary counts them
         if self._bar is not None:
             self._bar.update(nbytes)
             self._bar.set_postfix_str(

@@ -20,7 +20,9 @@ from mlxrun.errors import InvalidRequestError, UnsupportedModelError, format_siz
 
 METHODS = ("auto", "end-to-end", "per-tensor")
 DEFAULT_MAX_TOKENS = 256
+MIN_CALIB_TOKENS = 64  # fewer and one token more or less moves top-1 agreement by whole percents
 _WORST = 3
+_STEP_TOKENS = 32  # tokens per evaluation in the end-to-end run
 _CHUNK_ELEMENTS = 1 << 24  # per-tensor error in blocks of 16M elements (64 MB as float32)
 
 
@@ -44,19 +46,9 @@ class QualityReport:
 
     def summary(self) -> str:
         """The one progress line printed after verifying."""
-        from mlxrun.convert.card import fmt_metric
+        from mlxrun.convert.card import quality_summary
 
-        if self.method == "end-to-end":
-            return (
-                f"Quality (end-to-end, {self.tokens} tokens): KL {fmt_metric(self.kl_divergence)}, "
-                f"top-1 {fmt_metric(self.top1_agreement, '.1%')}, "
-                f"ppl ratio {fmt_metric(self.ppl_ratio, '.3f')}"
-            )
-        worst = self.worst_tensors[0] if self.worst_tensors else "-"
-        return (
-            f"Quality (per-tensor, {self.tensors} tensors): mean rel. error "
-            f"{fmt_metric(self.mean_rel_error)}, max {fmt_metric(self.max_rel_error)} ({worst})"
-        )
+        return quality_summary(asdict(self))
 
 
 def read_calib(path: str | Path | None) -> tuple[str, str]:
@@ -171,24 +163,42 @@ def _too_big_reason(source_dir: Path, converted_dir: Path, max_tokens: int) -> s
 # --- end to end ------------------------------------------------------------------------------
 
 
-def _tokenize(source_dir: Path, text: str, max_tokens: int) -> mx.array:
+def _tokenize(source_dir: Path, text: str, max_tokens: int, label: str = "built-in") -> mx.array:
     from mlx_lm.utils import load_tokenizer
 
     tokenizer = load_tokenizer(source_dir)
     ids = list(tokenizer.encode(text))[:max_tokens]
-    if len(ids) < 2:
+    # A handful of tokens says nothing (three tokens can agree "100%"): refuse rather than claim.
+    need = min(MIN_CALIB_TOKENS, max_tokens)
+    if len(ids) < need:
         raise InvalidRequestError(
-            f"the calibration text is only {len(ids)} token(s) long; at least 2 are needed",
+            f"calibration file {label} is only {len(ids)} token(s) long; the quality check needs "
+            f"at least {need} to mean anything",
             param="calib",
+            hint="Use a longer text, or drop --calib for the built-in sample.",
         )
     return mx.array(ids, dtype=mx.int32)
 
 
+def check_calib(source_dir: str | Path, calib: str | Path) -> None:
+    """Refuse a calibration file that is unreadable or too short, before any conversion work."""
+    text, _ = read_calib(calib)
+    _tokenize(Path(source_dir), text, DEFAULT_MAX_TOKENS, str(calib))
+
+
 def _log_probs(model, tokens: mx.array) -> mx.array:
-    logits = model(tokens[None])[0].astype(mx.float32)  # (T, V)
-    out = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    mx.eval(out)
-    return out
+    """(T, V) log-probs, a batch of tokens per evaluation over a KV cache: each step is short,
+    so Ctrl-C is seen between steps instead of after one long forward pass."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    parts = []
+    for i in range(0, tokens.size, _STEP_TOKENS):
+        logits = model(tokens[None, i : i + _STEP_TOKENS], cache=cache)[0].astype(mx.float32)
+        part = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (step, V)
+        mx.eval(part)
+        parts.append(part)
+    return mx.concatenate(parts, axis=0)
 
 
 def _source_log_probs(source_dir: Path, tokens: mx.array) -> mx.array:
@@ -221,7 +231,7 @@ def _free() -> None:
 def _end_to_end(
     source_dir: Path, converted_dir: Path, text: str, label: str, max_tokens: int
 ) -> QualityReport:
-    tokens = _tokenize(source_dir, text, max_tokens)
+    tokens = _tokenize(source_dir, text, max_tokens, label)
     ref = _source_log_probs(source_dir, tokens)  # (T, V); the source model is gone on return
     _free()
     out = _converted_log_probs(converted_dir, tokens)

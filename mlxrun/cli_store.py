@@ -63,20 +63,41 @@ def list_cmd(as_json: bool) -> None:
 def show_cmd(name: str, as_json: bool) -> None:
     """Show everything known about one stored model."""
     from mlxrun.errors import format_size
-    from mlxrun.store import get_model
+    from mlxrun.store import get_model, read_quality, tensor_count
 
     info = get_model(name)
     d = info.to_dict()
+    d["tensors"] = tensor_count(info.path)
+    quality = read_quality(info.path)
     if as_json:
-        click.echo(json.dumps(d, indent=2))
+        click.echo(json.dumps({**d, "quality": quality}, indent=2))
         return
     d["size_bytes"] = f"{format_size(info.size_bytes)} ({info.size_bytes} bytes)"
     d["bits_per_weight"] = f"{info.bits_per_weight:.3f}"
     d["context_length"] = str(info.context_length or "unknown")
     d["source"] = info.source or "unknown"
+    d.update(_quality_rows(quality))
     width = max(len(k) for k in d)
     for key, value in d.items():
         click.echo(f"{key.ljust(width)}  {value}")
+
+
+def _quality_rows(quality: dict | None) -> dict[str, str]:
+    """quality.json's figures for `show`: its one-line summary, then each metric."""
+    from mlxrun.convert.card import fmt_metric, quality_summary
+
+    if quality is None:
+        return {"quality": "not measured"}
+    rows = {"quality": quality_summary(quality)}
+    specs = {"kl_divergence": ".4f", "top1_agreement": ".1%", "ppl_source": ".3f",
+             "ppl_converted": ".3f", "ppl_ratio": ".4f", "mean_rel_error": ".4f",
+             "max_rel_error": ".4f"}  # fmt: skip
+    for key, spec in specs.items():
+        if quality.get(key) is not None:
+            rows[f"quality.{key}"] = fmt_metric(quality[key], spec)
+    if quality.get("calib"):
+        rows["quality.calib"] = str(quality["calib"])
+    return rows
 
 
 @click.command("rm")
@@ -132,6 +153,7 @@ def pull_cmd(repo, name, revision, bits, group_size, recipe, no_verify, force, q
         )
     if name is not None:
         store.check_free(name, force=force)
+    _check_convert_flags(bits, group_size, recipe)  # before the download, not after
     src = hub.resolve_source(repo, revision=revision, progress=not quiet)
     if hub.is_mlx_model(src):
         if bits or group_size or recipe:
@@ -151,11 +173,20 @@ def pull_cmd(repo, name, revision, bits, group_size, recipe, no_verify, force, q
     )
 
 
+def _check_convert_flags(bits, group_size, recipe) -> None:
+    from mlxrun.convert.options import ConvertOptions, check_conflicts
+
+    check_conflicts(ConvertOptions(bits=int(bits) if bits else None, recipe=recipe,
+                                   group_size=int(group_size) if group_size else None))  # fmt: skip
+
+
 def _convert(repo, name, revision, bits, group_size, recipe, no_verify, force, quiet):
+    from mlxrun.cli_common import report_error
     from mlxrun.convert.api import convert_model
     from mlxrun.store import models_dir
 
-    options = {"verify": not no_verify, "force": force, "quiet": quiet, "revision": revision}
+    options = {"verify": not no_verify, "force": force, "quiet": quiet, "revision": revision,
+               "exit_on_signal": report_error}  # fmt: skip
     if bits:
         options["bits"] = int(bits)
     if group_size:

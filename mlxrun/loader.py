@@ -7,6 +7,7 @@ first forward pass evaluates it, so loading is instant and the memory check runs
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from mlxrun.errors import (
     UnsupportedModelError,
     format_size,
 )
+
+_log = logging.getLogger(__name__)
 
 # Planning context when config.json names none (rare: every mainstream family records it).
 DEFAULT_CONTEXT = 4096
@@ -193,8 +196,14 @@ def _exact_limit(config: dict, context: int | None) -> int:
 
     mlx-lm's class then attends to every token where the original model sees only the window,
     so outputs agree only up to it: the default stops there, and a longer --context is refused.
+    Past the model's maximum a context is kept (rope scaling can stretch a model) but said out
+    loud: quality usually falls apart there.
     """
-    own = store.context_length(config) or DEFAULT_CONTEXT
+    own = store.context_length(config)
+    if context is not None and own and context > own:
+        _log.warning("context %d is beyond the model's maximum of %d tokens: expect poor output "
+                     "past %d", context, own, own)  # fmt: skip
+    own = own or DEFAULT_CONTEXT
     window = hfconfig.unhonoured_window(config)
     if window is None or (context or own) <= window:
         return context or own

@@ -193,6 +193,25 @@ def read_metadata(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def read_quality(path: Path) -> dict | None:
+    """The "quality" section of quality.json written by the converter; None when not measured."""
+    try:
+        data = json.loads((path / "quality.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    quality = data.get("quality") if isinstance(data, dict) else None
+    return quality if isinstance(quality, dict) else None
+
+
+def tensor_count(path: Path) -> int:
+    """Tensors stored in the safetensors files (a quantized weight counts with its scales, biases)."""
+    count = 0
+    for file in path.glob("*.safetensors"):
+        header = hub.safetensors_header(file)
+        count += len(header) - ("__metadata__" in header)
+    return count
+
+
 def weight_bytes(path: Path) -> int:
     """Bytes of all *.safetensors files in a model directory."""
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))

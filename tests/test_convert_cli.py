@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -92,6 +93,13 @@ def test_progress_bar_on_tty_and_quiet(tiny_llama, tmp_path):
     child.close()
     assert child.exitstatus == 0, child.before
     assert "Converting" in child.before and "tensors" in child.before and "B/s" in child.before
+    # The bar counts what the summary counts: output tensors (a quantized weight's scales and
+    # biases included), not source tensors.
+    done, total = re.findall(r"(\d+)/(\d+) tensors", child.before)[-1]
+    summary = re.search(r"Done in .*?: (\d+) tensors, ", child.before)
+    assert summary and done == total == summary.group(1), child.before
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    assert int(total) == len(index["weight_map"])
 
     child = pexpect.spawn(sys.executable, [*args, "-q", "-o", str(tmp_path / "b")], env=env,
                           encoding="utf-8", timeout=120)  # fmt: skip

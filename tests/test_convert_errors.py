@@ -187,8 +187,10 @@ def _start_convert_blocked_on_calib(src: Path, out: Path, tmp_path: Path):
 def test_interrupt_mid_convert_leaves_nothing(src, tmp_path, sig):
     out = tmp_path / "out"
     proc, partial = _start_convert_blocked_on_calib(src, out, tmp_path)
+    t0 = time.monotonic()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 2.5, "reading the calibration text must stop at once"
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert_nothing_left(out)

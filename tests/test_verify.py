@@ -219,7 +219,7 @@ def test_calib_file_is_used(source, converted, tmp_path):
     from mlx_lm.utils import load_tokenizer
 
     out = converted(bits=4)
-    text = "def add(a, b):\n    return a + b\n\nThe sum of two and three is five.\n"
+    text = "def add(a, b):\n    return a + b\n\nThe sum of two and three is five.\n" * 6
     f = tmp_path / "mine.txt"
     f.write_text(text, encoding="utf-8")
     r = _verify(source, out, calib=str(f), method="end-to-end")
@@ -227,6 +227,36 @@ def test_calib_file_is_used(source, converted, tmp_path):
     assert r.tokens == len(load_tokenizer(source).encode(text)) < DEFAULT_MAX_TOKENS
     builtin = _verify(source, out, method="end-to-end", max_tokens=r.tokens)
     assert builtin.tokens == r.tokens and builtin.ppl_source != r.ppl_source
+
+
+def test_calib_too_short_to_judge_is_refused(source, converted, tmp_path):
+    """Three tokens can agree "100%": below MIN_CALIB_TOKENS the report would mean nothing."""
+    from mlxrun.convert.verify import MIN_CALIB_TOKENS
+
+    f = tmp_path / "short.txt"
+    f.write_text("Hello there.", encoding="utf-8")
+    with pytest.raises(InvalidRequestError) as info:
+        _verify(source, converted(bits=4), calib=str(f), method="end-to-end")
+    assert info.value.param == "calib" and f"at least {MIN_CALIB_TOKENS}" in info.value.message
+    assert "short.txt" in info.value.message and "--calib" in info.value.hint
+
+
+def test_chunked_log_probs_match_one_forward_pass(source):
+    """The end-to-end run evaluates a batch of tokens at a time (so Ctrl-C is seen between
+    steps); over a KV cache that gives the same log-probs as one pass over all tokens."""
+    v = verify_module
+    tokens = v._tokenize(source, v.read_calib(None)[0], 100)
+    chunked = v._source_log_probs(source, tokens)  # (T, V) in batches of _STEP_TOKENS
+    assert tokens.size > 3 * v._STEP_TOKENS and chunked.shape[0] == tokens.size
+    from mlxrun.convert.quantize import load_lazy
+    from mlxrun.models import build_model
+
+    ckpt = open_checkpoint(source)
+    model = build_model(ckpt.config)
+    model.load_weights(list(load_lazy(ckpt, model).items()))
+    logits = model(tokens[None])[0].astype(mx.float32)
+    whole = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    assert mx.allclose(chunked, whole, atol=1e-4).item()
 
 
 def test_calib_text_can_come_through_a_pipe(tmp_path):

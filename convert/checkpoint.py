@@ -13,6 +13,7 @@ from pathlib import Path
 from mlxrun.errors import CorruptCheckpointError, NotAModelError
 from mlxrun.hfconfig import normalize
 from mlxrun.hub import checked_safetensors_header, read_config
+from mlxrun.safety import check_config
 from mlxrun.models import build_model, model_classes, supported_model_types  # noqa: F401
 
 
@@ -53,6 +54,7 @@ def load_config(path: Path) -> dict:
     config = read_config(path)
     if "model_type" not in config:
         raise NotAModelError(f"{path / 'config.json'} has no model_type")
+    check_config(config, str(path / "config.json"))  # before any size plans or allocates memory
     # With the legacy keys filled in, the converted config.json reads right in plain mlx-lm too.
     return normalize(config)
 

@@ -130,6 +130,18 @@ def test_absurd_config_sizes_are_refused_before_any_allocation(
     assert isinstance(e.value, CorruptCheckpointError)  # the CLI and server map it already
 
 
+def test_convert_refuses_an_absurd_config_before_planning(tiny_llama, tmp_path):
+    from mlxrun.convert.api import convert_model
+
+    model = _copy(tiny_llama, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] = 10**12
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(safety.ImplausibleConfigError, match="num_hidden_layers"):
+        convert_model(str(model), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_nested_text_config_is_checked_too():
     with pytest.raises(safety.ImplausibleConfigError, match="text_config.vocab_size"):
         safety.check_config({"model_type": "x", "text_config": {"vocab_size": 2**40}})

@@ -13,8 +13,8 @@ from pathlib import Path
 from mlxrun.errors import CorruptCheckpointError, NotAModelError
 from mlxrun.hfconfig import normalize
 from mlxrun.hub import checked_safetensors_header, read_config
-from mlxrun.safety import check_config
 from mlxrun.models import build_model, model_classes, supported_model_types  # noqa: F401
+from mlxrun.safety import check_config
 
 
 @dataclass(frozen=True)

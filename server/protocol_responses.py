@@ -22,7 +22,8 @@ from mlxrun.errors import InvalidRequestError
 from mlxrun.sampling import SamplingParams
 
 from .errors import from_mlxrun, invalid
-from .protocol import MAX_TEMPERATURE, check_kind, optional, required
+from .extras import Extras
+from .protocol import MAX_TEMPERATURE, check_kind, optional, required, unrecognized
 from .protocol_tools import (
     OutputFormat,
     ToolChoice,
@@ -337,11 +338,9 @@ def _unknown(body: Mapping[str, Any], strict: bool) -> tuple[str, ...]:
             raise invalid(f"'{name}' is not supported by this server; send the conversation "
                           "as input, or continue with previous_response_id.", name,
                           code="unsupported_parameter")  # fmt: skip
-    unknown = tuple(k for k in body if k not in _HONOURED and k not in _NOOP)
-    if unknown and strict:
-        raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0],
-                      code="unknown_parameter")  # fmt: skip
-    return unknown
+    extras = Extras(strict)
+    extras.check(body, _HONOURED | _NOOP, unrecognized)
+    return tuple(extras.paths)
 
 
 def parse_responses(body: Mapping[str, Any], *, strict: bool = False) -> ResponsesRequest:

@@ -28,6 +28,7 @@ from .. import auth
 from ..common import in_thread, start_generation, until_disconnect
 from ..dialogue import ChatPlan, MessageDelta, message_deltas, plan_chat
 from ..errors import APIError, guarded, invalid, to_api_error
+from ..extras import note, reports
 from ..generation import Generation
 from ..protocol_responses import ResponsesRequest, new_id, parse_responses, to_messages
 from ..responses_output import OutputItems
@@ -35,7 +36,6 @@ from ..responses_store import StoredResponse, valid_id
 from ..sse import EventStreamResponse
 from ..state import ServerState, server_state
 
-IGNORED_HEADER = "X-Mlxrun-Ignored-Fields"
 MAX_LIST = 100
 
 
@@ -201,10 +201,12 @@ def _plan(
 
 
 @guarded
+@reports
 async def create(request: Request) -> Response:
     arrival = time.perf_counter()
     state = server_state(request)
     req = parse_responses(await state.read_json(request), strict=state.config.strict)
+    note(request, list(req.ignored))
     state.check_model(req.model)
     state.check_ready()
     owner = auth.owner(request)
@@ -214,14 +216,13 @@ async def create(request: Request) -> Response:
     response_id = new_id("resp")
     gen = start_generation(state, plan.specs, response_id, arrival)
     run = _Run(state, req, gen, plan, response_id, context, int(time.time()), owner)
-    headers = {IGNORED_HEADER: ",".join(req.ignored)} if req.ignored else {}
     if req.background:
         body = run.save(run.response("in_progress"))
         state.responses.running[response_id] = asyncio.ensure_future(_background(run))
-        return JSONResponse(body, headers=headers)
+        return JSONResponse(body)
     if req.stream:
-        return EventStreamResponse(_stream(run), headers=headers)
-    return JSONResponse(await until_disconnect(request, _collect(run)), headers=headers)
+        return EventStreamResponse(_stream(run))
+    return JSONResponse(await until_disconnect(request, _collect(run)))
 
 
 @guarded

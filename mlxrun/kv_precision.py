@@ -15,9 +15,10 @@ at once (the rows already running shrink too), where quantizing only new rows fr
 until they arrive. So: while the KV reserved by admitted requests fits the budget at full
 precision, KV stays full; when an admission would pass it, the batch and every prefilling cache
 move to 8-bit before the new request's KV exists, and the scheduler's capacity (counted at
-8-bit) refuses only past what 8-bit holds. When the load falls to half the full-precision
-capacity, the batch moves back to full precision (tokens already quantized stay approximate;
-new ones are exact).
+8-bit) refuses only past what 8-bit holds. When the load falls to 3/4 of the full-precision
+capacity (a margin, so a load hovering at the threshold does not convert every step), the
+batch moves back to full precision (tokens already quantized stay approximate; new ones are
+exact).
 """
 
 from __future__ import annotations
@@ -141,12 +142,12 @@ class KVPrecision:
 
     def adapt(self, reserved: int, batch: Any, prefilling: list) -> None:
         """Auto mode: move the batch and prefilling caches to 8-bit when the reserved KV passes
-        what fits at full precision; back to full when it falls to half of that."""
+        what fits at full precision; back to full when it falls to 3/4 of that."""
         if self.mode != "auto" or self.full_capacity is None:
             return
         if self.quant is None and reserved > self.full_capacity:
             self._switch(KVQuant(AUTO_BITS, self.group_size), batch, prefilling)
-        elif self.quant is not None and reserved <= self.full_capacity // 2:
+        elif self.quant is not None and reserved <= self.full_capacity * 3 // 4:
             self._switch(None, batch, prefilling)
 
     def _switch(self, quant: KVQuant | None, batch: Any, prefilling: list) -> None:

@@ -266,3 +266,32 @@ def convert_batch(cache: Any, quant: KVQuant | None) -> Any:
             new.keys, new.values = quant.quantize(k), quant.quantize(v)
     new.offset, new.left_padding, new._idx = cache.offset, cache.left_padding, cache._idx
     return new
+
+
+# ---------------------------------------------------------------------------- quality
+
+
+def compare_to_full(
+    model: Any, prompt: list[int], num_tokens: int, quant: KVQuant
+) -> tuple[float, float]:
+    """Greedy decoding with full-precision KV vs `quant` KV, teacher-forced on the full path (a
+    single disagreement must not derail every later comparison). Returns (share of steps whose
+    top-1 token agrees, mean KL(full || quantized) in nats) over `num_tokens` steps."""
+    from mlxrun import models
+
+    full = models.make_cache(model)
+    quantized = make_quantized_cache(len(full), quant)
+    tokens = mx.array(prompt)[None]
+    agree, kl = 0, 0.0
+    for _ in range(num_tokens):
+        lf = model(tokens, cache=full)[0, -1].astype(mx.float32)
+        lq = model(tokens, cache=quantized)[0, -1].astype(mx.float32)
+        pf, pq = (x - mx.logsumexp(x) for x in (lf, lq))
+        step_kl = mx.sum(mx.exp(pf) * (pf - pq))
+        best = mx.argmax(lf)
+        same = best == mx.argmax(lq)
+        mx.eval(step_kl, same)
+        agree += int(same.item())
+        kl += float(step_kl.item())
+        tokens = best.reshape(1, 1)
+    return agree / num_tokens, kl / num_tokens

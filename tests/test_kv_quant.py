@@ -238,3 +238,40 @@ def test_models_that_cannot_quantize_fall_back_to_full_precision(checkpoint_fact
         tokens = _tokens(engine.generate_sync(Request("a", [5, 6, 7], GREEDY)))
         stats = engine.stats()
     assert len(tokens) == 12 and stats["kv_bits_now"] == 32 and stats["kv_bits"] == 32
+
+
+# ------------------------------------------------------------------ the server flag
+
+
+def _gauge(base_url: str, name: str) -> float:
+    import httpx
+
+    for line in httpx.get(base_url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_serve_kv_bits_flag_reaches_the_engine(checkpoint_factory):
+    """`mlxrun serve --kv-bits 4` as users run it: the openai client gets its completion and
+    /metrics reports the KV precision; a bad value is a one-line usage error."""
+    import subprocess
+
+    import openai
+
+    from serverutil import CLI, start_cli
+
+    model = checkpoint_factory("llama", hidden_size=256, dtype="float16")
+    proc, base_url = start_cli(model, "--kv-bits", "4", "--kv-group-size", "32")
+    try:
+        client = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0)
+        name = client.models.list().data[0].id
+        r = client.completions.create(model=name, prompt="def f(", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens == 3
+        assert _gauge(base_url, "mlxrun_kv_cache_bits") == 4
+        assert _gauge(base_url, "mlxrun_kv_sequences_full") == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    bad = subprocess.run([*CLI, str(model), "--kv-bits", "3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--kv-bits" in bad.stderr

@@ -117,7 +117,8 @@ def main() -> None:
 
     model, tokenizer, eos, desc = _load(args)
     print(f"model {desc} on {mx.default_device()}")
-    quality(model, _prompts(tokenizer, 1, 64)[0], args.quality_tokens)
+    if args.quality_tokens:  # 0: capacity only
+        quality(model, _prompts(tokenizer, 1, 64)[0], args.quality_tokens)
     if not args.skip_capacity:
         capacity(model, tokenizer, eos, args)
 

@@ -276,3 +276,48 @@ def test_serve_kv_bits_flag_reaches_the_engine(checkpoint_factory):
         proc.wait(timeout=30)
     bad = subprocess.run([*CLI, str(model), "--kv-bits", "3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--kv-bits" in bad.stderr
+
+
+# ------------------------------------------------------------------ the batch cache itself
+
+
+def test_quantized_batch_cache_tracks_the_full_batch_cache():
+    """merge, extend, filter, right-padded prepare/finalize: the quantized batch holds exactly
+    the quantized form of what BatchKVCache holds (quantization is per token, so a row's
+    padding and neighbours do not change its bytes), with the same positions and mask."""
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+
+    from mlxrun.kv_quant import BatchQuantizedKVCache, make_quantized_cache
+
+    q = KVQuant(8)
+    kv = [mx.random.normal((2, 1, 2, n, 64), key=mx.random.key(n)) for n in (5, 9, 3)]
+    kv = [q.dequantize(q.quantize(x)) for x in kv]  # values that 8 bits hold exactly
+
+    def caches(quantized: bool) -> list:
+        out = []
+        for x in kv:
+            c = make_quantized_cache(1, q)[0] if quantized else KVCache()
+            c.update_and_fetch(x[0], x[1])
+            out.append(c)
+        return out
+
+    full, quant = caches(False), caches(True)
+    fb, qb = BatchKVCache.merge(full[:2]), BatchQuantizedKVCache.merge(quant[:2])
+    fb.extend(BatchKVCache.merge(full[2:]))
+    qb.extend(BatchQuantizedKVCache.merge(quant[2:]))
+    new = mx.random.normal((3, 2, 4, 64), key=mx.random.key(99))
+    new = q.dequantize(q.quantize(new))
+    for c in (fb, qb):  # a right-padded prompt batch of lengths 4, 2, 3
+        c.prepare(lengths=[4, 2, 3], right_padding=[0, 2, 1])
+        c.update_and_fetch(new, new)
+        c.finalize()
+        c.filter([2, 0])
+    fk, fv = fb.keys_and_values()
+    qk, qv = qb.keys_and_values()
+    assert fk.shape == q.dequantize(qk).shape
+    assert mx.allclose(fk, q.dequantize(qk), atol=0.05) and mx.allclose(
+        fv, q.dequantize(qv), atol=0.05
+    )
+    assert mx.array_equal(fb.left_padding, qb.left_padding) and fb._idx == qb._idx
+    assert mx.array_equal(fb.make_mask(1), qb.make_mask(1))
+    assert qb.nbytes < fb.nbytes / 1.8  # float32 keys: 4 bytes vs ~1.1

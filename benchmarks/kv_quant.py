@@ -9,12 +9,15 @@ long sessions one KV budget holds at full, 8 and 4 bits, with their decode speed
    its scheduler's capacity holds (prompt = session - --gen-tokens, distinct prompts, no prefix
    cache); the peak number running at once is observed, and decode tok/s is measured once every
    session has its first token.
+3. With --equal-sessions N: N sessions at every precision and no budget, so decode tok/s
+   compares precisions at the same batch size (a tiny model's step is mostly attention).
 
 Full precision is the model's own KV dtype (float32 with --dtype float32, the default on CPU;
 bf16 checkpoints on a Mac hold 16-bit KV, where 8-bit saves ~1.9x and 4-bit ~3.6x).
 
 Usage: python benchmarks/kv_quant.py [MODEL] [--quality-tokens 256] [--session-tokens 4096]
-       [--budget-sessions 1] [--gen-tokens 16] [--dtype auto|float32|bfloat16|model]
+       [--budget-sessions 1] [--gen-tokens 16] [--equal-sessions N]
+       [--dtype auto|float32|bfloat16|model]
 """
 
 from __future__ import annotations
@@ -100,6 +103,22 @@ def capacity(model, tokenizer, eos, args) -> None:
               f"{rate / fit:>12.1f} {wall:>7.1f}")  # fmt: skip
 
 
+def equal_load(model, tokenizer, eos, args) -> None:
+    """The same N sessions at each precision, no budget: what quantization costs per step."""
+    from mlxrun.engine import Engine, EngineConfig
+
+    n, gen, count = args.session_tokens, args.gen_tokens, args.equal_sessions
+    prompts = _prompts(tokenizer, count, n - gen)
+    print(f"\nequal load: {count} sessions of {n} tokens at every precision")
+    print(f"{'KV':>6} {'decode tok/s':>13} {'wall s':>7}")
+    for bits in (None, 8, 4):
+        config = EngineConfig(kv_bits=bits, cache_memory_bytes=0, max_tokens_per_step=2048,
+                              eos_token_ids=eos)  # fmt: skip
+        with Engine(model, config) as engine:
+            _, rate, wall = _sessions(engine, prompts, gen)
+        print(f"{'full' if bits is None else f'{bits}b':>6} {rate:>13.1f} {wall:>7.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("model", nargs="?", default=None)
@@ -109,6 +128,7 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=16)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "model"])
     ap.add_argument("--skip-capacity", action="store_true")
+    ap.add_argument("--equal-sessions", type=int, default=0, help="also: N sessions at each")
     args = ap.parse_args()
     args.random_llama = None
 
@@ -121,6 +141,8 @@ def main() -> None:
         quality(model, _prompts(tokenizer, 1, 64)[0], args.quality_tokens)
     if not args.skip_capacity:
         capacity(model, tokenizer, eos, args)
+    if args.equal_sessions:
+        equal_load(model, tokenizer, eos, args)
 
 
 if __name__ == "__main__":

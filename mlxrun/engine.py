@@ -52,11 +52,11 @@ from mlxrun.cache import (
     block_from_cache,
     block_nbytes,
     cache_from_blocks,
-    kv_bytes_per_token,
     split_block,
     supports_prefix_cache,
 )
 from mlxrun.errors import InvalidRequestError
+from mlxrun.kv_precision import KVPrecision
 from mlxrun.kv_reuse import ChunkReuse
 from mlxrun.prefix_cache import RadixCache
 from mlxrun.sampling import SamplingParams
@@ -117,6 +117,10 @@ class EngineConfig:
     max_pinned_prefixes: int = 8  # pinned prefixes beyond it release the oldest
     pin_ttl_s: float = 300.0  # a pin lasts this long after its last use (Anthropic's 5 minutes)
     cache_reuse: int = 0  # reuse cached runs this long past the prefix (0 = off; kv_reuse)
+    # KV precision (mlxrun.kv_precision): None = full; 8 / 4 = quantized in the batch and the
+    # prefix cache; "auto" = full while the KV budget allows, then the batch moves to 8-bit.
+    kv_bits: int | str | None = None
+    kv_group_size: int = 64
 
 
 class Engine:
@@ -144,6 +148,7 @@ class Engine:
         self._cache_stats: dict = {}
         self._outbox: list = []  # (stream, event) pairs, delivered once per step
         self._pins: dict[tuple, tuple[Any, float]] = {}  # (ns, prefix) -> (locked node, expiry)
+        self._kv = KVPrecision(self.config.kv_bits, self.config.kv_group_size)  # checks them
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -192,17 +197,18 @@ class Engine:
         logits = self.model(mx.array([[0]]), cache=cache)
         mx.eval(logits, [c.state for c in cache])
         self._vocab_size = int(logits.shape[-1])
-        per_token = kv_bytes_per_token(cache)
         self._prefix_ok = supports_prefix_cache(cache)
-        self._batch = DecodeBatch(batch_merge(self.model, lambda: models.make_cache(self.model)))
+        merge = batch_merge(self.model, lambda: models.make_cache(self.model))
+        self._batch = DecodeBatch(self._kv.setup(self.model, cache, merge))
         max_running = cfg.max_running if self._batch.merge is not None else 1
-        capacity = cfg.kv_capacity_tokens
+        per_token, capacity = self._kv.smallest_per_token, cfg.kv_capacity_tokens
         if capacity is None and per_token:
             budget = cfg.kv_memory_bytes
             if budget is None:  # what is left beside the weights and the prefix cache
                 budget = memory.device_memory().budget_bytes - mx.get_active_memory()
                 budget -= cfg.cache_memory_bytes
             capacity = max(budget // per_token, cfg.context_length or 1)
+        self._kv.set_capacity(capacity)
         self._scheduler = Scheduler(
             SchedulerConfig(
                 max_running, max(cfg.max_tokens_per_step, max_running), cfg.max_waiting, capacity
@@ -211,13 +217,20 @@ class Engine:
         if cfg.cache_dir is not None and self._prefix_ok:
             self._disk = DiskCache(cfg.cache_dir, cfg.disk_cache_bytes)
         if self._prefix_ok and (cfg.cache_memory_bytes > 0 or self._disk is not None):
-            on_evict = self._disk.save if self._disk is not None else None
+            on_evict = self._to_disk if self._disk is not None else None
             self._radix = RadixCache(
                 cfg.cache_memory_bytes, nbytes=block_nbytes, split=split_block, on_evict=on_evict
             )
         if cfg.cache_reuse > 0:
             self._reuse = ChunkReuse.for_model(self.model, cfg.cache_reuse, self._radix)
         self._publish_cache_stats()
+
+    def _to_disk(self, namespace: tuple, tokens: tuple, blocks: list) -> None:
+        """The disk tier stores full-precision KV only: a path holding quantized blocks is
+        dropped instead (its file format has no place for scales and biases)."""
+        assert self._disk is not None
+        if all(b.quant is None for b in blocks):
+            self._disk.save(namespace, tokens, blocks)
 
     # -- submitting and stats (any thread) ----------------------------------------------------
 
@@ -299,6 +312,7 @@ class Engine:
             "generation_tokens_per_s": gen_rate,
             "steps": self._step_no,
             **self._cache_stats,
+            **self._kv.stats,
         }
 
     def _publish_cache_stats(self) -> None:  # a snapshot: stats() runs on other threads
@@ -371,6 +385,7 @@ class Engine:
         while self._rates and now - self._rates[0][0] > RATE_WINDOW_S:
             self._rates.popleft()
         self._step_no += 1
+        self._kv.publish(len(self._batch), self._prefilling())
         if self._step_no % 256 == 0:  # the allocator's free buffers pile up over a long run
             mx.clear_cache()
 
@@ -381,6 +396,8 @@ class Engine:
         while True:
             with self._lock:
                 plan = self._scheduler.schedule()
+                reserved = self._scheduler.stats()["kv_tokens_reserved"]
+            self._kv.adapt(reserved, self._batch, self._prefilling())
             hits = [self._admit(rid) for rid in plan.admitted]
             if not any(hits):
                 return plan
@@ -388,7 +405,7 @@ class Engine:
     def _admit(self, rid: str) -> int:
         seq = self._seqs[rid]
         seq.row = RowSampler(seq.params, seq.constraint)
-        seq.cache = models.make_cache(self.model)
+        seq.cache = self._kv.make_cache(self.model)
         blocks, hit = self._lookup(seq.namespace, seq.prompt[:-1])  # >= 1 token left to compute
         if hit:
             cache_from_blocks(blocks, seq.cache)
@@ -418,6 +435,11 @@ class Engine:
                 blocks, hit = [block], n
         self._publish_cache_stats()
         return blocks, hit
+
+    def _prefilling(self) -> list[RequestState]:
+        """Admitted requests whose KV is still in their own cache."""
+        with self._lock:
+            return [s for s in self._seqs.values() if s.cache is not None]
 
     def _prefill(
         self, chunks: list[tuple[str, int]], computed: dict[str, int]

@@ -191,6 +191,13 @@ def _setup_logging(level: str) -> None:
               help="Also reuse cached KV of runs of at least this many tokens that reappear "
               "after an edit mid-prompt, re-rotated to their new place (0 = off). An "
               "approximation: outputs can differ slightly from a full prefill.")  # fmt: skip
+@click.option("--kv-bits", type=click.Choice(["16", "8", "4", "auto"], case_sensitive=False),
+              default="16", show_default=True,
+              help="KV cache precision, kept in the running batch and the prefix cache: 8 or 4 "
+              "bits fit ~2x / ~3.5x the tokens; auto stays full until the KV budget fills, "
+              "then moves to 8-bit.")  # fmt: skip
+@click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64",
+              show_default=True, help="Channels per quantization group (with --kv-bits).")  # fmt: skip
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow browser requests from this origin (repeatable; off by default).")  # fmt: skip
 @click.option("--tool-parser", default=None,
@@ -224,6 +231,8 @@ def serve_cmd(
     cache_memory: str | None,
     cache_dir: str | None,
     cache_reuse: int,
+    kv_bits: str,
+    kv_group_size: str,
     cors_origins: tuple[str, ...],
     tool_parser: str | None,
     strict: bool,
@@ -235,6 +244,7 @@ def serve_cmd(
     _setup_logging("warning" if quiet else log_level)
     _check_exposure(host, bool(api_key), api_key_file, no_auth)
     cache_bytes = _cache_bytes(cache_memory)
+    kv = {"kv_bits": kv_bits, "kv_group_size": int(kv_group_size)}
     if tool_parser is not None:
         from mlxrun.tools import tool_format_by_name
 
@@ -253,7 +263,7 @@ def serve_cmd(
     if problem:  # said now, before any client gets a 400 for it
         click.echo(f"Warning: {problem}", err=True)
     _read_weights(lm)
-    engine_config = _engine_config(tokenizer, info, max_running, cache_bytes, cache_dir)
+    engine_config = _engine_config(tokenizer, info, max_running, cache_bytes, cache_dir, kv)
     engine_config = dataclasses.replace(engine_config, cache_reuse=cache_reuse)
     config = ServerConfig(
         model_id=info.name,
@@ -311,7 +321,12 @@ def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.soc
 
 
 def _engine_config(
-    tokenizer: Any, info: Any, max_running: int, cache_bytes: int | None, cache_dir: str | None
+    tokenizer: Any,
+    info: Any,
+    max_running: int,
+    cache_bytes: int | None,
+    cache_dir: str | None,
+    kv: dict | None = None,
 ) -> Any:
     from mlxrun.engine import EngineConfig
 
@@ -322,6 +337,7 @@ def _engine_config(
         namespace=info.name,
         context_length=info.context_length,
         cache_dir=cache_dir,
+        **(kv or {}),
         **({} if cache_bytes is None else {"cache_memory_bytes": cache_bytes}),
     )
 

@@ -66,6 +66,15 @@ def _engine_gauges(state: ServerState) -> dict[str, tuple[str, float]]:
             stats.get("generation_tokens_per_s", 0.0),
         ),
     }
+    for kind in ("full", "8bit", "4bit"):  # --kv-bits: sequences by the precision of their KV
+        gauges[f"kv_sequences_{kind}"] = (
+            f"Sequences in the engine whose KV is held at {kind} precision.",
+            stats.get(f"kv_sequences_{kind}", 0),
+        )
+    gauges["kv_cache_bits"] = (
+        "Bits per KV value that new KV gets now.",
+        stats.get("kv_bits_now", 0),
+    )
     gauges.update(_memory_gauges())
     return gauges
 

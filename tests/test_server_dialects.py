@@ -130,9 +130,11 @@ def test_every_model_route_is_503_until_the_engine_runs(tiny_llama):
 
 
 def test_access_log_line_per_request_with_its_id(tiny_llama, caplog):
-    with serve_in_thread(make_app(tiny_llama)) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        with caplog.at_level(logging.INFO, logger="mlxrun.access"):
+    # The line is written once the app returns, which may be just after the client has its
+    # response: read the log after the server has stopped (every request then has ended).
+    with caplog.at_level(logging.INFO, logger="mlxrun.access"):
+        with serve_in_thread(make_app(tiny_llama)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
             raw = client.chat.completions.with_raw_response.create(
                 model=MODEL_ID, messages=USER, max_tokens=3, temperature=0
             )

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import threading
+import time
 
 import anthropic
 import httpx
@@ -63,6 +64,11 @@ def test_named_keys_are_logged_and_counted_by_name_never_by_key(url):
             _oa(url, "not-a-key").models.list()
         with pytest.raises(anthropic.AuthenticationError):
             _an(url, ALICE + "x").messages.create(model=MODEL_ID, messages=USER, max_tokens=2)
+        # A line is written once the app returns, which may be just after the client has its
+        # response: give the last one a moment.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(handler.lines) < 4:
+            time.sleep(0.05)
     finally:
         log.removeHandler(handler)
         log.setLevel(level)

@@ -1,5 +1,5 @@
 """KV storage for the engine: KV blocks (the prefix cache's values), request caches built from
-them, rows cut out of the decode batch, and the disk tier.
+them, and rows cut out of the decode batch (the disk tier is mlxrun.disk_tier).
 
 A `KVBlock` holds the keys and values of a run of tokens, per layer, each `(1, n_kv_heads, L,
 head_dim)`. The radix index (mlxrun.prefix_cache) treats blocks as opaque and reaches them only
@@ -8,29 +8,14 @@ through `block_nbytes` and `split_block`.
 Blocks cut from the decode batch start out lazy (slices of the whole batch buffer); they are
 copied into buffers of their own before they are kept (`KVBlock.materialize`), or a kept block
 would pin the batch's memory.
-
-The disk tier (`DiskCache`) keeps one safetensors file per evicted token path under
-`cache_dir/<namespace hash>/`: arrays `<layer>.keys` / `<layer>.values`, token ids and the
-namespace in the metadata. Files are written to a temporary name and renamed, survive restarts
-(the directory is scanned at start), and are bounded by a byte budget (LRU by mtime).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import time
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
-
-FORMAT = "mlxrun-kv-1"
 
 
 class KVBlock:
@@ -126,159 +111,3 @@ def block_from_cache(cache: Sequence[Any], num_tokens: int, row: int = 0) -> KVB
         k, v = c.keys_and_values()  # (B, H, size, D)
         layers.append((k[row : row + 1, :, -num_tokens:], v[row : row + 1, :, -num_tokens:]))
     return KVBlock(layers, materialized=False)
-
-
-# ---------------------------------------------------------------------------- disk tier
-
-
-@dataclass
-class _DiskEntry:
-    path: Path
-    tokens: np.ndarray  # (L,) int64
-    size: int
-    mtime: float
-
-
-def _namespace_key(namespace: tuple) -> str:
-    return hashlib.sha1(json.dumps(list(namespace), default=str).encode()).hexdigest()[:16]
-
-
-def _touch(path: Path) -> float:
-    """Set mtime to now, explicitly: the kernel's own stamp is coarse enough to tie."""
-    now = time.time()
-    os.utime(path, (now, now))
-    return now
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if diff.size else n
-
-
-class DiskCache:
-    """Prefix KV files on disk, looked up by longest common prefix within a namespace."""
-
-    def __init__(self, root: str | Path, budget_bytes: int):
-        self.root = Path(root)
-        self.budget_bytes = int(budget_bytes)
-        self._entries: dict[str, list[_DiskEntry]] = {}
-        self._counts = {"hits": 0, "hit_tokens": 0, "writes": 0, "deleted": 0}
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._scan()
-
-    # -- index -------------------------------------------------------------------------------
-
-    def _scan(self) -> None:
-        from mlxrun import hub
-        from mlxrun.errors import CorruptCheckpointError
-
-        for path in self.root.glob("*/*.safetensors"):
-            if path.name.startswith("."):
-                continue  # a write that never finished
-            try:
-                meta = hub.safetensors_header(path).get("__metadata__") or {}
-                if meta.get("format") != FORMAT:
-                    continue
-                namespace = tuple(json.loads(meta["namespace"]))
-                tokens = np.asarray(json.loads(meta["tokens"]), dtype=np.int64)
-                st = path.stat()
-            except (CorruptCheckpointError, OSError, KeyError, ValueError, TypeError):
-                continue  # unreadable files are ignored, never fatal
-            if path.parent.name != _namespace_key(namespace):
-                continue
-            entry = _DiskEntry(path, tokens, st.st_size, st.st_mtime)
-            self._entries.setdefault(path.parent.name, []).append(entry)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(e.size for es in self._entries.values() for e in es)
-
-    def stats(self) -> dict:
-        files = sum(len(es) for es in self._entries.values())
-        return {**self._counts, "files": files, "bytes": self.total_bytes}
-
-    def longest_prefix(self, namespace: tuple, token_ids: Sequence[int]) -> tuple[int, Any]:
-        """(tokens matched, handle for `load`) over every file of the namespace."""
-        tokens = np.asarray(token_ids, dtype=np.int64)
-        best: tuple[int, Any] = (0, None)
-        for entry in self._entries.get(_namespace_key(namespace), []):
-            n = _common_prefix(entry.tokens, tokens)
-            if n > best[0]:
-                best = (n, entry)
-        return best
-
-    def load(self, handle: Any, num_tokens: int) -> KVBlock:
-        """The first `num_tokens` of a file found by `longest_prefix`, as a stored block."""
-        entry: _DiskEntry = handle
-        arrays = mx.load(str(entry.path))
-        layers = [
-            (arrays[f"{i}.keys"][:, :, :num_tokens], arrays[f"{i}.values"][:, :, :num_tokens])
-            for i in range(len(arrays) // 2)
-        ]
-        block = KVBlock(layers, materialized=False).materialize()
-        mx.eval([a for kv in block.layers for a in kv])
-        entry.mtime = _touch(entry.path)  # recently used: last to go under the budget
-        self._counts["hits"] += 1
-        self._counts["hit_tokens"] += num_tokens
-        return block
-
-    # -- writes ------------------------------------------------------------------------------
-
-    def save(self, namespace: tuple, token_ids: Sequence[int], blocks: Sequence[KVBlock]) -> bool:
-        """Persist a token path's KV unless a file already covers it. Returns whether it wrote."""
-        tokens = np.asarray(token_ids, dtype=np.int64)
-        key = _namespace_key(namespace)
-        entries = self._entries.setdefault(key, [])
-        if any(_common_prefix(e.tokens, tokens) == len(tokens) for e in entries):
-            return False
-        block = concat_blocks(blocks)
-        if block.nbytes > self.budget_bytes:
-            return False
-        arrays = {}
-        for i, (k, v) in enumerate(block.layers):
-            arrays[f"{i}.keys"], arrays[f"{i}.values"] = k, v
-        metadata = {
-            "format": FORMAT,
-            "namespace": json.dumps(list(namespace), default=str),
-            "tokens": json.dumps(tokens.tolist()),
-        }
-        folder = self.root / key
-        folder.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha1(tokens.tobytes()).hexdigest()[:24] + ".safetensors"
-        tmp = folder / f".tmp-{uuid.uuid4().hex}.safetensors"
-        try:
-            with open(tmp, "wb") as f:
-                mx.save_safetensors(f, arrays, metadata=metadata)
-            os.replace(tmp, folder / name)
-        finally:
-            tmp.unlink(missing_ok=True)
-        mtime = _touch(folder / name)
-        # Files holding a strict prefix of this path are now redundant.
-        for old in [e for e in entries if _common_prefix(e.tokens, tokens) == len(e.tokens)]:
-            self._delete(key, old)
-        entries.append(_DiskEntry(folder / name, tokens, (folder / name).stat().st_size, mtime))
-        self._counts["writes"] += 1
-        self._enforce_budget()
-        return True
-
-    def _delete(self, key: str, entry: _DiskEntry) -> None:
-        self._entries[key].remove(entry)
-        entry.path.unlink(missing_ok=True)
-        self._counts["deleted"] += 1
-
-    def _enforce_budget(self) -> None:
-        total = self.total_bytes
-        by_age = sorted(
-            ((e.mtime, k, e) for k, es in self._entries.items() for e in es), key=lambda t: t[0]
-        )
-        for _, key, entry in by_age:
-            if total <= self.budget_bytes:
-                break
-            total -= entry.size
-            self._delete(key, entry)
-
-    def clear(self) -> None:
-        for key, entries in list(self._entries.items()):
-            for entry in list(entries):
-                self._delete(key, entry)

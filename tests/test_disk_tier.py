@@ -1,0 +1,240 @@
+"""The prefix cache's disk tier (mlxrun.disk_tier): hash-chained segments, sharing, restarts,
+torn and foreign files, the byte budget, and (with a tiny model) the engine never waiting on it."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+
+import mlx.core as mx
+
+from mlxrun.cache import KVBlock
+from mlxrun.disk_tier import DiskTier, chain_key
+from mlxrun.kv_files import read_header
+
+LAYERS, HEADS, DIM, CHUNK = 3, 2, 8, 16
+LAYOUT = [(HEADS, DIM, "F32")] * LAYERS
+NS = ("model-a", None)
+
+
+def _block(start: int, length: int) -> KVBlock:
+    """Keys hold their position in the sequence (values its negative), so slices are checkable."""
+    pos = mx.arange(start, start + length, dtype=mx.float32)[None, None, :, None]
+    shape = (1, HEADS, length, DIM)
+    layers = [
+        (mx.broadcast_to(pos + 1000 * i, shape), mx.broadcast_to(-pos - 1000 * i, shape))
+        for i in range(LAYERS)
+    ]
+    return KVBlock([(mx.array(k), mx.array(v)) for k, v in layers])
+
+
+def _tier(root, fingerprint="fp-1", model_id="model-a", **kw) -> DiskTier:
+    kw = {"budget_bytes": 1 << 30, "chunk_tokens": CHUNK, **kw}
+    return DiskTier(root, model_id=model_id, fingerprint=fingerprint, layout=LAYOUT, **kw)
+
+
+def _save(tier: DiskTier, tokens: list[int], pieces=(None,)) -> None:
+    """Offer a path (as the radix cache evicts it: consecutive blocks), and wait for the writes."""
+    cuts = [0, *[p for p in pieces if p is not None], len(tokens)]
+    tier.offer(NS, tokens, [_block(a, b - a) for a, b in zip(cuts, cuts[1:], strict=False)])
+    _drain(tier)
+
+
+def _drain(tier: DiskTier, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while tier.stats()["queued_bytes"] and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.02)  # the budget and sibling pruning run right after the last write
+    assert tier.stats()["queued_bytes"] == 0
+
+
+def _read(tier: DiskTier, tokens: list[int], have: int = 0) -> tuple[list[float], int, int]:
+    """(positions read, first token read, end) for the longest prefix of `tokens` on disk."""
+    read = tier.fetch(NS, tokens, have)
+    if read is None:
+        return [], have, have
+    block, end = read.block()
+    assert block is not None
+    return block.layers[1][0][0, 0, :, 0].tolist(), read.start, end
+
+
+def _files(tier: DiskTier) -> list:
+    return sorted(tier.dir.glob("*.safetensors"))
+
+
+def _bytes(tier: DiskTier) -> int:
+    return sum(p.stat().st_size for p in _files(tier))
+
+
+A = list(range(100, 164))  # 64 tokens: 4 chunks
+B = A[:48] + list(range(500, 516))  # shares 3 chunks with A
+
+
+# ------------------------------------------------------------------------------ sharing, lookup
+
+
+def test_siblings_store_the_shared_prefix_once(tmp_path):
+    tier = _tier(tmp_path)
+    _save(tier, A, pieces=(40,))  # the radix path came as two blocks: cuts need not be aligned
+    one = _bytes(tier)
+    _save(tier, B)
+    assert len(_files(tier)) == 5  # 4 of A + B's own last chunk
+    assert _bytes(tier) <= 1.3 * one
+    assert _read(tier, A) == ([1000 + i for i in range(64)], 0, 64)
+    assert _read(tier, B)[2] == 64 and _read(tier, B)[0][48:] == [1000 + i for i in range(48, 64)]
+    tier.close()
+
+
+def test_lookup_walks_chained_keys_and_ends_inside_a_chunk(tmp_path):
+    tier = _tier(tmp_path)
+    _save(tier, A[:40])  # two chunks and an 8-token tail
+    chain = tier.lookup(NS, A[:37] + [1, 2, 3])
+    k1 = chain_key(tier.root_key(NS), A[:16])
+    k2 = chain_key(k1, A[16:32])
+    assert chain == [(k1, 16), (k2, 16), (chain_key(k2, A[32:40]), 5)]
+    assert _read(tier, A[:37] + [9])[2] == 37  # a prompt diverging inside the tail: 5 of its 8
+    assert tier.lookup(("model-b", None), A) == []  # namespaces never mix
+    # Part already in memory: only the segments past it are read.
+    positions, start, end = _read(tier, A[:40], have=20)
+    assert (start, end) == (16, 40) and positions == [1000 + i for i in range(16, 40)]
+    tier.close()
+
+
+def test_a_longer_tail_replaces_the_shorter_one_it_covers(tmp_path):
+    tier = _tier(tmp_path)
+    _save(tier, A[:20])
+    _save(tier, A[:28])
+    _save(tier, A[:24])  # covered by the 12-token tail already there: nothing written
+    assert len(_files(tier)) == 2 and tier.stats()["writes"] == 3
+    assert _read(tier, A[:28])[2] == 28
+    tier.close()
+
+
+# ------------------------------------------------------------------------------ restarts, files
+
+
+def test_segments_survive_a_restart_with_safe_permissions(tmp_path):
+    first = _tier(tmp_path)
+    _save(first, A)
+    _save(first, B)
+    first.close()
+    again = _tier(tmp_path)
+    assert _read(again, A)[2] == 64 and _read(again, B)[2] == 64
+    assert again.stats()["segments"] == 5 and again.stats()["bad_files"] == 0
+    assert stat.S_IMODE(again.dir.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in _files(again)} == {0o600}
+    again.close()
+
+
+def _chain_files(tier: DiskTier, tokens: list[int]) -> list:
+    return [tier.dir / f"{k}.safetensors" for k, _ in tier.lookup(NS, tokens)]
+
+
+def test_torn_foreign_and_orphaned_files_are_deleted_never_loaded(tmp_path):
+    first = _tier(tmp_path)
+    _save(first, A)
+    _save(first, B)
+    a_files, b_files = _chain_files(first, A), _chain_files(first, B)
+    first.close()
+    torn = a_files[3]
+    torn.write_bytes(torn.read_bytes()[:-10])  # a write cut short
+    (first.dir / ".tmp-0123").write_bytes(b"half a file")
+    (first.dir / "garbage.safetensors").write_bytes(b"\x00" * 3)
+    header, _ = read_header(b_files[3])  # metadata names the segment's own tokens only
+    assert json.loads(header["__metadata__"]["tokens"]) == B[48:]
+    again = _tier(tmp_path)
+    assert again.stats()["bad_files"] == 2  # the torn file and the garbage
+    assert not torn.exists() and not (first.dir / ".tmp-0123").exists()
+    assert _read(again, A)[2] == 48 and _read(again, B)[2] == 64
+    again.close()
+    # A parent gone: its children can never match, and go too.
+    a_files[1].unlink()
+    third = _tier(tmp_path)
+    assert _read(third, B)[2] == 16 and len(_files(third)) == 1
+    third.close()
+
+
+def test_wrong_shapes_or_a_bad_checksum_are_caught(tmp_path):
+    first = _tier(tmp_path)
+    _save(first, A[:32])
+    first.close()
+    # Another KV layout (e.g. another head dim): the header's shapes disagree -> deleted.
+    other = DiskTier(tmp_path, model_id="model-a", fingerprint="fp-1", budget_bytes=1 << 30,
+                     layout=[(HEADS, DIM // 2, "F32")] * LAYERS, chunk_tokens=CHUNK)  # fmt: skip
+    assert other.stats()["bad_files"] == 2 and not _files(other)
+    other.close()
+    second = _tier(tmp_path)
+    _save(second, A[:32])
+    second.close()
+    # Same size, flipped data (a torn page): found at read time, the chain stops before it.
+    third = _tier(tmp_path)
+    path = _chain_files(third, A)[1]
+    raw = bytearray(path.read_bytes())
+    raw[-4:] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(raw))
+    assert _read(third, A[:32]) == ([1000 + i for i in range(16)], 0, 16)
+    assert not path.exists() and third.stats()["bad_files"] == 1
+    third.close()
+
+
+def test_other_weights_invalidate_and_other_models_keep_their_files(tmp_path):
+    first = _tier(tmp_path)
+    _save(first, A)
+    first.close()
+    other_model = _tier(tmp_path, model_id="model-b", fingerprint="fp-9")
+    assert other_model.dir != first.dir and other_model.lookup(NS, A) == []
+    other_model.close()
+    assert len(_files(first)) == 4  # another model's directory is left alone
+    reconverted = _tier(tmp_path, fingerprint="fp-2")  # same model id, other weights
+    assert reconverted.lookup(NS, A) == [] and not _files(reconverted)
+    assert reconverted.stats()["bad_files"] == 4
+    reconverted.close()
+
+
+# ------------------------------------------------------------------------------ budget, queue
+
+
+def _consistent(tier: DiskTier) -> bool:
+    """Every segment's parent is a root or is there: nothing unreachable is kept."""
+    roots = {tier.root_key(NS)}
+    return all(s.parent in roots or s.parent in tier._index for s in tier._index.values())
+
+
+def test_the_budget_drops_least_recently_used_leaves_never_a_parent_first(tmp_path):
+    tier = _tier(tmp_path)
+    _save(tier, A)  # 4 segments
+    tier.budget_bytes = int(6.5 * _bytes(tier) / 4)
+    _save(tier, B)  # + 1 (B's last chunk, a second child of A's third)
+    time.sleep(0.01)
+    _save(tier, list(range(900, 932)))  # + 2: 7 files, over budget by one
+    # A's first three chunks are as old as its leaf, but have children: the leaf goes alone.
+    assert tier.stats()["evicted"] == 1
+    assert _read(tier, A)[2] == 48 and _read(tier, B)[2] == 64  # reads refresh their chains
+    time.sleep(0.01)
+    _save(tier, list(range(700, 732)))  # over by two: the oldest path, leaf then parent
+    assert tier.stats()["evicted"] == 3
+    assert _read(tier, list(range(900, 932)))[2] == 0
+    assert _read(tier, B)[2] == 64 and _read(tier, list(range(700, 732)))[2] == 32
+    assert _consistent(tier) and _bytes(tier) == tier.total_bytes <= tier.budget_bytes
+    tier.close()
+
+
+def test_a_full_write_queue_drops_segments_instead_of_waiting(tmp_path, monkeypatch):
+    def slow_write(self, path, arrays, meta):
+        time.sleep(1.0)
+        return type(self)._real_write(self, path, arrays, meta)
+
+    monkeypatch.setattr(DiskTier, "_real_write", DiskTier._write_file, raising=False)
+    monkeypatch.setattr(DiskTier, "_write_file", slow_write)
+    seg = _block(0, CHUNK).nbytes
+    tier = _tier(tmp_path, max_pending_bytes=2 * seg)
+    start = time.perf_counter()
+    for i in range(4):
+        tier.offer(NS, [i] * 64, [_block(0, 64)])
+    assert time.perf_counter() - start < 0.8  # never waited for a 1 s write
+    assert tier.stats()["dropped"] >= 3
+    # What was queued can be read before it is written; then it lands on disk.
+    assert _read(tier, [0] * 64)[2] in (16, 32)
+    tier.close()
+    assert 1 <= len(_files(tier)) <= 3

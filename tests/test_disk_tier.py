@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import stat
+import threading
 import time
 
 import mlx.core as mx
+import pytest
 
+from mlxrun import kv_files
 from mlxrun.cache import KVBlock
 from mlxrun.disk_tier import DiskTier, chain_key
+from mlxrun.engine import Engine, EngineConfig, Event, Request
+from mlxrun.generate import generate_stream
 from mlxrun.kv_files import read_header
+from mlxrun.sampling import SamplingParams
 
 LAYERS, HEADS, DIM, CHUNK = 3, 2, 8, 16
 LAYOUT = [(HEADS, DIM, "F32")] * LAYERS
@@ -238,3 +244,177 @@ def test_a_full_write_queue_drops_segments_instead_of_waiting(tmp_path, monkeypa
     assert _read(tier, [0] * 64)[2] in (16, 32)
     tier.close()
     assert 1 <= len(_files(tier)) <= 3
+
+
+# ------------------------------------------------------------------------------ with the engine
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoint_factory):
+    from mlxrun.loader import load
+
+    return load(str(checkpoint_factory("llama")))
+
+
+def _engine(lm, tmp_path, **kw) -> Engine:
+    kw = {"cache_dir": str(tmp_path), "namespace": "tiny-llama", "disk_chunk_tokens": CHUNK, **kw}
+    return Engine(lm[0], EngineConfig(eos_token_ids=lm[2].eos_token_ids, **kw)).start()
+
+
+def _tokens(events: list[Event]) -> list[int]:
+    return [t for e in events for t in e.new_token_ids]
+
+
+def _reference(lm, ids: list[int], params: SamplingParams = GREEDY) -> list[int]:
+    chunks = generate_stream(lm[0], lm[1], ids, params)
+    return [c.token_id for c in chunks if c.token_id is not None]
+
+
+def _disk_bytes(root) -> int:
+    return sum(p.stat().st_size for p in root.glob("*/*.safetensors"))
+
+
+SYSTEM = [(7 * i) % 390 + 10 for i in range(64)]  # a shared "system prompt" of 4 chunks
+
+
+def test_sibling_conversations_share_the_disk_and_both_hit_after_a_restart(lm, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    conv = [SYSTEM + [11, 12, 13, 14, 15], SYSTEM + [21, 22, 23, 24, 25, 26]]
+    with _engine(lm, one) as engine:
+        engine.generate_sync(Request("a", conv[0], GREEDY))
+    with _engine(lm, two) as engine:
+        cold = [
+            _tokens(engine.generate_sync(Request(f"c{i}", c, GREEDY))) for i, c in enumerate(conv)
+        ]
+    assert _disk_bytes(two) <= 1.3 * _disk_bytes(one)
+    with _engine(lm, two, cache_memory_bytes=0) as engine:  # memory tier off: the disk serves
+        follow = [c + cold[i][:3] + [30 + i] for i, c in enumerate(conv)]
+        warm = [engine.generate_sync(Request(f"w{i}", f, GREEDY)) for i, f in enumerate(follow)]
+        assert engine.stats()["disk_hits"] == 2
+    for i, events in enumerate(warm):
+        assert events[0].cached_tokens == len(conv[i]) + 3  # all but the new token
+        assert _tokens(events) == _reference(lm, follow[i])
+
+
+def test_other_weights_under_the_same_name_never_hit(lm, checkpoint_factory, tmp_path):
+    from mlxrun.loader import load
+
+    with _engine(lm, tmp_path) as engine:
+        engine.generate_sync(Request("a", SYSTEM, GREEDY))
+    stale = len(list(tmp_path.glob("*/*.safetensors")))
+    assert stale == 5  # 64 prompt + 8 generated tokens: 4 chunks and an 8-token tail
+    other = load(str(checkpoint_factory("llama", seed=1)))  # same shapes, other weights
+    with _engine(other, tmp_path) as engine:
+        events = engine.generate_sync(Request("a", SYSTEM, GREEDY))
+        assert engine.stats()["cache_disk_bad_files"] == stale  # stale files are deleted
+    assert events[0].cached_tokens == 0
+    assert _tokens(events) == _reference(other, SYSTEM)
+
+
+def _timed_stream(engine: Engine, request: Request) -> tuple[list[float], threading.Thread]:
+    """Consume a stream on a thread, noting when each token arrives."""
+    times: list[float] = []
+
+    def consume() -> None:
+        for event in engine.submit_sync(request):
+            times.extend(time.perf_counter() for _ in event.new_token_ids)
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    return times, thread
+
+
+def _gaps(times: list[float], start: float, end: float) -> list[float]:
+    inside = [t for t in times if start <= t <= end]
+    return [b - a for a, b in zip(inside, inside[1:], strict=False)]
+
+
+def _decode_under_evictions(
+    lm, tmp_path, slow: threading.Event | None = None, **kw
+) -> tuple[list[float], dict, dict]:
+    """A long stream decodes while short requests come and go; each leaving one evicts another's
+    KV from a small memory tier (to the disk tier, when on). Returns the stream's token gaps
+    while the short requests ran, and the engine's stats then and after shutdown."""
+    long = Request(
+        "long", [5, 6, 7], SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    )
+    with _engine(lm, tmp_path, cache_memory_bytes=60 * _kv_per_token(lm), **kw) as engine:
+        times, thread = _timed_stream(engine, long)
+        while len(times) < 5:
+            time.sleep(0.005)
+        start = time.perf_counter()
+        for i in range(6):
+            prompt = [(i * 37 + j) % 390 + 10 for j in range(40)]
+            engine.generate_sync(Request(f"s{i}", prompt, SamplingParams(max_tokens=2)))
+        end = time.perf_counter()
+        assert len(times) < 400, "the long stream ended before the short requests did"
+        stats = engine.stats()
+        if slow is not None:
+            slow.clear()  # the rest (the shutdown's writes) at full speed
+        thread.join()
+    return _gaps(times, start, end), stats, engine.stats()
+
+
+def _kv_per_token(lm) -> int:
+    from mlxrun import models
+    from mlxrun.cache import kv_bytes_per_token
+
+    cache = models.make_cache(lm[0])
+    mx.eval(lm[0](mx.array([[1]]), cache=cache))
+    return kv_bytes_per_token(cache)
+
+
+def test_slow_disk_writes_never_stall_the_decode_step(lm, tmp_path, monkeypatch):
+    write_s, slow = 0.4, threading.Event()
+
+    def slow_write(self, path, arrays, meta):
+        if slow.is_set():
+            time.sleep(write_s)
+        return kv_files.write_segment(path, arrays, meta)
+
+    base, _, _ = _decode_under_evictions(lm, tmp_path / "off", cache_dir=None)
+    monkeypatch.setattr(DiskTier, "_write_file", slow_write)
+    slow.set()
+    gaps, stats, after = _decode_under_evictions(lm, tmp_path / "on", slow)
+    assert stats["cache_memory_evictions"] >= 4 and stats["cache_disk_segments"] >= 8
+    assert stats["cache_disk_writes"] < stats["cache_disk_segments"]  # still writing meanwhile
+    # Synchronous writes would stall a step for >= 2 files (0.8 s). Loose: a loaded 2-core box.
+    assert max(gaps) < min(write_s, 3 * max(base) + 0.1)
+    assert sum(gaps) / len(gaps) < 3 * sum(base) / len(base) + 0.01
+    # Shutdown waits for the queue: every segment is on disk, none was dropped.
+    assert after["cache_disk_queued_bytes"] == 0 and after["cache_disk_dropped"] == 0
+    assert len(list((tmp_path / "on").glob("*/*.safetensors"))) == after["cache_disk_segments"]
+
+
+def test_a_slow_disk_read_never_stalls_running_streams(lm, tmp_path, monkeypatch):
+    read_s = 0.5
+    prompt = SYSTEM + [40, 41, 42]
+    with _engine(lm, tmp_path) as engine:
+        engine.generate_sync(Request("a", prompt, GREEDY))
+
+    def slow_read(self, seg):
+        time.sleep(read_s)
+        return kv_files.read_segment(self.dir / f"{seg.key}.safetensors", *seg.header)
+
+    monkeypatch.setattr(DiskTier, "_read_file", slow_read)
+    long = Request(
+        "long", [5, 6, 7], SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+    )
+    with _engine(lm, tmp_path) as engine:
+        times, thread = _timed_stream(engine, long)
+        while len(times) < 5:
+            time.sleep(0.005)
+        start = time.perf_counter()
+        follow = prompt + [50, 51]
+        events = engine.generate_sync(Request("b", follow, GREEDY))
+        end = time.perf_counter()
+        assert len(times) < 2000, "the long stream ended before the read did"
+        thread.join()
+    assert end - start >= read_s  # the read did take place while the stream ran
+    assert events[0].cached_tokens == len(prompt)
+    assert _tokens(events) == _reference(lm, follow)
+    gaps = _gaps(times, start, end)
+    assert len(gaps) > 10 and max(gaps) < read_s / 2

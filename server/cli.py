@@ -17,7 +17,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long to finish; the rest are aborted
 
 
-def _cache_bytes(text: str | None) -> int | None:
+def _cache_bytes(text: str | None, flag: str = "--cache-memory") -> int | None:
     from mlxrun.errors import InvalidRequestError, parse_size
 
     if text is None:
@@ -28,8 +28,22 @@ def _cache_bytes(text: str | None) -> int | None:
         return parse_size(text)
     except InvalidRequestError as e:
         raise InvalidRequestError(
-            f"--cache-memory: {e.message}", param="cache_memory", hint="Write it like 2GB or 512MB."
+            f"{flag}: {e.message}",
+            param=flag.lstrip("-").replace("-", "_"),
+            hint="Write it like 2GB or 512MB.",
         ) from None
+
+
+def _disk_bytes(text: str | None, cache_dir: str | None) -> int | None:
+    from mlxrun.errors import InvalidRequestError
+
+    size = _cache_bytes(text, "--cache-disk-size")
+    if size is not None and cache_dir is None:
+        raise InvalidRequestError(
+            "--cache-disk-size needs --cache-dir", param="cache_disk_size",
+            hint="Add --cache-dir DIR (the disk tier is off without it).",
+        )  # fmt: skip
+    return size
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -139,6 +153,8 @@ def _setup_logging(level: str) -> None:
 @click.option("--cache-memory", default=None, help="Prefix-cache memory, e.g. 2GB (0 = off).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Directory for the prefix cache's disk tier (off by default).")  # fmt: skip
+@click.option("--cache-disk-size", default=None,
+              help="Byte budget of the disk tier, e.g. 20GB (default 8GB; LRU beyond it).")  # fmt: skip
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow browser requests from this origin (repeatable; off by default).")  # fmt: skip
 @click.option("--tool-parser", default=None,
@@ -164,6 +180,7 @@ def serve_cmd(
     max_running: int,
     cache_memory: str | None,
     cache_dir: str | None,
+    cache_disk_size: str | None,
     cors_origins: tuple[str, ...],
     tool_parser: str | None,
     strict: bool,
@@ -173,6 +190,7 @@ def serve_cmd(
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…)."""
     _setup_logging("warning" if quiet else log_level)
     cache_bytes = _cache_bytes(cache_memory)
+    disk_bytes = _disk_bytes(cache_disk_size, cache_dir)
     if tool_parser is not None:
         from mlxrun.tools import tool_format_by_name
 
@@ -185,7 +203,7 @@ def serve_cmd(
     lm, tokenizer, info = load(model, context=context)
     click.echo(f"Loading {info.name}...", err=True)
     _read_weights(lm)
-    engine_config = _engine_config(tokenizer, info, max_running, cache_bytes, cache_dir)
+    engine_config = _engine_config(tokenizer, info, max_running, cache_bytes, cache_dir, disk_bytes)
     config = ServerConfig(
         model_id=info.name,
         context_length=info.context_length,
@@ -238,7 +256,12 @@ def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.soc
 
 
 def _engine_config(
-    tokenizer: Any, info: Any, max_running: int, cache_bytes: int | None, cache_dir: str | None
+    tokenizer: Any,
+    info: Any,
+    max_running: int,
+    cache_bytes: int | None,
+    cache_dir: str | None,
+    disk_bytes: int | None = None,
 ) -> Any:
     from mlxrun.engine import EngineConfig
 
@@ -248,8 +271,10 @@ def _engine_config(
         eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)),
         namespace=info.name,
         context_length=info.context_length,
-        cache_dir=cache_dir,
+        # 0 turns the disk tier off, like --cache-memory 0 the memory tier.
+        cache_dir=None if disk_bytes == 0 else cache_dir,
         **({} if cache_bytes is None else {"cache_memory_bytes": cache_bytes}),
+        **({} if not disk_bytes else {"disk_cache_bytes": disk_bytes}),
     )
 
 

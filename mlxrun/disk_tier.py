@@ -144,6 +144,7 @@ class DiskTier:
         self.fingerprint, self.layout = fingerprint, layout
         self.budget_bytes, self.chunk = int(budget_bytes), int(chunk_tokens)
         self.max_pending_bytes = max_pending_bytes
+        self.wait_when_full = False  # set for a shutdown: everything is written, nothing dropped
         self._lock = threading.Lock()
         self._index: dict[str, _Segment] = {}
         self._roots: dict[str, set[str]] = {}  # root key -> first segments
@@ -227,6 +228,7 @@ class DiskTier:
         for key in found.keys() - self._index.keys():
             (self.dir / f"{key}.safetensors").unlink(missing_ok=True)
             self._counts["bad_files"] += 1
+        _unlink(self._enforce_budget())  # the budget may be smaller than last run's
 
     def _check_file(self, path: Path) -> _Segment:
         header, start = kv_files.read_header(path)
@@ -336,6 +338,10 @@ class DiskTier:
                     self._index[k].tokens[: len(piece)] == piece for k in self._children(parent)
                 )
                 full = self._pending >= self.max_pending_bytes
+            while full and self.wait_when_full and not known and not covered:
+                time.sleep(0.005)
+                with self._lock:
+                    full = self._pending >= self.max_pending_bytes
             if not known:
                 if covered:  # a longer sibling holds these tokens already
                     break

@@ -346,6 +346,7 @@ class Engine:
             self._abort(rid)
         if self._radix is not None and self._disk is not None:
             self._release_pins(float("inf"))
+            self._disk.wait_when_full = True  # no decode step left to stall: write it all
             self._radix.evict(self._radix.total_bytes)  # every path goes to disk
         if self._disk is not None:
             self._disk.close()  # the queued writes land before shutdown() returns

@@ -469,3 +469,29 @@ def test_bad_disk_size_flags_are_one_line(tmp_path, args, message):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(lines) == 1 and lines[0].startswith(f"Error: {message}"), proc.stderr
+
+
+def test_at_shutdown_a_full_queue_waits_instead_of_dropping(tmp_path, monkeypatch):
+    def slow_write(self, path, arrays, meta):
+        time.sleep(0.05)
+        return kv_files.write_segment(path, arrays, meta)
+
+    monkeypatch.setattr(DiskTier, "_write_file", slow_write)
+    tier = _tier(tmp_path, max_pending_bytes=_block(0, CHUNK).nbytes)
+    tier.wait_when_full = True  # what the engine sets before it evicts everything
+    for i in range(3):
+        tier.offer(NS, [i] * 32, [_block(0, 32)])
+    tier.close()
+    assert tier.stats()["dropped"] == 0 and len(_files(tier)) == 6
+
+
+def test_a_smaller_budget_applies_at_start(tmp_path):
+    first = _tier(tmp_path)
+    _save(first, A)
+    _save(first, B)
+    first.close()
+    size = _bytes(first)
+    again = _tier(tmp_path, budget_bytes=size // 2)
+    assert _bytes(again) == again.total_bytes <= size // 2 and _consistent(again)
+    assert _read(again, A)[2] >= 16 or _read(again, B)[2] >= 16  # the shared root stays longest
+    again.close()

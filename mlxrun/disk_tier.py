@@ -119,7 +119,10 @@ class Prefetch:
     def block(self) -> tuple[Any, int]:
         """(KVBlock of tokens [start, end), end) on the engine thread; (None, start) if the
         read failed at its first segment."""
-        arrays, end = self.future.result()
+        try:
+            arrays, end = self.future.result()
+        except Exception:  # a read that failed is a miss, never the engine's failure
+            return None, self.start
         if arrays is None:
             return None, self.start
         return kv_files.arrays_block(arrays), end

@@ -25,6 +25,7 @@ kept for it includes its stop token.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 import queue
 import threading
@@ -48,15 +49,18 @@ from mlxrun.batch import (
 )
 from mlxrun.budget import output_budget
 from mlxrun.cache import (
-    DiskCache,
     block_from_cache,
     block_nbytes,
     cache_from_blocks,
+    concat_blocks,
     split_block,
     supports_prefix_cache,
 )
+from mlxrun.disk_tier import CHUNK_TOKENS, DiskTier, Prefetch, model_fingerprint
 from mlxrun.errors import InvalidRequestError
+from mlxrun.kv_files import kv_layout
 from mlxrun.kv_precision import KVPrecision
+from mlxrun.kv_quant import quant_of
 from mlxrun.kv_reuse import ChunkReuse
 from mlxrun.prefix_cache import RadixCache
 from mlxrun.sampling import SamplingParams
@@ -109,6 +113,7 @@ class EngineConfig:
     kv_capacity_tokens: int | None = None  # overrides kv_memory_bytes
     cache_dir: str | None = None  # disk tier; None = off
     disk_cache_bytes: int = 8 << 30
+    disk_chunk_tokens: int = CHUNK_TOKENS  # tokens per disk segment (mlxrun.disk_tier)
     eos_token_ids: tuple[int, ...] = ()
     namespace: str = ""  # the model's id: prefixes never match across models
     context_length: int | None = None
@@ -134,7 +139,8 @@ class Engine:
         self._scheduler: Scheduler | None = None
         self._radix: RadixCache | None = None
         self._reuse: ChunkReuse | None = None
-        self._disk: DiskCache | None = None
+        self._disk: DiskTier | None = None
+        self._disk_reads: dict[str, tuple[Prefetch, list, list[int]]] = {}  # admitted, reading
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -215,7 +221,12 @@ class Engine:
             )
         )
         if cfg.cache_dir is not None and self._prefix_ok:
-            self._disk = DiskCache(cfg.cache_dir, cfg.disk_cache_bytes)
+            layout = kv_layout(cache)
+            self._disk = DiskTier(
+                cfg.cache_dir, model_id=cfg.namespace, layout=layout,
+                fingerprint=model_fingerprint(self.model, layout),
+                budget_bytes=cfg.disk_cache_bytes, chunk_tokens=cfg.disk_chunk_tokens,
+            )  # fmt: skip
         if self._prefix_ok and (cfg.cache_memory_bytes > 0 or self._disk is not None):
             on_evict = self._to_disk if self._disk is not None else None
             self._radix = RadixCache(
@@ -230,7 +241,7 @@ class Engine:
         dropped instead (its file format has no place for scales and biases)."""
         assert self._disk is not None
         if all(b.quant is None for b in blocks):
-            self._disk.save(namespace, tokens, blocks)
+            self._disk.offer(namespace, tokens, blocks)
 
     # -- submitting and stats (any thread) ----------------------------------------------------
 
@@ -358,13 +369,18 @@ class Engine:
             self._abort(rid)
         if self._radix is not None and self._disk is not None:
             self._release_pins(float("inf"))
+            self._disk.wait_when_full = True  # no decode step left to stall: write it all
             self._radix.evict(self._radix.total_bytes)  # every path goes to disk
+        if self._disk is not None:
+            self._disk.close()  # the queued writes land before shutdown() returns
         self._publish_cache_stats()
 
     def _step(self) -> None:
         if self._pins:
             self._release_pins(time.monotonic())
         plan = self._plan()
+        if self._disk_reads:
+            self._wait_for_disk(plan)
         computed: dict[str, int] = {}
         joiners = self._prefill(plan.prefill, computed)
         batch, finished = self._batch, []
@@ -393,6 +409,8 @@ class Engine:
         """schedule(); admitted requests get their KV (prefix hits move their starting point, so
         the plan is made again when there were any)."""
         assert self._scheduler is not None
+        if self._disk_reads:
+            self._land_disk_reads()
         while True:
             with self._lock:
                 plan = self._scheduler.schedule()
@@ -406,35 +424,66 @@ class Engine:
         seq = self._seqs[rid]
         seq.row = RowSampler(seq.params, seq.constraint)
         seq.cache = self._kv.make_cache(self.model)
-        blocks, hit = self._lookup(seq.namespace, seq.prompt[:-1])  # >= 1 token left to compute
+        blocks, hit = self._lookup(rid, seq.namespace, seq.prompt[:-1])  # >= 1 token to compute
+        self._use_prefix(seq, blocks, hit)
+        return hit
+
+    def _use_prefix(self, seq: RequestState, blocks: list, hit: int) -> None:
         if hit:
             cache_from_blocks(blocks, seq.cache)
             self._counts["cache_hits"] += 1
             self._counts["cache_hit_tokens"] += hit
             with self._lock:
-                state = self._scheduler.get(rid) if self._scheduler is not None else None
+                state = self._scheduler.get(seq.id) if self._scheduler is not None else None
                 if state is not None:
                     state.num_computed_tokens = hit
         seq.computed = seq.cached = seq.kv = hit
         if self._reuse is not None:  # runs cached past the prefix, spliced as prefill reaches them
             seq.reuse = self._reuse.plan_for(seq, hit)
-        return hit
 
-    def _lookup(self, namespace: tuple, tokens: list[int]) -> tuple[list, int]:
+    def _lookup(self, rid: str, namespace: tuple, tokens: list[int]) -> tuple[list, int]:
         if self._radix is None or not tokens:
             return [], 0
         match = self._radix.match_prefix(namespace, tokens)
-        blocks, hit = match.values, match.length
         if self._disk is not None:
-            n, handle = self._disk.longest_prefix(namespace, tokens)
-            block = self._disk.load(handle, n) if n > hit else None  # None: a rejected file
-            if block is not None:
-                self._counts["disk_hits"] += 1
-                self._counts["disk_hit_tokens"] += n
-                self._radix.insert(namespace, tokens[:n], block)
-                blocks, hit = [block], n
+            read = self._disk.fetch(namespace, tokens, have=match.length)
+            if read is not None:  # the request computes nothing until the read lands
+                self._disk_reads[rid] = (read, match.values, tokens)
+                return [], 0
         self._publish_cache_stats()
-        return blocks, hit
+        return match.values, match.length
+
+    def _land_disk_reads(self) -> None:
+        """Requests whose disk read finished get their prefix: the memory tier's blocks up to
+        where the read starts, then the read's (numpy -> MLX copies, on this thread)."""
+        assert self._radix is not None
+        for rid, (read, values, tokens) in list(self._disk_reads.items()):
+            if not read.done():
+                continue
+            del self._disk_reads[rid]
+            seq = self._seqs.get(rid)
+            if seq is None or seq.done:
+                continue
+            block, end = read.block()
+            quant = quant_of(seq.cache[0])  # files are full precision; the engine may not be
+            values = [b.to_precision(quant) for b in values]
+            blocks, hit = values, sum(b.length for b in values)
+            if block is not None and end > hit:
+                block = block.to_precision(quant)
+                head = concat_blocks(values).slice(0, read.start) if read.start else None
+                blocks, hit = [b for b in (head, block) if b is not None], end
+                self._radix.insert(seq.namespace, tokens[:end], concat_blocks(blocks))
+                self._counts["disk_hits"] += 1
+                self._counts["disk_hit_tokens"] += end - read.start
+            self._use_prefix(seq, blocks, hit)
+        self._publish_cache_stats()
+
+    def _wait_for_disk(self, plan: Any) -> None:
+        """Nothing but disk reads to wait for: wait a little for one (not a busy loop)."""
+        if self._batch.ids or any(rid not in self._disk_reads for rid, _ in plan.prefill):
+            return
+        futures = [read.future for read, _, _ in self._disk_reads.values()]
+        concurrent.futures.wait(futures, timeout=0.01, return_when="FIRST_COMPLETED")
 
     def _prefilling(self) -> list[RequestState]:
         """Admitted requests whose KV is still in their own cache."""
@@ -448,6 +497,8 @@ class Engine:
         `_join` (batched across requests). Returns [(request, final chunk)]."""
         joiners = []
         for rid, n in chunks:
+            if rid in self._disk_reads:
+                continue  # its prefix is still being read from disk
             seq = self._seqs[rid]
             spliced = seq.reuse.splice(seq) if seq.reuse is not None else 0
             stop = seq.computed + n if seq.reuse is None else seq.reuse.clip(seq.computed + n)
@@ -560,6 +611,7 @@ class Engine:
             assert self._scheduler is not None
             state = self._scheduler.abort(rid)
         seq = self._seqs.get(rid)
+        self._disk_reads.pop(rid, None)
         if seq is None or seq.done:
             return
         if rid in self._batch.ids:

@@ -18,7 +18,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long to finish; the rest are aborted
 
 
-def _cache_bytes(text: str | None) -> int | None:
+def _cache_bytes(text: str | None, flag: str = "--cache-memory") -> int | None:
     from mlxrun.errors import InvalidRequestError, parse_size
 
     if text is None:
@@ -29,7 +29,9 @@ def _cache_bytes(text: str | None) -> int | None:
         return parse_size(text)
     except InvalidRequestError as e:
         raise InvalidRequestError(
-            f"--cache-memory: {e.message}", param="cache_memory", hint="Write it like 2GB or 512MB."
+            f"{flag}: {e.message}",
+            param=flag.lstrip("-").replace("-", "_"),
+            hint="Write it like 2GB or 512MB.",
         ) from None
 
 
@@ -44,6 +46,18 @@ def _private_dir(path: str) -> None:
     except OSError as e:
         raise InvalidRequestError(f"--responses-dir {path}: {e.strerror}",
                                   param="responses_dir") from None  # fmt: skip
+
+
+def _disk_bytes(text: str | None, cache_dir: str | None) -> int | None:
+    from mlxrun.errors import InvalidRequestError
+
+    size = _cache_bytes(text, "--cache-disk-size")
+    if size is not None and cache_dir is None:
+        raise InvalidRequestError(
+            "--cache-disk-size needs --cache-dir", param="cache_disk_size",
+            hint="Add --cache-dir DIR (the disk tier is off without it).",
+        )  # fmt: skip
+    return size
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -198,6 +212,8 @@ def _setup_logging(level: str) -> None:
               "then moves to 8-bit.")  # fmt: skip
 @click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64",
               show_default=True, help="Channels per quantization group (with --kv-bits).")  # fmt: skip
+@click.option("--cache-disk-size", default=None,
+              help="Byte budget of the disk tier, e.g. 20GB (default 8GB; LRU beyond it).")  # fmt: skip
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow browser requests from this origin (repeatable; off by default).")  # fmt: skip
 @click.option("--tool-parser", default=None,
@@ -233,6 +249,7 @@ def serve_cmd(
     cache_reuse: int,
     kv_bits: str,
     kv_group_size: str,
+    cache_disk_size: str | None,
     cors_origins: tuple[str, ...],
     tool_parser: str | None,
     strict: bool,
@@ -245,6 +262,7 @@ def serve_cmd(
     _check_exposure(host, bool(api_key), api_key_file, no_auth)
     cache_bytes = _cache_bytes(cache_memory)
     kv = {"kv_bits": kv_bits, "kv_group_size": int(kv_group_size)}
+    disk_bytes = _disk_bytes(cache_disk_size, cache_dir)
     if tool_parser is not None:
         from mlxrun.tools import tool_format_by_name
 
@@ -263,7 +281,9 @@ def serve_cmd(
     if problem:  # said now, before any client gets a 400 for it
         click.echo(f"Warning: {problem}", err=True)
     _read_weights(lm)
-    engine_config = _engine_config(tokenizer, info, max_running, cache_bytes, cache_dir, kv)
+    engine_config = _engine_config(
+        tokenizer, info, max_running, cache_bytes, cache_dir, kv, disk_bytes
+    )
     engine_config = dataclasses.replace(engine_config, cache_reuse=cache_reuse)
     config = ServerConfig(
         model_id=info.name,
@@ -327,6 +347,7 @@ def _engine_config(
     cache_bytes: int | None,
     cache_dir: str | None,
     kv: dict | None = None,
+    disk_bytes: int | None = None,
 ) -> Any:
     from mlxrun.engine import EngineConfig
 
@@ -336,9 +357,11 @@ def _engine_config(
         eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)),
         namespace=info.name,
         context_length=info.context_length,
-        cache_dir=cache_dir,
         **(kv or {}),
+        # 0 turns the disk tier off, like --cache-memory 0 the memory tier.
+        cache_dir=None if disk_bytes == 0 else cache_dir,
         **({} if cache_bytes is None else {"cache_memory_bytes": cache_bytes}),
+        **({} if not disk_bytes else {"disk_cache_bytes": disk_bytes}),
     )
 
 

@@ -1,14 +1,12 @@
-"""KV blocks (the prefix cache's values), caches built from them, and the disk tier."""
+"""KV blocks (the prefix cache's values) and caches built from them (disk tier: test_disk_tier.py)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlxrun.cache import (
-    DiskCache,
     KVBlock,
     block_from_cache,
     block_nbytes,
@@ -125,54 +123,3 @@ def test_block_from_a_batch_row_skips_the_left_padding(tiny):
     for (k, v), (k0, v0) in zip(row.layers, alone.layers, strict=True):
         assert mx.array_equal(k, k0) and mx.array_equal(v, v0)
     assert block_from_cache(batch, len(long), row=1).length == len(long)
-
-
-# -------------------------------------------------------------------------- disk tier
-
-
-def test_disk_round_trip_and_longest_prefix(tmp_path):
-    disk = DiskCache(tmp_path, 1 << 30)
-    tokens = list(range(50, 70))
-    assert disk.save(("model-a",), tokens, [_block(0, 8), _block(8, 12)])
-    assert not disk.save(("model-a",), tokens[:10], [_block(0, 10)])  # already covered
-    n, handle = disk.longest_prefix(("model-a",), tokens[:14] + [0, 0])
-    assert n == 14
-    block = disk.load(handle, n)
-    assert block.length == 14 and _positions(block, layer=1) == [1000 + i for i in range(14)]
-    assert disk.longest_prefix(("model-b",), tokens)[0] == 0  # namespaces never mix
-    assert disk.stats()["files"] == 1 and disk.stats()["hits"] == 1
-
-
-def test_disk_index_survives_a_restart_and_ignores_partial_files(tmp_path):
-    first = DiskCache(tmp_path, 1 << 30)
-    first.save(("m", None), [1, 2, 3, 4], [_block(0, 4)])
-    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
-    (folder / ".tmp-deadbeef.safetensors").write_bytes(b"half a file")
-    (folder / "garbage.safetensors").write_bytes(b"\x00" * 3)
-    again = DiskCache(tmp_path, 1 << 30)
-    n, handle = again.longest_prefix(("m", None), [1, 2, 3, 9])
-    assert n == 3
-    assert _positions(again.load(handle, n)) == [0, 1, 2]
-    assert again.stats()["files"] == 1
-
-
-def test_a_longer_path_replaces_the_files_it_covers(tmp_path):
-    disk = DiskCache(tmp_path, 1 << 30)
-    disk.save(("m",), [1, 2, 3], [_block(0, 3)])
-    disk.save(("m",), [1, 2, 3, 4, 5], [_block(0, 5)])
-    assert disk.stats()["files"] == 1
-    assert len(list(tmp_path.glob("*/*.safetensors"))) == 1
-
-
-def test_disk_budget_drops_the_least_recently_used(tmp_path):
-    size = _block(0, 16).nbytes
-    disk = DiskCache(tmp_path, int(2.5 * size))
-    disk.save(("m",), [0] * 16, [_block(0, 16)])
-    disk.save(("m",), [1] * 16, [_block(0, 16)])
-    n, handle = disk.longest_prefix(("m",), [0] * 16)
-    disk.load(handle, n)  # file 0 is now more recently used than file 1
-    disk.save(("m",), [2] * 16, [_block(0, 16)])
-    kept = {int(np.asarray(e.tokens)[0]) for es in disk._entries.values() for e in es}
-    assert kept == {0, 2}
-    assert disk.total_bytes <= disk.budget_bytes
-    assert len(list(tmp_path.glob("*/*.safetensors"))) == 2

@@ -5,7 +5,6 @@ that were tampered with."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
 import struct
@@ -17,7 +16,7 @@ import openai
 import pytest
 
 from mlxrun import hub, loader, safety
-from mlxrun.cache import DiskCache, KVBlock
+from mlxrun.cache import KVBlock
 from mlxrun.errors import CorruptCheckpointError, InvalidRequestError
 from mlxrun.tokenizer import load_tokenizer
 from serverutil import MODEL_ID, make_app, serve_in_thread
@@ -197,59 +196,5 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_disk_cache_files_are_private(tmp_path):
-    old = os.umask(0)  # even with a permissive umask
-    try:
-        disk = DiskCache(tmp_path / "cache", 1 << 30)
-        assert disk.save(("m",), [1, 2, 3], [_block(3)])
-    finally:
-        os.umask(old)
-    (file,) = (tmp_path / "cache").glob("*/*.safetensors")
-    assert _mode(tmp_path / "cache") == 0o700 and _mode(file.parent) == 0o700
-    assert _mode(file) == 0o600
-    assert all(_mode(p) == 0o600 for p in (tmp_path / "cache").iterdir() if p.is_file())
-
-
-def _rewrite(file: Path, **meta_changes: str) -> None:
-    arrays, meta = mx.load(str(file), return_metadata=True)
-    mx.save_safetensors(str(file), arrays, metadata={**meta, **meta_changes})
-
-
-def test_tampered_or_foreign_cache_files_are_removed_never_loaded(tmp_path):
-    root = tmp_path / "cache"
-    disk = DiskCache(root, 1 << 30)
-    for n in range(4):
-        disk.save(("m",), [n, 10, 11, 12], [_block(4)])
-    files = sorted(root.glob("*/*.safetensors"))
-    assert len(files) == 4
-    by_first = {int(json.loads(hub.safetensors_header(f)["__metadata__"]["tokens"])[0]): f
-                for f in files}  # fmt: skip
-    _rewrite(by_first[0], tokens=json.dumps([0, 10, 11, 99]))  # claims another prompt
-    _rewrite(by_first[1], fingerprint="0" * 64)
-    raw = by_first[2].read_bytes()
-    by_first[2].write_bytes(raw[:-16])  # truncated data
-    # A file made by another cache (another key) is not trusted either.
-    elsewhere = DiskCache(tmp_path / "other", 1 << 30)
-    elsewhere.save(("m",), [7, 10, 11, 12], [_block(4)])
-    (foreign,) = (tmp_path / "other").glob("*/*.safetensors")
-    shutil.copy(foreign, by_first[0].parent / foreign.name)
-
-    again = DiskCache(root, 1 << 30)
-    assert again.stats()["rejected"] == 4 and again.stats()["files"] == 1
-    assert sorted(root.glob("*/*.safetensors")) == [by_first[3]]
-    for first in (0, 1, 2, 7):
-        assert again.longest_prefix(("m",), [first, 10, 11, 12])[0] == 0
-    n, handle = again.longest_prefix(("m",), [3, 10, 11, 12])
-    assert n == 4 and again.load(handle, n).length == 4
-
-
-def test_a_cache_file_swapped_after_the_scan_is_not_loaded(tmp_path):
-    disk = DiskCache(tmp_path / "cache", 1 << 30)
-    disk.save(("m",), [1, 2, 3, 4], [_block(4)])
-    n, handle = disk.longest_prefix(("m",), [1, 2, 3, 4])
-    (file,) = (tmp_path / "cache").glob("*/*.safetensors")
-    arrays, meta = mx.load(str(file), return_metadata=True)
-    wider = {name: mx.concatenate([a, a], axis=-1) for name, a in arrays.items()}
-    mx.save_safetensors(str(file), wider, metadata=meta)  # other shapes, same metadata
-    assert disk.load(handle, n) is None
-    assert not file.exists() and disk.longest_prefix(("m",), [1, 2, 3, 4])[0] == 0
+# The disk tier's own file checks (private modes, torn, foreign, reshaped and corrupted files
+# removed and never loaded) are in tests/test_disk_tier.py.

@@ -33,6 +33,7 @@ index never holds a segment whose parent is gone. Files are 0600 in a 0700 direc
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -102,6 +103,7 @@ class _Segment:
     size: int = 0  # bytes on disk; 0 while queued
     arrays: dict | None = None  # the KV while queued (numpy)
     header: tuple[dict, int] | None = None  # (safetensors header, data start) once on disk
+    quant: str = ""  # KV precision as kv_files.quant_text writes it ("" = full)
     children: set[str] = field(default_factory=set)
 
 
@@ -112,6 +114,7 @@ class Prefetch:
     start: int
     length: int
     future: Future
+    quant: str = ""  # the precision of the segments read (one per read)
 
     def done(self) -> bool:
         return self.future.done()
@@ -125,7 +128,7 @@ class Prefetch:
             return None, self.start
         if arrays is None:
             return None, self.start
-        return kv_files.arrays_block(arrays), end
+        return kv_files.arrays_block(arrays, kv_files.parse_quant(self.quant)), end
 
 
 class DiskTier:
@@ -245,33 +248,46 @@ class DiskTier:
         kv_files.check_layout(header, self.layout, len(tokens))
         st = path.stat()
         return _Segment(key, meta["parent"], meta["namespace"], tokens, st.st_mtime,
-                        st.st_size, header=(header, start))  # fmt: skip
+                        st.st_size, header=(header, start),
+                        quant=str(meta.get("kv_quant", "")))  # fmt: skip
 
     # -- lookup and reads (engine thread; reads on the reader thread) ---------------------------
 
-    def lookup(self, namespace: tuple, tokens: Sequence[int]) -> list[tuple[str, int]]:
-        """The chain of segments matching the longest prefix of `tokens`: [(key, tokens used)]."""
+    def lookup(
+        self, namespace: tuple, tokens: Sequence[int], quant: str = ""
+    ) -> list[tuple[str, int]]:
+        """The chain of segments matching the longest prefix of `tokens`: [(key, tokens used)].
+        Only segments a `quant` engine loses nothing by reading count: its own precision, or full
+        precision (quantized on load); a full engine never reads quantized KV."""
+        usable = ("", quant)
         chain: list[tuple[str, int]] = []
         parent, i, c = self.root_key(namespace), 0, self.chunk
         with self._lock:
             while i + c <= len(tokens):
                 key = chain_key(parent, tokens[i : i + c])
-                if key not in self._index:
+                if key not in self._index or self._index[key].quant not in usable:
                     break
                 chain.append((key, c))
                 parent, i = key, i + c
             rest = tokens[i : i + c]
             best = max(
-                ((_common(self._index[k].tokens, rest), k) for k in self._children(parent)),
+                (
+                    (_common(self._index[k].tokens, rest), k)
+                    for k in self._children(parent)
+                    if self._index[k].quant in usable
+                ),
                 default=(0, ""),
             )
             if best[0]:
                 chain.append((best[1], best[0]))
         return chain
 
-    def fetch(self, namespace: tuple, tokens: Sequence[int], have: int) -> Prefetch | None:
-        """Start reading what the disk holds beyond the first `have` tokens; None if nothing."""
-        chain = self.lookup(namespace, tokens)
+    def fetch(
+        self, namespace: tuple, tokens: Sequence[int], have: int, quant: Any = None
+    ) -> Prefetch | None:
+        """Start reading what the disk holds beyond the first `have` tokens for an engine whose
+        KV precision is `quant` (a KVQuant; None = full); None if nothing."""
+        chain = self.lookup(namespace, tokens, kv_files.quant_text(quant))
         ends = np.cumsum([n for _, n in chain]).tolist()
         if not chain or ends[-1] <= have:
             return None
@@ -285,10 +301,13 @@ class DiskTier:
                     break  # evicted since the lookup: read what is left of the chain
                 self._index[k].last_use = now
                 segs.append((self._index[k], n))
+        # One precision per read: the chain stops where a segment's differs from the first's.
+        segs = list(itertools.takewhile(lambda sn: sn[0].quant == segs[0][0].quant, segs))
         if not segs:
             return None
         length = start + sum(n for _, n in segs)
-        return Prefetch(start, length, self._reader.submit(self._read_chain, segs, start))
+        future = self._reader.submit(self._read_chain, segs, start)
+        return Prefetch(start, length, future, segs[0][0].quant)
 
     def _read_chain(self, segs: list[tuple[_Segment, int]], start: int) -> tuple[dict | None, int]:
         """Read segments in order (numpy, concatenated); stops at the first bad one."""
@@ -351,8 +370,10 @@ class DiskTier:
                 if full:
                     self._counts["dropped"] += 1
                     break
-                arrays = kv_files.block_arrays(_tokens_range(values, i, i + len(piece)))
-                seg = _Segment(key, parent, ns, piece, time.time(), arrays=arrays)
+                block = _tokens_range(values, i, i + len(piece))
+                arrays = kv_files.block_arrays(block)
+                seg = _Segment(key, parent, ns, piece, time.time(), arrays=arrays,
+                               quant=kv_files.quant_text(block.quant))  # fmt: skip
                 with self._lock:
                     self._add(seg)
                     self._pending += _nbytes(arrays)
@@ -368,7 +389,8 @@ class DiskTier:
                     continue  # dropped while queued (a bad parent, a longer sibling)
             path = self.dir / f"{seg.key}.safetensors"
             meta = {"fingerprint": self.fingerprint, "namespace": seg.namespace,
-                    "parent": seg.parent, "tokens": json.dumps(list(seg.tokens))}  # fmt: skip
+                    "parent": seg.parent, "tokens": json.dumps(list(seg.tokens)),
+                    "kv_quant": seg.quant}  # fmt: skip
             try:
                 size = self._write_file(path, seg.arrays, meta)
             except OSError:

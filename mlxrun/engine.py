@@ -228,20 +228,13 @@ class Engine:
                 budget_bytes=cfg.disk_cache_bytes, chunk_tokens=cfg.disk_chunk_tokens,
             )  # fmt: skip
         if self._prefix_ok and (cfg.cache_memory_bytes > 0 or self._disk is not None):
-            on_evict = self._to_disk if self._disk is not None else None
+            on_evict = self._disk.offer if self._disk is not None else None
             self._radix = RadixCache(
                 cfg.cache_memory_bytes, nbytes=block_nbytes, split=split_block, on_evict=on_evict
             )
         if cfg.cache_reuse > 0:
             self._reuse = ChunkReuse.for_model(self.model, cfg.cache_reuse, self._radix)
         self._publish_cache_stats()
-
-    def _to_disk(self, namespace: tuple, tokens: tuple, blocks: list) -> None:
-        """The disk tier stores full-precision KV only: a path holding quantized blocks is
-        dropped instead (its file format has no place for scales and biases)."""
-        assert self._disk is not None
-        if all(b.quant is None for b in blocks):
-            self._disk.offer(namespace, tokens, blocks)
 
     # -- submitting and stats (any thread) ----------------------------------------------------
 
@@ -446,7 +439,8 @@ class Engine:
             return [], 0
         match = self._radix.match_prefix(namespace, tokens)
         if self._disk is not None:
-            read = self._disk.fetch(namespace, tokens, have=match.length)
+            quant = quant_of(self._seqs[rid].cache[0])  # the precision this request computes at
+            read = self._disk.fetch(namespace, tokens, have=match.length, quant=quant)
             if read is not None:  # the request computes nothing until the read lands
                 self._disk_reads[rid] = (read, match.values, tokens)
                 return [], 0

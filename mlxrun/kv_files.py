@@ -3,8 +3,8 @@
 The disk tier's writer and reader threads must not touch MLX (one thread owns it), so the engine
 thread turns a segment's KV into numpy arrays (`block_arrays`) and back (`arrays_block`); this
 module moves those arrays to and from disk. Arrays are stored by name (`<layer>.keys`,
-`<layer>.values`; a quantized KV format would add names such as `<layer>.keys.scales`), with the
-segment's metadata (format, fingerprint, namespace, parent key, token ids, a checksum of the data)
+`<layer>.values`; quantized KV adds `<layer>.keys.scales` / `.biases` beside the packed weights and
+names its precision, e.g. "8:64", in the metadata's `kv_quant`), with the segment's metadata (format, fingerprint, namespace, parent key, token ids, a checksum of the data)
 in the safetensors `__metadata__`. bfloat16 travels as uint16 bits (numpy has no bfloat16).
 
 `read_segment` checks everything a torn or foreign file could get wrong (header, sizes, offsets,
@@ -47,13 +47,34 @@ class BadSegment(Exception):
 # ------------------------------------------------------------------------- MLX side (engine thread)
 
 
+_PARTS = ("", ".scales", ".biases")  # a quantized triple's names after the layer's own
+
+
+def quant_text(quant: Any) -> str:
+    """A KVQuant as the metadata writes it ("bits:group"); "" for full precision."""
+    return "" if quant is None else f"{quant.bits}:{quant.group_size}"
+
+
+def parse_quant(text: str) -> Any:
+    """The inverse of `quant_text`."""
+    if not text:
+        return None
+    from mlxrun.kv_quant import KVQuant
+
+    bits, group = (int(x) for x in text.split(":"))
+    return KVQuant(bits, group)
+
+
 def block_arrays(block: Any) -> dict[str, tuple[str, np.ndarray]]:
     """A KVBlock's arrays by name as (safetensors dtype, numpy array). Evaluates the block."""
     import mlx.core as mx
 
     named = {}
-    for i, (k, v) in enumerate(block.layers):
-        named[f"{i}.keys"], named[f"{i}.values"] = k, v
+    for i, layer in enumerate(block.layers):
+        for kind, x in zip(("keys", "values"), layer, strict=True):
+            parts = x if block.quant is not None else (x,)
+            for suffix, a in zip(_PARTS, parts, strict=False):
+                named[f"{i}.{kind}{suffix}"] = a
     mx.eval(list(named.values()))
     out = {}
     for name, a in named.items():
@@ -63,8 +84,8 @@ def block_arrays(block: Any) -> dict[str, tuple[str, np.ndarray]]:
     return out
 
 
-def arrays_block(arrays: dict[str, tuple[str, np.ndarray]]) -> Any:
-    """The inverse of `block_arrays`: a stored (materialized) KVBlock."""
+def arrays_block(arrays: dict[str, tuple[str, np.ndarray]], quant: Any = None) -> Any:
+    """The inverse of `block_arrays`: a stored (materialized) KVBlock at precision `quant`."""
     import mlx.core as mx
 
     from mlxrun.cache import KVBlock
@@ -73,10 +94,15 @@ def arrays_block(arrays: dict[str, tuple[str, np.ndarray]]) -> Any:
         out = mx.array(a)
         return out.view(mx.bfloat16) if st == "BF16" else out
 
+    def part(name: str) -> Any:
+        if quant is None:
+            return to_mx(*arrays[name])
+        return tuple(to_mx(*arrays[name + suffix]) for suffix in _PARTS)
+
     n_layers = sum(1 for n in arrays if n.endswith(".keys"))
-    layers = [(to_mx(*arrays[f"{i}.keys"]), to_mx(*arrays[f"{i}.values"])) for i in range(n_layers)]
-    block = KVBlock(layers)
-    mx.eval([a for kv in layers for a in kv])
+    layers = [(part(f"{i}.keys"), part(f"{i}.values")) for i in range(n_layers)]
+    block = KVBlock(layers, quant=quant)
+    mx.eval([a for kv in layers for x in kv for a in (x if quant is not None else (x,))])
     return block
 
 
@@ -167,15 +193,31 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 
 def check_layout(header: dict, layout: list[tuple[int, int, str]], length: int) -> None:
-    """Full-precision KV arrays for every layer, shaped (1, H, length, D) as the model's are."""
-    names = {n for n in header if n != "__metadata__"}
-    if names != {f"{i}.{kv}" for i in range(len(layout)) for kv in ("keys", "values")}:
-        raise BadSegment("arrays do not match the model's layers")
+    """KV arrays for every layer, shaped as the model's are: (1, H, length, D) at full precision;
+    packed uint32 weights (1, H, length, D*bits/32) and scales/biases (1, H, length, D/group)
+    at the precision the metadata's `kv_quant` names."""
+    try:
+        quant = parse_quant(str(header["__metadata__"].get("kv_quant", "")))
+    except ValueError:
+        raise BadSegment("bad kv_quant") from None
+    if quant is not None and (quant.bits not in (2, 3, 4, 5, 6, 8) or quant.group_size < 1):
+        raise BadSegment("bad kv_quant")
+    expected = {}
     for i, (h, d, st) in enumerate(layout):
         for kv in ("keys", "values"):
-            info = header[f"{i}.{kv}"]
-            if info["shape"] != [1, h, length, d] or info["dtype"] != st:
-                raise BadSegment(f"{i}.{kv}: shape {info['shape']} {info['dtype']}")
+            if quant is None:
+                expected[f"{i}.{kv}"] = ([1, h, length, d], st)
+                continue
+            groups = d // quant.group_size
+            expected[f"{i}.{kv}"] = ([1, h, length, d * quant.bits // 32], "U32")
+            expected[f"{i}.{kv}.scales"] = ([1, h, length, groups], st)
+            expected[f"{i}.{kv}.biases"] = ([1, h, length, groups], st)
+    if {n for n in header if n != "__metadata__"} != set(expected):
+        raise BadSegment("arrays do not match the model's layers")
+    for name, (shape, st) in expected.items():
+        info = header[name]
+        if info["shape"] != shape or info["dtype"] != st:
+            raise BadSegment(f"{name}: shape {info['shape']} {info['dtype']}")
 
 
 def read_segment(path: Path, header: dict, data_start: int) -> dict:

@@ -12,6 +12,7 @@ import pytest
 from mlxrun.cache import KVBlock, concat_blocks, split_block
 from mlxrun.engine import Engine, EngineConfig, Event, Request
 from mlxrun.errors import InvalidRequestError
+from mlxrun.kv_files import read_header
 from mlxrun.kv_quant import KVQuant, compare_to_full
 from mlxrun.sampling import SamplingParams
 
@@ -153,24 +154,41 @@ def test_quantized_block_split_concat_slice(bits):
 # ------------------------------------------------------------------ disk tier
 
 
-def test_disk_tier_skips_quantized_blocks_and_serves_full_ones(lm, tmp_path):
+def _disk_files(root) -> list:
+    return sorted(root.glob("*/*.safetensors"))
+
+
+def test_disk_tier_stores_quantized_segments_and_reads_what_is_exact(lm, tmp_path):
+    """An 8-bit engine writes its KV to disk at 8 bits (smaller files, the precision named in
+    each file) and hits it after a restart with the tokens of a cold run; a full-precision engine
+    never reads 8-bit files (that would lose precision it has), while an 8-bit engine reads
+    full-precision ones, quantized on load (within 8-bit's own error of what it would compute)."""
     prompt = _prompts(1, seed=9, lo=30, hi=31)[0]
     follow = prompt + [5, 6]
-    with _engine(lm, kv_bits=8, cache_dir=str(tmp_path / "q")) as engine:
+    small = {"cache_dir": None, "disk_chunk_tokens": 8}
+    q8, full = tmp_path / "q8", tmp_path / "full"
+    with _engine(lm, kv_bits=8, **{**small, "cache_dir": str(q8)}) as engine:
         engine.generate_sync(Request("a", prompt, GREEDY))
-    assert engine.stats()["cache_disk_writes"] == 0
-    assert not list((tmp_path / "q").glob("*/*.safetensors"))
-    # Full-precision files written by a full engine are read by an 8-bit one (quantized on load).
-    with _engine(lm, cache_dir=str(tmp_path / "f")) as engine:
+    with _engine(lm, **{**small, "cache_dir": str(full)}) as engine:
         engine.generate_sync(Request("a", prompt, GREEDY))
-    assert engine.stats()["cache_disk_writes"] >= 1
+    q8_files, full_files = _disk_files(q8), _disk_files(full)
+    assert q8_files and len(q8_files) == len(full_files)
+    q8_bytes = sum(f.stat().st_size for f in q8_files)
+    full_bytes = sum(f.stat().st_size for f in full_files)
+    assert q8_bytes < 0.7 * full_bytes, (q8_bytes, full_bytes)
+    header, _ = read_header(q8_files[0])
+    assert header["__metadata__"]["kv_quant"] == "8:64"
+
     with _engine(lm, kv_bits=8, cache_memory_bytes=0) as engine:
-        cold = _tokens(engine.generate_sync(Request("cold", follow, GREEDY)))
-    with _engine(lm, kv_bits=8, cache_dir=str(tmp_path / "f")) as engine:
-        events = engine.generate_sync(Request("hit", follow, GREEDY))
-        assert engine.stats()["disk_hits"] == 1
-    assert events[-1].cached_tokens >= len(prompt)
-    assert _tokens(events) == cold
+        cold8 = _tokens(engine.generate_sync(Request("cold", follow, GREEDY)))
+    for root in (q8, full):  # 8-bit files, and full ones quantized on load
+        with _engine(lm, kv_bits=8, **{**small, "cache_dir": str(root)}) as engine:
+            events = engine.generate_sync(Request("hit", follow, GREEDY))
+            assert engine.stats()["disk_hits"] == 1, root
+        assert events[-1].cached_tokens >= len(prompt) - 8 and _tokens(events) == cold8
+    with _engine(lm, **{**small, "cache_dir": str(q8)}) as engine:
+        engine.generate_sync(Request("full", follow, GREEDY))
+        assert engine.stats()["disk_hits"] == 0  # a full engine ignores the 8-bit files
 
 
 # ------------------------------------------------------------------ adaptive
@@ -321,3 +339,27 @@ def test_quantized_batch_cache_tracks_the_full_batch_cache():
     assert mx.array_equal(fb.left_padding, qb.left_padding) and fb._idx == qb._idx
     assert mx.array_equal(fb.make_mask(1), qb.make_mask(1))
     assert qb.nbytes < fb.nbytes / 1.8  # float32 keys: 4 bytes vs ~1.1
+
+
+def test_a_quantized_segment_file_round_trips_and_its_shapes_are_checked(tmp_path):
+    from mlxrun import kv_files
+
+    quant = KVQuant(4, 64)
+    layers = [(mx.random.normal((1, 2, 5, 64)), mx.random.normal((1, 2, 5, 64))) for _ in range(2)]
+    block = KVBlock(layers).to_precision(quant)
+    arrays = kv_files.block_arrays(block)
+    path = tmp_path / "seg.safetensors"
+    kv_files.write_segment(path, arrays, {"kv_quant": kv_files.quant_text(quant)})
+    header, start = kv_files.read_header(path)
+    layout = [(2, 64, "F32")] * 2
+    kv_files.check_layout(header, layout, 5)
+    back = kv_files.arrays_block(kv_files.read_segment(path, header, start), quant)
+    assert back.quant == quant and back.length == 5
+    for (k, v), (k2, v2) in zip(block.layers, back.layers, strict=True):
+        for a, b in zip((*k, *v), (*k2, *v2), strict=True):
+            assert mx.array_equal(a, b)
+    with pytest.raises(kv_files.BadSegment):
+        kv_files.check_layout(header, [(2, 128, "F32")] * 2, 5)  # another head dim
+    header["__metadata__"]["kv_quant"] = "8:64"  # claims another precision than its arrays
+    with pytest.raises(kv_files.BadSegment):
+        kv_files.check_layout(header, layout, 5)

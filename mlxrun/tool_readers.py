@@ -170,6 +170,8 @@ def deepseek(p: ToolParser) -> _Block:
         fenced = cur.s[cur.i] != "{"  # V3: "function<sep>" then the name on its own line
         name = got[0].strip()
         if fenced:
+            if name != "function":  # V3's call type: stray markers before it are no call
+                return False
             line = yield from p.until(("\n",), _NAME_LIMIT)
             if line is None or (yield from p.literal(("```json",))) is None:
                 return False

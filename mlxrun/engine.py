@@ -459,7 +459,7 @@ class Engine:
             if seq is None or seq.done:
                 continue
             block, end = read.block()
-            quant = quant_of(seq.cache[0])  # files are full precision; the engine may not be
+            quant = quant_of(seq.cache[0])  # a file or block may be at another precision
             values = [b.to_precision(quant) for b in values]
             blocks, hit = values, sum(b.length for b in values)
             if block is not None and end > hit:

@@ -63,7 +63,10 @@ def test_llama_cpp_multiple_choices_with_id_slot(url, strict_url):
     assert len(r.json()["choices"]) == 2
     for choice in r.json()["choices"]:
         assert choice["message"]["role"] == "assistant"
-        assert choice["finish_reason"] == "length"
+        # llama.cpp's trained model always runs to max_tokens; random weights sampled at the
+        # default temperature may draw the end-of-turn token first.
+        assert choice["finish_reason"] in ("length", "stop")
+    assert 2 <= r.json()["usage"]["completion_tokens"] <= 2 * 8
     assert _ignored(r) == ["id_slot"]  # cache_prompt is honoured: the prefix cache is on
     r = _post(strict_url, "/v1/chat/completions", {"model": MODEL_ID, **body})
     assert r.status_code == 400

@@ -13,6 +13,7 @@ unknown ones.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,12 @@ class OllamaGenerate(OllamaRequest):
     suffix: str  # non-empty: a fill-in-the-middle request (the prompt is the text before it)
     system: str
     raw: bool  # the prompt as is, no chat template
+
+
+def rfc3339(at: dt.datetime | None = None) -> str:
+    """A timestamp as Ollama writes them (UTC, microseconds, Z)."""
+    at = at or dt.datetime.now(dt.timezone.utc)
+    return at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def served_model(model_ids: Sequence[str], name: Any) -> str:

@@ -30,8 +30,9 @@ from mlxrun.errors import InvalidRequestError
 
 from ..common import chat_logprobs, fit_context, in_thread, start_generation, until_disconnect
 from ..dialogue import ChatPlan, MessageDelta, format_constraint, message_deltas, plan_chat
-from ..errors import from_mlxrun, to_api_error
+from ..errors import from_mlxrun, ollama_errors, to_api_error
 from ..extras import note, reports
+from ..fim_groups import NO_GROUP, Ticket, released, start_fim
 from ..generation import ChoiceSpec, Generation
 from ..protocol_ollama import (
     MAX_PARAM,
@@ -39,12 +40,11 @@ from ..protocol_ollama import (
     OllamaRequest,
     parse_chat,
     parse_generate,
+    rfc3339,
 )
 from ..sse import EventStreamResponse
 from ..state import ServerState, server_state
 from . import ollama_models
-from .completions import NO_GROUP, Ticket, released, start_fim
-from .ollama_models import ollama_errors, rfc3339
 
 READY_WAIT_S = 600  # how long a request waits for the model to load
 R = TypeVar("R", bound=OllamaRequest)

@@ -8,7 +8,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +16,17 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mlxrun import store
-from mlxrun.reasoning import detect_reasoning
+from mlxrun.parsing.reasoning import detect_reasoning
 
 from ..common import in_thread
-from ..errors import APIError, guarded, to_api_error
-from ..protocol_ollama import served_model
+from ..errors import APIError, ollama_errors
+from ..protocol_ollama import rfc3339, served_model
 from ..state import ServerState, server_state
 
 log = logging.getLogger("mlxrun.server")
 
 # The Ollama release whose API this matches; clients gate features on it (VS Code needs >= 0.6.4).
 OLLAMA_VERSION = "0.12.0"
-
-
-def _ollama_error(e: Exception) -> Response:
-    err = to_api_error(e)
-    return JSONResponse({"error": err.message}, err.status, headers=err.headers)
-
-
-def ollama_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable:
-    """Every failure as Ollama sends it: {"error": message} with the HTTP status."""
-    return guarded(handler, _ollama_error)
 
 
 def served(state: ServerState, name: Any) -> str:
@@ -52,11 +41,6 @@ def served(state: ServerState, name: Any) -> str:
         names = ", ".join(_tagged(i) for i in state.config.model_ids)
         raise APIError(404, f"{e.message}; this server serves: {names}", param="model",
                        code="model_not_found") from None  # fmt: skip
-
-
-def rfc3339(at: dt.datetime | None = None) -> str:
-    at = at or dt.datetime.now(dt.timezone.utc)
-    return at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _tagged(model_id: str) -> str:

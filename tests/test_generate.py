@@ -6,7 +6,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from plain_decode import plain_greedy
 
+from mlxrun.engine import Request
 from mlxrun.errors import ContextLengthExceededError, InvalidRequestError
 from mlxrun.generate import GenerationChunk, generate, generate_stream, local_engine
 from mlxrun.sampling import SamplingParams, compute_logprobs
@@ -233,6 +235,23 @@ def test_generate_returns_the_streamed_text(lm):
     assert text == "".join(c.text for c in chunks)
     ids = [c.token_id for c in chunks]
     assert text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_one_greedy_text_from_generate_the_engine_and_a_plain_loop(lm, ignore_eos):
+    """generate() is a face over the engine, not a loop of its own: its greedy text is the
+    engine's, which is the textbook one-sequence loop's (tests/plain_decode.py)."""
+    model, tokenizer, info = lm
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=ignore_eos)
+    ids = tokenizer.encode(PROMPT)
+    text = generate(model, tokenizer, PROMPT, params, context_length=info.context_length)
+    with local_engine(model, tokenizer, info.context_length) as engine:
+        events = engine.generate_sync(Request("e", ids, params))
+    engine_ids = [t for e in events for t in e.new_token_ids]
+    plain_ids = [s.token_id for s in plain_greedy(model, ids, params, info.eos_token_ids)]
+    assert engine_ids == plain_ids and len(plain_ids) > 0
+    assert text == tokenizer.decode(engine_ids, skip_special_tokens=True)
+    assert events[-1].finish_reason == ("length" if len(plain_ids) == 40 else "stop")
 
 
 def test_stats_are_filled(lm):

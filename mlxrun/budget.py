@@ -20,6 +20,7 @@ FALLBACK_MAX_TOKENS = 4096  # no max_tokens and no context length to bound it
 # The longest reply `mlxrun generate` and `mlxrun chat` give when --max-tokens is not set (mlx-lm's
 # generate caps at 256 too): a base model rarely stops by itself and would fill the whole context.
 TERMINAL_MAX_TOKENS = 256
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy /v1/completions default
 
 
 @dataclass(frozen=True)

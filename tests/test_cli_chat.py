@@ -112,6 +112,7 @@ def test_a_session_end_to_end(model_dir, first_reply, tmp_path):
     child.expect_exact(PROMPT)
     stats = say(child, "/stats")
     assert "finish: interrupted" in stats
+    assert "1 aborted" in stats  # Ctrl-C aborted the engine's request
     prompt_tokens, _, _ = _stats_numbers(stats)
 
     # The next turn reuses the cache, interrupted reply included: the engine aborted the request

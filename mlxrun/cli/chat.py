@@ -315,6 +315,7 @@ def engine_stats_line(stats: dict[str, Any]) -> str:
         f"{RATE_WINDOW_S:.0f} s)",
         f"{stats.get('cache_hit_tokens', 0)} cached tokens reused in "
         f"{stats.get('cache_hits', 0)} hits",
+        f"requests: {stats.get('finished', 0)} done, {stats.get('aborted', 0)} aborted",
     ]
     if "cache_memory_tokens" in stats:
         parts.append(

@@ -1,6 +1,6 @@
 """The Ollama API: clients that only speak Ollama (its CLI's API, the `ollama` libraries, editors)
 work unchanged against `mlxrun serve`. This module has /api/chat and /api/generate; request parsing
-is in server/protocol_ollama.py, model listing in ollama_models.py (its routes are included here).
+is in server/protocol_ollama.py, model listing in ollama_models.py.
 
 Chat goes through the shared pipeline (server/dialogue.py); /api/generate renders the chat template
 too, unless `raw` (the prompt as is) or `suffix` (a fill-in-the-middle prompt from the model's FIM
@@ -41,10 +41,10 @@ from ..protocol_ollama import (
     parse_chat,
     parse_generate,
     rfc3339,
+    served_model,
 )
 from ..sse import EventStreamResponse
 from ..state import ServerState, server_state
-from . import ollama_models
 
 READY_WAIT_S = 600  # how long a request waits for the model to load
 R = TypeVar("R", bound=OllamaRequest)
@@ -72,7 +72,7 @@ async def _accept(
     state = server_state(request)
     body = await state.read_json(request)
     name = body.get("model")
-    ollama_models.served(state, name)
+    served_model(state.config.model_ids, name)
     req = parse(body, state.config.context_length, state.config.strict)
     note(request, req.ignored)
     deadline = time.monotonic() + READY_WAIT_S
@@ -304,7 +304,6 @@ async def generate(request: Request) -> Response:
 
 
 routes: list[Route] = [
-    *ollama_models.routes,
     Route("/api/chat", chat, methods=["POST"]),
     Route("/api/generate", generate, methods=["POST"]),
 ]

@@ -20,31 +20,13 @@ from mlxrun.parsing.reasoning import detect_reasoning
 
 from ..common import in_thread
 from ..errors import APIError, ollama_errors
-from ..protocol_ollama import rfc3339, served_model
+from ..protocol_ollama import rfc3339, served_model, tagged
 from ..state import ServerState, server_state
 
 log = logging.getLogger("mlxrun.server")
 
 # The Ollama release whose API this matches; clients gate features on it (VS Code needs >= 0.6.4).
 OLLAMA_VERSION = "0.12.0"
-
-
-def served(state: ServerState, name: Any) -> str:
-    """The served id Ollama's `name` means; otherwise a 404 listing what this server serves.
-    Names are only compared with the served ones: a path, a registry name or a URL is never
-    opened, stat'ed or fetched because a request sent it."""
-    try:
-        return served_model(state.config.model_ids, name)
-    except APIError as e:
-        if e.status != 404:
-            raise
-        names = ", ".join(_tagged(i) for i in state.config.model_ids)
-        raise APIError(404, f"{e.message}; this server serves: {names}", param="model",
-                       code="model_not_found") from None  # fmt: skip
-
-
-def _tagged(model_id: str) -> str:
-    return model_id if ":" in model_id.rsplit("/", 1)[-1] else f"{model_id}:latest"
 
 
 def _facts(state: ServerState) -> dict[str, Any]:
@@ -101,7 +83,7 @@ def _details(facts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _entry(model_id: str, facts: dict[str, Any]) -> dict[str, Any]:
-    name = _tagged(model_id)
+    name = tagged(model_id)
     return {
         "name": name,
         "model": name,
@@ -172,7 +154,7 @@ def _model_info(state: ServerState, model_id: str, facts: dict[str, Any]) -> dic
 async def show(request: Request) -> Response:
     state = server_state(request)
     body = await state.read_json(request)
-    model_id = served(state, body.get("model") or body.get("name"))
+    model_id = served_model(state.config.model_ids, body.get("model") or body.get("name"))
     facts = await _model_facts(request)
     ctx = state.config.context_length
     template = state.tokenizer.chat_template or ""
@@ -209,7 +191,7 @@ async def unsupported(request: Request) -> Response:
         # An unserved name is a 404 like everywhere else (never a lookup on disk or the Hub).
         state = server_state(request)
         body = await state.read_json(request)
-        served(state, body.get("model") or body.get("name"))
+        served_model(state.config.model_ids, body.get("model") or body.get("name"))
     if path.startswith("/api/embed"):
         message = "mlxrun serves a generative model; embeddings are not supported."
     else:

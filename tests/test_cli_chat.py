@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlxrun.chat import ChatSession
-from mlxrun.cli.chat import ChatRepl, chat_cmd, read_message
+from mlxrun.cli.chat import ChatRepl, chat_cmd, engine_stats_line, read_message
 from mlxrun.cli.generate import DEFAULT_MAX_TOKENS
 from mlxrun.sampling import SamplingParams
 from mlxrun.tokenizer import FALLBACK_NOTICE
@@ -349,3 +349,17 @@ def test_read_message_eof_inside_a_block():
     read_line, _ = _reader(['"""', "never closed"])
     with pytest.raises(EOFError):
         read_message(read_line)
+
+
+def test_engine_stats_line_shows_rates_cache_and_speculation_figures():
+    """/stats prints what Engine.stats() reports, including figures the engine grows later
+    (speculation's acceptance)."""
+    line = engine_stats_line({
+        "generation_tokens_per_s": 41.25, "prompt_tokens_per_s": 900.0, "cache_hits": 3,
+        "cache_hit_tokens": 120, "finished": 4, "aborted": 1, "cache_memory_tokens": 300,
+        "cache_memory_bytes": 2048, "spec_acceptance_rate": 0.8125, "running": 0,
+    })  # fmt: skip
+    assert "generation 41.2 tok/s" in line and "prefill 900.0 tok/s" in line
+    assert "120 cached tokens reused in 3 hits" in line and "4 done, 1 aborted" in line
+    assert "prefix cache 300 tokens" in line and "spec_acceptance_rate 0.812" in line
+    assert "running" not in line

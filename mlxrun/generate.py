@@ -128,17 +128,18 @@ def stream_request(
     (ContextLengthExceededError, InvalidRequestError): the request is submitted at the call."""
     ids = [int(t) for t in prompt_ids]
     mx.reset_peak_memory()
+    timer = _Timer(len(ids))  # from submission: time to first token includes the queue
     request = Request(f"local-{next(_ids)}", ids, params, constraint=constraint)
     events = engine.submit_sync(request)
-    return _chunks(events, tokenizer, params, len(ids))
+    return _chunks(events, tokenizer, params, timer)
 
 
 def _chunks(
-    events: Any, tokenizer: Any, params: SamplingParams, n: int
+    events: Any, tokenizer: Any, params: SamplingParams, timer: _Timer
 ) -> Iterator[GenerationChunk]:
     from mlxrun.output import TextOutput
 
-    timer, out = _Timer(n), TextOutput(tokenizer, params.stop)
+    out = TextOutput(tokenizer, params.stop)
     try:
         for event in events:
             timer.cached = event.cached_tokens

@@ -165,7 +165,7 @@ def test_debug_shows_traceback():
 def test_without_max_tokens_a_base_model_stops_at_the_default(model_dir, lm):
     """Greedy, this random model never emits EOS: it used to run to the end of the context."""
     assert DEFAULT_MAX_TOKENS == 256 and lm[2].context_length > 2 * DEFAULT_MAX_TOKENS
-    proc = run_cli(str(model_dir), "-p", PROMPT, "--temperature", "0")
+    proc = run_cli(str(model_dir), "-p", PROMPT, "--temperature", "0", timeout=300)  # 256 tokens
     assert proc.returncode == 0, proc.stderr.decode()
     err = proc.stderr.decode()
     assert f"generation: {DEFAULT_MAX_TOKENS} tokens" in err and "finish: length" in err

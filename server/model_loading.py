@@ -4,6 +4,7 @@ will be charged before it loads, and loading it onto a started engine."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,12 @@ def load_engine(spec: Any, est: Estimate, template: Any) -> tuple[Any, Any, Any]
     from mlxrun.engine import Engine, EngineConfig
     from mlxrun.loader import load
 
+    from mlxrun.safety import check_chat_template
+
     model, tokenizer, info = load(spec.path, context=est.context, force=True)
+    problem = check_chat_template(tokenizer)
+    if problem:  # said at load, before any client gets a 400 for it
+        logging.getLogger("mlxrun.server").warning("%s: %s", spec.name, problem)
     mx.eval(model.parameters())  # lazy weights belong to this thread; the engine starts elsewhere
     config = dataclasses.replace(
         template or EngineConfig(),

@@ -79,6 +79,7 @@ class Slot:
     nbytes: int
     load_s: float
     loaded_at: float
+    info: Any = None  # mlxrun.loader.ModelInfo
 
 
 @dataclass
@@ -181,7 +182,7 @@ class ModelPool:
         load_s = time.perf_counter() - start
         self.slots[spec.name] = Slot(
             spec, self._model_state(spec, engine, tokenizer, estimate.context),
-            estimate.nbytes, load_s, time.time(),
+            estimate.nbytes, load_s, time.time(), info,
         )  # fmt: skip
         self.governor.loaded(spec.name, time.monotonic())
         self.counts[spec.name].loads += 1

@@ -51,7 +51,6 @@ def load_engine(spec: Any, est: Estimate, template: Any) -> tuple[Any, Any, Any]
 
     from mlxrun.engine import Engine, EngineConfig
     from mlxrun.loader import load
-
     from mlxrun.safety import check_chat_template
 
     model, tokenizer, info = load(spec.path, context=est.context, force=True)

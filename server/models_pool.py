@@ -100,7 +100,7 @@ class ModelPool:
         self.hub: ServerState | None = None  # the app's state (set by create_app)
         self.peak_resident = 0  # most models resident at once (tests and /metrics)
         self._loading: dict[str, asyncio.Future] = {}
-        self._unloading: set[str] = set()
+        self._unloading: dict[str, asyncio.Event] = {}  # set once the engine has stopped
         self._reaper: asyncio.Task | None = None
 
     # -- names ------------------------------------------------------------------------------
@@ -161,17 +161,22 @@ class ModelPool:
     async def _load(self, spec: ModelSpec) -> None:
         from . import model_loading
 
+        gone = self._unloading.get(spec.name)
+        if gone is not None:  # evicted a moment ago: its old engine must be gone first
+            await gone.wait()
         estimate = await anyio.to_thread.run_sync(
             model_loading.estimate, spec, self.settings, self.governor.budget_bytes
         )
         victims = self.governor.plan_load(spec.name, estimate.nbytes)
         keep = self._keep_alive(spec)
         self.governor.reserve(spec.name, estimate.nbytes, time.monotonic(), keep)
+        # Detached now, before any await: no request may lease a model that is going.
+        going = [(v, self._detach(v)) for v in victims]
         try:
             for victim in victims:
                 self.counts[victim].evictions += 1
                 log.info("evicting %s to make room for %s", victim, spec.name)
-            await asyncio.gather(*(self._unload(v) for v in victims))
+            await asyncio.gather(*(self._stop(v, slot) for v, slot in going if slot))
             start = time.perf_counter()
             engine, tokenizer, info = await anyio.to_thread.run_sync(
                 model_loading.load_engine, spec, estimate, self.settings.engine
@@ -211,20 +216,31 @@ class ModelPool:
         return True
 
     async def _unload(self, name: str) -> None:
-        """Stop the model's engine (on a worker thread) and hand its memory back."""
+        slot = self._detach(name)
+        if slot is not None:
+            await self._stop(name, slot)
+
+    def _detach(self, name: str) -> Slot | None:
+        """Take the model out of service (synchronously: no lease can slip in after)."""
         slot = self.slots.pop(name, None)
         if slot is None:
-            return
-        self._unloading.add(name)
+            return None
+        self._unloading[name] = asyncio.Event()
         resident = self.governor.residents.get(name)
         if resident is not None:
             resident.loading = True  # neither evictable nor expirable while it goes
+        return slot
+
+    async def _stop(self, name: str, slot: Slot) -> None:
+        """Stop a detached model's engine (on a worker thread) and hand its memory back."""
+        gone = self._unloading[name]
         try:
             await anyio.to_thread.run_sync(_shutdown, slot.state.engine)
         finally:
-            self._unloading.discard(name)
+            del self._unloading[name]
             self.governor.forget(name)
             self.counts[name].unloads += 1
+            gone.set()
         log.info("unloaded %s", name)
 
     # -- keep-alive -------------------------------------------------------------------------
@@ -259,8 +275,10 @@ class ModelPool:
     def loaded(self) -> list[dict[str, Any]]:
         """What is in memory now: name, bytes, seconds since last use, seconds to expiry."""
         now, out = time.monotonic(), []
-        for name, slot in self.slots.items():
-            r = self.governor.residents[name]
+        for name, slot in list(self.slots.items()):
+            r = self.governor.residents.get(name)
+            if r is None:
+                continue
             out.append({
                 "name": name, "bytes": slot.nbytes, "active": r.active,
                 "idle_s": 0.0 if r.active else now - r.last_used,

@@ -10,18 +10,12 @@ import click
 
 from mlxrun.errors import InvalidRequestError, ModelNotFoundError, format_size
 
-PULL_HINT = "Get one with `mlxrun pull Qwen/Qwen2.5-Coder-1.5B-Instruct` (or `mlxrun convert`)."
-
-
-def stored_names() -> list[str]:
-    from mlxrun import store
-
-    return [m.name for m in store.list_models()]
-
 
 def pick_models(models: Sequence[str]) -> tuple[list[str], bool]:
     """(names, explicit): the named models, else every stored model; none at all is an error
     with the next step to take."""
+    from mlxrun.cli.run import PULL_HINT, stored_names
+
     if models:
         return list(models), True
     names = stored_names()

@@ -131,7 +131,7 @@ def serve_in_thread(app: Any, *, wait: bool = True, graceful_s: float = 2) -> It
             raise RuntimeError("the server thread did not stop")
 
 
-CLI = [sys.executable, "-m", "mlxrun", "serve"]  # as users run it (the import order matters)
+CLI = [sys.executable, "-c", "from mlxrun.server.cli import serve_cmd; serve_cmd()"]
 
 
 def start_cli(model_dir: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:

@@ -122,10 +122,12 @@ def test_sixty_requests_over_three_models_in_a_budget_for_two(models, reference)
         evictions = sum(_metric(base, "model_evictions_total", n) for n in NAMES)
         loads = sum(_metric(base, "model_loads_total", n) for n in NAMES)
         resident = len(_loaded(base))
+        memory = {n: _metric(base, "model_memory_bytes", n) for n in NAMES}
     assert done == 60
     assert ps.samples > 20 and ps.most <= 2 and pool.peak_resident <= 2
     # Every load past the first two evicted one model (nothing idled out within 5 minutes).
     assert resident == 2 and evictions >= 10 and loads == evictions + resident
+    assert sorted(memory.values()) == [0, _charge(models), _charge(models)]  # the two loaded
     print(f"\n60 requests: {int(loads)} loads, {int(evictions)} evictions, "
           f"{ps.samples} /api/ps samples, most resident {ps.most}")  # fmt: skip
 
@@ -299,3 +301,19 @@ def test_allocation_failure_mid_request_fails_only_that_request(models, monkeypa
         assert all(r.usage.completion_tokens >= 1 for r in short), short
         assert _chat(client, "m0", PROMPTS[0])  # the server keeps serving
         assert httpx.get(base + "/health").json()["status"] == "ok"
+
+
+def test_a_prompt_that_can_never_fit_the_budget_is_a_400(models):
+    """The budget leaves m0 room for 64 tokens of KV: it is served with that context, and a
+    longer prompt is context_length_exceeded rather than an allocation failure."""
+    settings = PoolSettings(budget_bytes=1 << 40, engine=EngineConfig(cache_memory_bytes=CACHE))
+    est = model_loading.estimate(_specs(models)[0], settings, 1 << 40)
+    per_token = est.kv_bytes // est.context
+    app, _ = pool_app(models, fits=(est.weights_bytes + CACHE + 64 * per_token) / est.nbytes)
+    with serve_in_thread(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as e:
+            _chat(client, "m0", " ".join(["numbers"] * 80))
+        assert e.value.code == "context_length_exceeded" and "64 tokens" in e.value.message
+        assert _chat(client, "m0", "hi", n=4)  # a prompt that fits is served
+        assert client.models.retrieve("m0").model_extra["context_length"] == 64

@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlxrun.errors import InsufficientMemoryError
 from mlxrun.governor import DEFAULT_KEEP_ALIVE_S, Governor, parse_keep_alive
+from mlxrun.memory import is_allocation_failure
 
 from . import errors
 from .state import ServerState, server_state
@@ -102,6 +103,7 @@ class ModelPool:
         self._loading: dict[str, asyncio.Future] = {}
         self._unloading: dict[str, asyncio.Event] = {}  # set once the engine has stopped
         self._reaper: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # unloads in flight (the loop holds tasks weakly)
 
     # -- names ------------------------------------------------------------------------------
 
@@ -181,6 +183,12 @@ class ModelPool:
             engine, tokenizer, info = await anyio.to_thread.run_sync(
                 model_loading.load_engine, spec, estimate, self.settings.engine
             )
+        except RuntimeError as e:
+            self.governor.forget(spec.name)
+            if not is_allocation_failure(e):
+                raise
+            raise InsufficientMemoryError(f"out of memory while loading {spec.name} ({e})",
+                                          needed=estimate.nbytes) from None  # fmt: skip
         except BaseException:
             self.governor.forget(spec.name)
             raise
@@ -254,7 +262,9 @@ class ModelPool:
         now = time.monotonic()
         for name in self.governor.expired(now):
             if name in self.slots:
-                asyncio.get_running_loop().create_task(self.unload(name))
+                task = asyncio.get_running_loop().create_task(self.unload(name))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _reap(self) -> None:
         while self.slots:
@@ -266,8 +276,7 @@ class ModelPool:
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        for task in list(self._loading.values()):
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*self._loading.values(), *self._tasks, return_exceptions=True)
         await asyncio.gather(*(self._unload(n) for n in list(self.slots)))
 
     # -- reporting --------------------------------------------------------------------------

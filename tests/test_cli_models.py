@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -88,10 +89,20 @@ def _serve(*args: str) -> tuple[subprocess.Popen, str]:
 def test_serve_several_models_then_ps(home, checkpoint_factory):
     for i in range(2):
         _store(home, checkpoint_factory("llama", num_shards=1, seed=i), f"m{i}")
+    (home / "models.toml").write_text('[models.m0]\nalias = "coder"\nkeep_alive = "2s"\n')
     proc, base = _serve("--context", "256", "--keep-alive", "-1")  # no names: the whole store
     try:
         listed = {m["id"] for m in httpx.get(base + "/v1/models").json()["data"]}
-        assert listed == {"m0", "m1"}
+        assert listed == {"m0", "coder", "m1"}
+        # models.toml: the alias picks m0, whose own 2 s keep-alive beats --keep-alive -1.
+        r = httpx.post(
+            base + "/v1/completions", json={"model": "coder", "prompt": "x", "max_tokens": 1}
+        )
+        assert r.status_code == 200 and r.json()["model"] == "coder"
+        assert [m["name"] for m in httpx.get(base + "/api/ps").json()["models"]] == ["m0:latest"]
+        deadline = time.monotonic() + 10
+        while httpx.get(base + "/api/ps").json()["models"] and time.monotonic() < deadline:
+            time.sleep(0.1)
         tags = {m["name"] for m in httpx.get(base + "/api/tags").json()["models"]}
         assert tags == {"m0:latest", "m1:latest"}
         assert httpx.get(base + "/api/ps").json()["models"] == []  # nothing loaded yet

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import signal
 import socket
@@ -12,21 +11,10 @@ from typing import Any
 
 import click
 
+from mlxrun.cli.common import friendly_errors
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long to finish; the rest are aborted
-
-
-def friendly_errors(fn: Any) -> Any:
-    """mlxrun.cli.common's one-line errors, imported when the command runs: importing
-    mlxrun.cli here would import this module again through the command group (a cycle)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from mlxrun.cli.common import friendly_errors as friendly
-
-        return friendly(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 def _cache_bytes(text: str | None, flag: str = "--cache-memory") -> int | None:

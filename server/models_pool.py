@@ -132,6 +132,15 @@ class ModelPool:
             raise errors.model_not_found(str(name), self.model_ids)
         return spec
 
+    def apply_defaults(self, body: Any, path: str) -> None:
+        """models.toml's default sampling for the model the body names (server/model_defaults)."""
+        from .model_defaults import apply_defaults
+
+        name = body.get("model") if isinstance(body, dict) else None
+        spec = next((s for s in self.specs if isinstance(name, str) and s.answers_to(name)), None)
+        if spec is not None:
+            apply_defaults(body, path, spec.sampling)
+
     # -- using a model ----------------------------------------------------------------------
 
     async def acquire(self, spec: ModelSpec) -> ServerState:

@@ -157,7 +157,10 @@ class ServerState:
             if size > limit:
                 raise _too_large(limit)
             chunks.append(chunk)
-        return parse_json(b"".join(chunks))
+        body = parse_json(b"".join(chunks))
+        if self.pool is not None:  # the named model's default sampling (models.toml)
+            self.pool.apply_defaults(body, request.url.path)
+        return body
 
 
 def _is_pattern(alias: str) -> bool:

@@ -4,6 +4,7 @@ two, driven by the real openai / anthropic / ollama clients against uvicorn on l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -317,3 +318,29 @@ def test_a_prompt_that_can_never_fit_the_budget_is_a_400(models):
         assert e.value.code == "context_length_exceeded" and "64 tokens" in e.value.message
         assert _chat(client, "m0", "hi", n=4)  # a prompt that fits is served
         assert client.models.retrieve("m0").model_extra["context_length"] == 64
+
+
+def test_models_toml_default_sampling_fills_what_a_request_leaves_out(models):
+    """m0's defaults: greedy and 3 tokens. Requests that say nothing get them in every dialect;
+    a request's own values win."""
+    app, pool = pool_app(models)
+    pool.specs[0] = dataclasses.replace(
+        pool.specs[0], sampling={"temperature": 0.0, "max_tokens": 3}
+    )
+    with serve_in_thread(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        messages = [{"role": "user", "content": PROMPTS[0]}]
+        first = [client.chat.completions.create(model="m0", messages=messages) for _ in range(2)]
+        assert [r.usage.completion_tokens for r in first] == [3, 3]
+        assert first[0].choices[0].message.content == first[1].choices[0].message.content
+        assert first[0].choices[0].message.content == _chat(client, "m0", PROMPTS[0], n=3)
+        own = client.chat.completions.create(model="m0", messages=messages, max_tokens=6)
+        assert own.usage.completion_tokens == 6
+        r = ollama.Client(host=base).generate(model="m0", prompt="Hello")
+        assert r.eval_count == 3
+        r = ollama.Client(host=base).generate(
+            model="m0", prompt="Hello", options={"num_predict": 5}
+        )
+        assert r.eval_count == 5
+        other = client.completions.create(model="m1", prompt="Hello", temperature=0)  # no defaults
+        assert other.usage.completion_tokens > 3

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 MIN_CONTEXT = 16  # below this a model is refused rather than squeezed into the budget
+# Each model's KV budget holds this many full contexts (Ollama's num_ctx x num_parallel): requests
+# reserve prompt + max_tokens, so with one context they would run one at a time.
+PARALLEL_CONTEXTS = 4
 
 
 @dataclass(frozen=True)
@@ -16,7 +19,7 @@ class Estimate:
     """What a model will hold at its peak: weights, its KV budget, its prefix cache."""
 
     weights_bytes: int
-    kv_bytes: int
+    kv_bytes: int  # PARALLEL_CONTEXTS contexts' worth, or what the budget leaves
     cache_bytes: int
     context: int  # what fits beside the weights and the cache, at most the model's own
 
@@ -38,10 +41,11 @@ def estimate(spec: Any, settings: Any, budget_bytes: int) -> Estimate:
     info = model_info(spec.name, path, config, context)
     cache = settings.engine.cache_memory_bytes if settings.engine is not None else 0
     per_token = max(1, info.kv_bytes_per_token)
-    room = budget_bytes - info.weights_bytes - cache
-    if room // per_token < context:
-        context = max(MIN_CONTEXT, room // per_token)  # past the budget if even this won't fit
-    return Estimate(info.weights_bytes, per_token * context, cache, int(context))
+    room = max(0, budget_bytes - info.weights_bytes - cache) // per_token  # KV tokens that fit
+    if room < context:
+        context = max(MIN_CONTEXT, room)  # past the budget if even this won't fit
+    tokens = max(context, min(room, context * PARALLEL_CONTEXTS))
+    return Estimate(info.weights_bytes, per_token * tokens, cache, int(context))
 
 
 def load_engine(spec: Any, est: Estimate, template: Any) -> tuple[Any, Any, Any]:

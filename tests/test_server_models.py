@@ -309,7 +309,7 @@ def test_a_prompt_that_can_never_fit_the_budget_is_a_400(models):
     longer prompt is context_length_exceeded rather than an allocation failure."""
     settings = PoolSettings(budget_bytes=1 << 40, engine=EngineConfig(cache_memory_bytes=CACHE))
     est = model_loading.estimate(_specs(models)[0], settings, 1 << 40)
-    per_token = est.kv_bytes // est.context
+    per_token = est.kv_bytes // (est.context * model_loading.PARALLEL_CONTEXTS)
     app, _ = pool_app(models, fits=(est.weights_bytes + CACHE + 64 * per_token) / est.nbytes)
     with serve_in_thread(app) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)

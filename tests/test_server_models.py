@@ -209,6 +209,9 @@ def test_two_second_keep_alive_unloads_after_idling(models):
         ps = {m["name"]: m for m in httpx.get(base + "/api/ps").json()["models"]}
         assert set(ps) == {"m0:latest", "m1:latest"}
         assert ps["m1:latest"]["expires_at"] > "2100"  # forever
+        own = ps["m0:latest"]["mlxrun"]  # memory, last use, idle time
+        assert own["memory_bytes"] == _charge(models) and own["running"] == 0
+        assert own["last_used_at"] < ps["m0:latest"]["expires_at"] < "2100"
         time.sleep(1.0)
         assert "m0" in _loaded(base)  # still within its 2 s
         deadline = time.monotonic() + 5

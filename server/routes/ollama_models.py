@@ -137,6 +137,7 @@ def _running(row: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
         "size_vram": row["bytes"],
         "context_length": row["context_length"],
         "mlxrun": {"memory_bytes": row["bytes"], "idle_seconds": round(row["idle_s"], 3),
+                   "last_used_at": rfc3339(now - dt.timedelta(seconds=row["idle_s"])),
                    "running": row["active"], "load_seconds": round(row["load_s"], 3)},
     }  # fmt: skip
     entry["size"] = row["bytes"]

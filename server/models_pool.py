@@ -147,6 +147,10 @@ class ModelPool:
         """The model's state, loaded if need be, with a lease held until `release`."""
         while True:
             slot = self.slots.get(spec.name)
+            if slot is not None and not slot.state.engine.is_alive:
+                log.error("the engine of %s has stopped: loading it again", spec.name)
+                await self._unload(spec.name)  # its requests have had their error
+                continue
             if slot is not None:
                 self.governor.lease(spec.name, time.monotonic())
                 return slot.state

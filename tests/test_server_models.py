@@ -347,3 +347,30 @@ def test_models_toml_default_sampling_fills_what_a_request_leaves_out(models):
         assert r.eval_count == 5
         other = client.completions.create(model="m1", prompt="Hello", temperature=0)  # no defaults
         assert other.usage.completion_tokens > 3
+
+
+def test_a_model_whose_engine_died_is_loaded_again(models, monkeypatch):
+    """A failure that is no allocation failure stops that model's engine (its request gets a
+    500); the next request to it loads it afresh, and the other models never noticed."""
+    from mlxrun import memory
+
+    armed = {"on": False}
+
+    def allocation_point(tokens: int) -> None:
+        if armed["on"]:
+            armed["on"] = False
+            raise RuntimeError("a bug, not memory")
+
+    monkeypatch.setattr(memory, "allocation_point", allocation_point)
+    app, pool = pool_app(models)
+    with serve_in_thread(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        _chat(client, "m0", PROMPTS[0])
+        _chat(client, "m1", PROMPTS[0])
+        armed["on"] = True
+        with pytest.raises(openai.InternalServerError):
+            _chat(client, "m0", PROMPTS[1])
+        assert not pool.slots["m0"].state.engine.is_alive
+        assert _chat(client, "m1", PROMPTS[1])  # untouched
+        assert _chat(client, "m0", PROMPTS[1])  # loaded again
+        assert _metric(base, "model_loads_total", "m0") == 2

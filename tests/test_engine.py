@@ -17,6 +17,8 @@ from mlxrun.errors import ContextLengthExceededError, EngineOverloadedError, Inv
 from mlxrun.generate import generate_stream
 from mlxrun.sampling import SamplingParams
 
+pytestmark = pytest.mark.model
+
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 

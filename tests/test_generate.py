@@ -10,6 +10,8 @@ from mlxrun.errors import ContextLengthExceededError, InvalidRequestError
 from mlxrun.generate import GenerationChunk, PromptCache, generate, generate_stream
 from mlxrun.sampling import SamplingParams, compute_logprobs
 
+pytestmark = pytest.mark.model
+
 PROMPT = "def add(a, b):\n    return a + b\n\nclass Point:"
 WORDS = (" return", " self", " def", " value", " None", " print")
 

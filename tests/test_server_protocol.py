@@ -25,6 +25,8 @@ from mlxrun.server.protocol_ollama import parse_chat as parse_ollama_chat
 from mlxrun.server.sse import DONE, event
 from mlxrun.server.tokens import _byte_decoder
 
+pytestmark = pytest.mark.pure
+
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 

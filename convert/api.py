@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from mlxrun.convert.cancel import add_cleanup, exit_now, interruptible, shield
 from mlxrun.convert.checkpoint import open_checkpoint
@@ -23,6 +24,9 @@ from mlxrun.errors import (
     UnsupportedModelError,
 )
 from mlxrun.models import build_model
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 # Files copied verbatim so tokenization and templates behave exactly as the source's.
 SIDECAR_FILES = (
@@ -257,7 +261,8 @@ def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOpti
 
     weights = load_lazy(ckpt, model)
     check_against_model(weights, model)
-    total_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    flat = cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
+    total_params = sum(v.size for _, v in flat)
     qmap = quantization_map(model, recipe) if recipe else {}
     dtype = target_dtype(ckpt.config, opts.dtype)
     cast_pred = getattr(model, "cast_predicate", lambda _k: True)

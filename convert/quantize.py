@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -43,7 +44,7 @@ def load_lazy(ckpt: SourceCheckpoint, model) -> dict[str, mx.array]:
     raw: dict[str, mx.array] = {}
     for file in ckpt.shard_files:
         try:
-            raw.update(mx.load(str(file)))
+            raw.update(cast("dict[str, mx.array]", mx.load(str(file))))  # safetensors: a dict
         except (RuntimeError, ValueError) as e:
             raise CorruptCheckpointError(f"cannot read {file.name}: {e}") from None
     return sanitize(model, raw)

@@ -13,6 +13,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 
@@ -245,15 +246,16 @@ def _end_to_end(
     nll_ref = -mx.take_along_axis(ref[:-1], targets, axis=-1).mean()
     nll_out = -mx.take_along_axis(out[:-1], targets, axis=-1).mean()
     mx.eval(kl, top1, nll_ref, nll_out)
-    ppl_ref, ppl_out = _exp(nll_ref.item()), _exp(nll_out.item())
-    kl_mean = kl.mean().item()
+    # item() of a real scalar array is a float (mlx types it as any scalar).
+    ppl_ref, ppl_out = _exp(cast(float, nll_ref.item())), _exp(cast(float, nll_out.item()))
+    kl_mean = cast(float, kl.mean().item())
     return QualityReport(
         method="end-to-end",
         tokens=int(tokens.size),
         calib=label,
         # Rounding can dip a hair below zero; a NaN (a broken model) must stay visible.
         kl_divergence=0.0 if kl_mean < 0 else kl_mean,
-        top1_agreement=top1.mean().item(),
+        top1_agreement=cast(float, top1.mean().item()),
         ppl_source=ppl_ref,
         ppl_converted=ppl_out,
         ppl_ratio=ppl_out / ppl_ref,
@@ -273,7 +275,9 @@ def _exp(x: float) -> float:
 def _converted_weights(converted_dir: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for f in sorted(converted_dir.glob("*.safetensors")):
-        weights.update(mx.load(str(f)))  # lazy: a tensor is read when evaluated
+        weights.update(
+            cast("dict[str, mx.array]", mx.load(str(f)))
+        )  # lazy: a tensor is read when evaluated
     return weights
 
 
@@ -349,7 +353,7 @@ def _relative_error(name: str, shape: tuple, rows, ref: mx.array) -> float:
         r = ref[i : i + step].astype(mx.float32)
         d2, r2 = mx.square(rows(i, i + step) - r).sum(), mx.square(r).sum()
         mx.eval(d2, r2)
-        num, den = num + d2.item(), den + r2.item()
+        num, den = num + cast(float, d2.item()), den + cast(float, r2.item())
     return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 

@@ -78,7 +78,7 @@ def _batched_error(model: Any, make_cache: Any, merge: Any) -> float:
     together = model(mx.array([[7]] * len(prompts)), cache=batch)[:, -1].astype(mx.float32)
     ref = mx.concatenate(alone).astype(mx.float32)
     err = mx.sqrt(((together - ref) ** 2).sum(-1)) / mx.sqrt((ref**2).sum(-1))
-    return float(mx.max(err).item())
+    return float(mx.max(err).item())  # type: ignore[arg-type]  # item() of a real array
 
 
 # bf16 noise across kernels is ~1e-2; a row reading another's positions or garbage is ~1. The
@@ -91,7 +91,7 @@ def batch_merge(model: Any, make_cache: Any) -> Any:
     correctly: mlx-lm's own `merge`, the grouped-mask variant, or None (decode one at a time).
     Found by trying them on two tiny prompts, so new architectures need no list here."""
     cache = make_cache()
-    candidates = []
+    candidates: list[Callable[[list[Any]], Any]] = []
     if can_merge(cache):
         candidates.append(_merge_layer)
     if all(type(c) is KVCache for c in cache):
@@ -183,7 +183,7 @@ def _constrain(
     if inputs is not None and generated and any(generated):
         fed = np.array(inputs)  # waits for the last step's sampling
     for i, r in enumerate(rows):
-        if r.constraint is not None and fed is not None and generated[i]:
+        if r.constraint is not None and fed is not None and generated is not None and generated[i]:
             r.constraint.advance(int(fed[i]))
     mask = allowed_mask([r.constraint for r in rows], logits.shape[-1])
     return mx.where(mx.array(mask), logits, mx.array(-mx.inf, dtype=logits.dtype))
@@ -203,7 +203,7 @@ class RequestState:
         self.pin = min(getattr(request, "pin_prefix", 0), len(self.prompt))
         self.row: RowSampler  # made at admission, on the engine thread (MLX streams are per thread)
         self.generated: list[int] = []  # every sampled token read back, a final stop token too
-        self.cache: list | None = None  # its own KV cache while prefilling
+        self.cache: Any = None  # its own KV cache (one entry a layer) while prefilling, then None
         self.computed = 0  # prompt tokens the scheduler counts as computed
         self.kv = 0  # tokens of prompt + generated whose KV exists
         self.cached = 0

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -74,7 +74,7 @@ def model_fingerprint(model: Any, layout: list) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([FORMAT, layout]).encode())
     samples = []
-    for name, p in tree_flatten(model.parameters()):
+    for name, p in cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters())):
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
         flat = p.reshape(-1)
         samples.append(mx.contiguous(flat[:: max(1, flat.size // 64)][:64]).view(mx.uint8))
@@ -159,7 +159,7 @@ class DiskTier:
             ("writes", "dropped", "evicted", "bad_files", "hits", "hit_tokens", "write_errors"), 0
         )
         self._scan()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Segment | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="mlxrun-disk-write")
         self._writer.daemon = True
         self._writer.start()

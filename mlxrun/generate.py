@@ -12,7 +12,7 @@ cache does not already hold.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,7 +214,7 @@ def generate_stream(
     cache: PromptCache | None = None,
     context_length: int | None = None,
     prefill_step_size: int = 512,
-) -> Iterator[GenerationChunk]:
+) -> Generator[GenerationChunk, None, None]:
     """Stream the completion of `prompt_ids` chunk by chunk (see GenerationChunk).
 
     With `cache`, `prompt_ids` is the whole sequence so far (e.g. the full chat); the tokens the
@@ -259,7 +259,7 @@ def _run(
         last = stats.generated + 1 == budget
         if not last:  # queue the next forward pass before reading this token back
             upcoming = dec.step(current[0], generated=True)
-        token = int(current[0].item())
+        token = int(current[0].item())  # type: ignore[arg-type]  # item() of an int array
         stats.generated += 1
         if not last:
             pc.token_ids.append(token)

@@ -73,8 +73,9 @@ class KVPrecision:
                 param="kv_group_size",
             )
         self.group_size = group_size
-        fixed = isinstance(self.mode, int)
-        self.quant: KVQuant | None = KVQuant(self.mode, group_size) if fixed else None
+        self.quant: KVQuant | None = (
+            KVQuant(self.mode, group_size) if isinstance(self.mode, int) else None
+        )
         self.full_per_token = self.smallest_per_token = 0
         self.full_bits = 16
         self.full_capacity: int | None = None  # auto: tokens the budget holds at full precision

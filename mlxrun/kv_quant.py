@@ -19,7 +19,7 @@ batch, the prefix cache and a request's own cache all hold the same bytes for it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx.utils import tree_map, tree_reduce
@@ -92,6 +92,7 @@ class BatchQuantizedKVCache(_BaseCache):
                     (self.keys, self.values),
                     (new_k, new_v),
                 )
+        assert self.keys is not None and self.values is not None  # allocated above
         for i in range(3):
             self.keys[i][..., prev : prev + n, :] = qk[i]
             self.values[i][..., prev : prev + n, :] = qv[i]
@@ -103,7 +104,8 @@ class BatchQuantizedKVCache(_BaseCache):
         return tree_map(lambda x: x[..., : self._idx, :], (self.keys, self.values))
 
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None) -> None:
-        BatchKVCache.prepare(self, left_padding=left_padding, right_padding=right_padding)
+        # Borrowed: the padding bookkeeping is the same for quantized keys.
+        BatchKVCache.prepare(self, left_padding=left_padding, right_padding=right_padding)  # type: ignore[arg-type]
 
     def finalize(self) -> None:
         if self._right_padding is not None:
@@ -131,7 +133,7 @@ class BatchQuantizedKVCache(_BaseCache):
         if self.keys is not None:
             self.keys, self.values = tree_map(lambda x: x[idx], (self.keys, self.values))
         self.offset, self.left_padding = self.offset[idx], self.left_padding[idx]
-        trim = min(self.left_padding.tolist())  # drop padding every row now has
+        trim = min(cast("list[int]", self.left_padding.tolist()))  # drop padding every row now has
         if trim > 0:
             if self.keys is not None:
                 self.keys, self.values = tree_map(
@@ -151,6 +153,8 @@ class BatchQuantizedKVCache(_BaseCache):
         like_v = self.values if self.values is not None else other.values
         idx = max(self._idx, other._idx)
         size = max(c.keys[0].shape[2] for c in (self, other) if c.keys is not None)
+
+        assert like is not None and like_v is not None  # both empty returned above
 
         def right_justify(c: BatchQuantizedKVCache) -> tuple:
             rows = c.offset.shape[0]
@@ -254,6 +258,7 @@ def convert_batch(cache: Any, quant: KVQuant | None) -> Any:
         return cache
     if quant is None:
         new: Any = BatchKVCache([0])
+        assert have is not None  # have != quant
         if cache.keys is not None:
             k, v = cache.keys_and_values()
             new.keys, new.values = have.dequantize(k), have.dequantize(v)
@@ -291,7 +296,7 @@ def compare_to_full(
         best = mx.argmax(lf)
         same = best == mx.argmax(lq)
         mx.eval(step_kl, same)
-        agree += int(same.item())
-        kl += float(step_kl.item())
+        agree += int(same.item())  # type: ignore[arg-type]  # item() of a bool array
+        kl += float(step_kl.item())  # type: ignore[arg-type]  # item() of a real array
         tokens = best.reshape(1, 1)
     return agree / num_tokens, kl / num_tokens

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -230,8 +230,8 @@ class ChunkReuse:
             k8 = later[0].keys[:, :, 8:12].astype(mx.float32)
         except (AttributeError, TypeError, IndexError):
             return f"the cache ({type(first[0]).__name__}) holds no plain keys array"
-        err = mx.abs(rerotate(k0, 8, self.rotations[0]) - k8).max().item()
-        scale = max(mx.abs(k8).max().item(), 1e-6)
+        err = cast(float, mx.abs(rerotate(k0, 8, self.rotations[0]) - k8).max().item())
+        scale = max(cast(float, mx.abs(k8).max().item()), 1e-6)
         if err > PROBE_TOLERANCE * scale:
             return f"re-rotated layer-0 keys are off by {err / scale:.2g} (relative)"
         return ""

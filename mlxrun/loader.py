@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -110,7 +110,7 @@ def load_weight_files(path: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file in files:
         try:
-            weights.update(mx.load(str(file)))
+            weights.update(cast("dict[str, mx.array]", mx.load(str(file))))  # safetensors: a dict
         except (ValueError, RuntimeError, OSError) as e:
             raise CorruptCheckpointError(f"cannot read {file}: {e}") from None
     return weights
@@ -161,7 +161,7 @@ def build_and_load(path: Path, config: dict) -> Any:
     quant = config.get("quantization")
     if isinstance(quant, dict):
         try:
-            quantize_like_weights(model, weights, quant)
+            quantize_like_weights(cast(nn.Module, model), weights, quant)
         except (ValueError, KeyError) as e:
             raise CorruptCheckpointError(f"{path}: quantized weights do not fit: {e}") from None
     try:

@@ -311,7 +311,7 @@ def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.soc
 
     engine, config, tokenizer = app_parts
     uv_config = uvicorn.Config(
-        None,  # set below: the app needs on_fatal, which needs the server
+        None,  # type: ignore[arg-type]  # set below: the app needs on_fatal, which needs the server
         log_level="warning",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )

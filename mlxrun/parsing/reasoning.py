@@ -127,7 +127,8 @@ class ReasoningParser:
 
     def _feed(self, s: str, eof: bool) -> tuple[str, str]:
         self._held = ""
-        reasoning, content = [], []
+        reasoning: list[str] = []
+        content: list[str] = []
         while s:
             if self.state == _START:
                 s = self._opening(s, eof, content)

@@ -71,7 +71,7 @@ async def _accept(
     while the model loads, and so do we."""
     state = server_state(request)
     body = await state.read_json(request)
-    name = body.get("model")
+    name: Any = body.get("model")  # JSON; served_model checks it is a string
     served_model(state.config.model_ids, name)
     req = parse(body, state.config.context_length, state.config.strict)
     note(request, req.ignored)
@@ -146,8 +146,10 @@ async def _deltas(gen: Generation, plan: ChatPlan | None) -> AsyncIterator[Messa
         async for d in message_deltas(gen, plan):
             yield d
         return
-    async for d in gen.deltas():  # raw and FIM prompts: plain text
-        yield MessageDelta(d.index, d.text, logprobs=d.logprobs, finish_reason=d.finish_reason)
+    async for raw in gen.deltas():  # raw and FIM prompts: plain text
+        yield MessageDelta(
+            raw.index, raw.text, logprobs=raw.logprobs, finish_reason=raw.finish_reason
+        )
 
 
 def _frame(name: str, chat: bool, text: str, thinking: str, calls: list, logprobs: list) -> dict:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import queue
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
@@ -34,6 +34,10 @@ from mlxrun.sampling import (
     token_logprobs,
     top_logprobs,
 )
+
+if TYPE_CHECKING:
+    from mlxrun.constrain import Constraint
+    from mlxrun.models import ModelProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +67,9 @@ class GroupedMaskBatchKVCache(BatchKVCache):
         return out
 
 
-def _batched_error(model: Any, make_cache: Any, merge: Any) -> float:
+def _batched_error(
+    model: ModelProtocol, make_cache: Callable[[], list[Any]], merge: Callable[[list[Any]], Any]
+) -> float:
     """Prompts of different lengths (left-padded by up to 15) decoded one step as a batch of 3
     (a size unlikely to broadcast by accident against head counts) vs each alone: the largest
     relative L2 error of a row's logits."""
@@ -86,7 +92,9 @@ def _batched_error(model: Any, make_cache: Any, merge: Any) -> float:
 BATCH_TOLERANCE = 0.5
 
 
-def batch_merge(model: Any, make_cache: Any) -> Any:
+def batch_merge(
+    model: ModelProtocol, make_cache: Callable[[], list[Any]]
+) -> Callable[[list[Any]], Any] | None:
     """How this architecture's per-request caches merge into a batch cache that decodes
     correctly: mlx-lm's own `merge`, the grouped-mask variant, or None (decode one at a time).
     Found by trying them on two tiny prompts, so new architectures need no list here."""
@@ -114,7 +122,7 @@ class RowSampler:
 
     __slots__ = ("params", "sampler", "history", "constraint")
 
-    def __init__(self, params: SamplingParams, constraint: Any = None):
+    def __init__(self, params: SamplingParams, constraint: Constraint | None = None):
         self.params = params
         self.sampler = Sampler(params)
         self.history: mx.array | None = None  # (n,) generated ids, kept only for penalties
@@ -232,7 +240,7 @@ class DecodeBatch:
 
     def join(
         self,
-        model: Any,
+        model: ModelProtocol,
         ids: list[str],
         caches: list[list],
         rests: list[list[int]],
@@ -291,7 +299,7 @@ class DecodeBatch:
         self.extras = [self.extras[i] for i in indices]
         self.generated = [self.generated[i] for i in indices]
 
-    def step(self, model: Any, rows: Sequence[RowSampler]) -> tuple:
+    def step(self, model: ModelProtocol, rows: Sequence[RowSampler]) -> tuple:
         """One decode step for every row, queued on the device. Returns what the rows fed in, to
         be read back now while it runs: (ids, tokens (B,), extras, generated flags)."""
         assert self.tokens is not None

@@ -27,11 +27,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlxrun.errors import ContextLengthExceededError, InvalidRequestError
 from mlxrun.generate import PromptCache, check_context, generate_stream
 from mlxrun.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from mlxrun.models import ModelProtocol
+    from mlxrun.tokenizer import Tokenizer
 
 # Settings `/set` may change, by how their value is read.
 _FLOAT_FIELDS = frozenset(
@@ -75,8 +79,8 @@ class ChatSession:
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
+        model: ModelProtocol,
+        tokenizer: Tokenizer,
         params: SamplingParams | None = None,
         *,
         system: str | None = None,

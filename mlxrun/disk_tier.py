@@ -43,12 +43,15 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from mlxrun import kv_files
 from mlxrun.kv_files import FORMAT, BadSegment
+
+if TYPE_CHECKING:
+    from mlxrun.models import ModelProtocol
 
 CHUNK_TOKENS = 256
 MAX_PENDING_BYTES = 512 << 20
@@ -65,7 +68,7 @@ def chain_key(parent: str, tokens: Sequence[int]) -> str:
     return _hash(parent.encode(), np.asarray(tokens, dtype=np.int64).tobytes())
 
 
-def model_fingerprint(model: Any, layout: list) -> str:
+def model_fingerprint(model: ModelProtocol, layout: list) -> str:
     """Weights (names, shapes, dtypes and a strided sample of each tensor) and the KV layout:
     a re-conversion or another fine-tune changes it; a reload of the same files does not."""
     import mlx.core as mx

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
@@ -29,6 +29,10 @@ from mlxrun.sampling import (
     token_logprobs,
     top_logprobs,
 )
+
+if TYPE_CHECKING:
+    from mlxrun.models import ModelProtocol
+    from mlxrun.tokenizer import Tokenizer
 
 _stream: Any = None  # created on first use: importing this module must not touch the device
 
@@ -65,7 +69,7 @@ class PromptCache:
     trimmed off the cache, and only the rest is prefilled.
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: ModelProtocol):
         self.model = model
         self.cache: list = models.make_cache(model)
         self.token_ids: list[int] = []
@@ -122,7 +126,7 @@ def check_context(prompt_tokens: int, max_tokens: int | None, limit: int | None)
 class _Decoder:
     """The per-step graph: forward one chunk, penalties, logprobs, sample (all lazy)."""
 
-    def __init__(self, model: Any, pc: PromptCache, params: SamplingParams):
+    def __init__(self, model: ModelProtocol, pc: PromptCache, params: SamplingParams):
         self.model, self.pc, self.params = model, pc, params
         self.sampler = make_sampler(params)
         self.processors = make_logits_processors(params)
@@ -191,7 +195,7 @@ class _Stats:
         )
 
 
-def _stop_ids(tokenizer: Any, params: SamplingParams) -> frozenset[int]:
+def _stop_ids(tokenizer: Tokenizer, params: SamplingParams) -> frozenset[int]:
     ids = set(params.stop_token_ids)
     if not params.ignore_eos:
         ids.update(tokenizer.eos_token_ids)
@@ -206,8 +210,8 @@ def _token_budget(prompt_tokens: int, params: SamplingParams, limit: int | None)
 
 
 def generate_stream(
-    model: Any,
-    tokenizer: Any,
+    model: ModelProtocol,
+    tokenizer: Tokenizer,
     prompt_ids: Sequence[int],
     params: SamplingParams,
     *,
@@ -233,8 +237,8 @@ def generate_stream(
 
 
 def _run(
-    model: Any,
-    tokenizer: Any,
+    model: ModelProtocol,
+    tokenizer: Tokenizer,
     ids: list[int],
     params: SamplingParams,
     cache: PromptCache | None,
@@ -280,8 +284,8 @@ def _run(
 
 
 def generate(
-    model: Any,
-    tokenizer: Any,
+    model: ModelProtocol,
+    tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     params: SamplingParams | None = None,
     **kwargs: Any,

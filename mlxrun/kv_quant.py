@@ -19,12 +19,15 @@ batch, the prefix cache and a request's own cache all hold the same bytes for it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 from mlx.utils import tree_map, tree_reduce
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, _BaseCache, dynamic_roll
+
+if TYPE_CHECKING:
+    from mlxrun.models import ModelProtocol
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -277,7 +280,7 @@ def convert_batch(cache: Any, quant: KVQuant | None) -> Any:
 
 
 def compare_to_full(
-    model: Any, prompt: list[int], num_tokens: int, quant: KVQuant
+    model: ModelProtocol, prompt: list[int], num_tokens: int, quant: KVQuant
 ) -> tuple[float, float]:
     """Greedy decoding with full-precision KV vs `quant` KV, teacher-forced on the full path (a
     single disagreement must not derail every later comparison). Returns (share of steps whose

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
@@ -28,6 +28,10 @@ from .errors import APIError
 from .metrics import Metrics
 from .routes import routes
 from .state import OPEN_PATHS, ServerConfig, ServerState
+
+if TYPE_CHECKING:
+    from mlxrun.engine import Engine
+    from mlxrun.tokenizer import Tokenizer
 
 CLAMP_HEADER = "X-Mlxrun-Max-Tokens-Clamped"
 # Answered before the engine is ready: health and metrics, Ollama's "is it running?" probes, and
@@ -251,10 +255,10 @@ def _lifespan(state: ServerState):
 
 
 def create_app(
-    engine: Any,
+    engine: Engine,
     config: ServerConfig,
     *,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     on_fatal: Callable[[BaseException], None] | None = None,
     on_ready: Callable[[], Awaitable[None]] | None = None,
 ) -> Starlette:

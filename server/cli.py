@@ -8,11 +8,18 @@ import ipaddress
 import signal
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from mlxrun.cli.common import friendly_errors
+
+if TYPE_CHECKING:
+    from mlxrun.engine import Engine, EngineConfig
+    from mlxrun.loader import ModelInfo
+    from mlxrun.models import ModelProtocol
+    from mlxrun.server.state import ServerConfig
+    from mlxrun.tokenizer import Tokenizer
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long to finish; the rest are aborted
@@ -303,7 +310,12 @@ def serve_cmd(
     click.echo("Stopped.")
 
 
-def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.socket) -> None:
+def _run(
+    app_parts: tuple[Engine, ServerConfig, Tokenizer],
+    info: ModelInfo,
+    host: str,
+    sock: socket.socket,
+) -> None:
     """uvicorn serving the app on `sock` until Ctrl-C / SIGTERM; the banner once it answers."""
     import uvicorn
 
@@ -341,14 +353,14 @@ def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.soc
 
 
 def _engine_config(
-    tokenizer: Any,
-    info: Any,
+    tokenizer: Tokenizer,
+    info: ModelInfo,
     max_running: int,
     cache_bytes: int | None,
     cache_dir: str | None,
     kv: dict | None = None,
     disk_bytes: int | None = None,
-) -> Any:
+) -> EngineConfig:
     from mlxrun.engine import EngineConfig
 
     return EngineConfig(
@@ -365,7 +377,7 @@ def _engine_config(
     )
 
 
-def _read_weights(model: Any) -> None:
+def _read_weights(model: ModelProtocol) -> None:
     """Page the (lazily mapped) weights in on this thread: MLX ties lazy arrays to the stream of
     the thread that made them, and the engine starts on a worker thread."""
     import mlx.core as mx

@@ -9,7 +9,7 @@ import fnmatch
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
@@ -18,6 +18,15 @@ from .errors import APIError
 from .metrics import Metrics
 from .protocol import parse_json
 from .tokens import TokenTexts
+
+if TYPE_CHECKING:
+    from mlxrun.constrain import GrammarCompiler
+    from mlxrun.engine import Engine
+    from mlxrun.parsing.reasoning import ReasoningFormat
+    from mlxrun.parsing.tools import ToolFormat
+    from mlxrun.tokenizer import Tokenizer
+
+    from .responses_store import ResponseStore
 
 DEFAULT_MAX_BODY = 32 << 20  # 32 MiB: a 128k-token prompt as JSON token ids is ~1 MB
 # Probes that must work without the key: health checks, and Ollama clients asking "is it running?".
@@ -66,7 +75,7 @@ class ServerConfig:
 class ServerState:
     """The engine, tokenizer, config and counters one app serves with."""
 
-    def __init__(self, engine: Any, tokenizer: Any, config: ServerConfig):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, config: ServerConfig):
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
@@ -77,10 +86,10 @@ class ServerState:
         self.on_fatal: Any = None  # called with the error if the engine fails to start
         self.on_ready: Any = None  # awaited once the engine has started
         self._ids = 0
-        self._grammars: Any = None
+        self._grammars: GrammarCompiler | None = None
 
     @property
-    def grammars(self) -> Any:
+    def grammars(self) -> GrammarCompiler:
         """The model's mlxrun.constrain.GrammarCompiler (its token trie is built on first use)."""
         if self._grammars is None:
             from mlxrun.constrain import GrammarCompiler
@@ -89,7 +98,7 @@ class ServerState:
         return self._grammars
 
     @functools.cached_property
-    def tool_format(self) -> Any:
+    def tool_format(self) -> ToolFormat | None:
         """How this model writes tool calls (mlxrun.parsing.tools.ToolFormat), or None."""
         from mlxrun.parsing import tools
 
@@ -98,14 +107,14 @@ class ServerState:
         return tools.detect_tool_format(self.tokenizer)
 
     @functools.cached_property
-    def responses(self) -> Any:
+    def responses(self) -> ResponseStore:
         """Stored /v1/responses responses (server/responses_store.py)."""
         from .responses_store import ResponseStore
 
         return ResponseStore(self.config.responses_dir)
 
     @functools.cached_property
-    def reasoning_format(self) -> Any:
+    def reasoning_format(self) -> ReasoningFormat | None:
         """How this model marks reasoning (mlxrun.parsing.reasoning.ReasoningFormat), or None."""
         from mlxrun.parsing.reasoning import detect_reasoning
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from mlxrun.cli.common import friendly_errors
+
+if TYPE_CHECKING:
+    from mlxrun.tokenizer import Tokenizer
 
 DEFAULT_TEMPERATURE = 0.7
 # The longest reply `generate` and `chat` give when --max-tokens is not set (mlx-lm's generate caps
@@ -82,7 +85,7 @@ def default_max_tokens(room: int) -> int | None:
     return min(DEFAULT_MAX_TOKENS, room) if room >= 1 else None
 
 
-def note_fallback_template(tokenizer: Any) -> None:
+def note_fallback_template(tokenizer: Tokenizer) -> None:
     """One line on stderr when the model has no chat template and the plain fallback stands in."""
     from mlxrun.tokenizer import FALLBACK_NOTICE
 
@@ -90,7 +93,7 @@ def note_fallback_template(tokenizer: Any) -> None:
         click.echo(FALLBACK_NOTICE, err=True)
 
 
-def _prompt_ids(tokenizer: Any, text: str, chat: bool, system: str | None) -> list[int]:
+def _prompt_ids(tokenizer: Tokenizer, text: str, chat: bool, system: str | None) -> list[int]:
     if not chat:
         return tokenizer.encode(text)
     messages = [{"role": "system", "content": system}] if system else []

@@ -37,6 +37,7 @@ from mlxrun.sampling import (
 
 if TYPE_CHECKING:
     from mlxrun.constrain import Constraint
+    from mlxrun.engine import Request
     from mlxrun.models import ModelProtocol
 
 logger = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ class RequestState:
     """The engine thread's state of one request (a `mlxrun.engine.Request`)."""
 
     def __init__(
-        self, request: Any, sink: Any, stop_ids: frozenset[int], budget: int, namespace: tuple
+        self, request: Request, sink: Any, stop_ids: frozenset[int], budget: int, namespace: tuple
     ):
         self.sink, self.stop_ids, self.budget = sink, stop_ids, budget
         self.id, self.namespace = request.id, namespace

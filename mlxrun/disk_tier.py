@@ -51,6 +51,7 @@ from mlxrun import kv_files
 from mlxrun.kv_files import FORMAT, BadSegment
 
 if TYPE_CHECKING:
+    from mlxrun.kv_quant import KVQuant
     from mlxrun.models import ModelProtocol
 
 CHUNK_TOKENS = 256
@@ -286,7 +287,7 @@ class DiskTier:
         return chain
 
     def fetch(
-        self, namespace: tuple, tokens: Sequence[int], have: int, quant: Any = None
+        self, namespace: tuple, tokens: Sequence[int], have: int, quant: KVQuant | None = None
     ) -> Prefetch | None:
         """Start reading what the disk holds beyond the first `have` tokens for an engine whose
         KV precision is `quant` (a KVQuant; None = full); None if nothing."""

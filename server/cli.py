@@ -15,6 +15,8 @@ import click
 from mlxrun.cli.common import friendly_errors
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from mlxrun.engine import Engine, EngineConfig
     from mlxrun.loader import ModelInfo
     from mlxrun.models import ModelProtocol
@@ -148,7 +150,7 @@ def _base_urls(host: str, port: int) -> list[str]:
     return [f"http://{f'[{h}]' if ':' in h else h}:{port}/v1" for h in hosts]
 
 
-def _banner(info: Any, urls: list[str], aliases: tuple[str, ...], keys: Any) -> None:
+def _banner(info: ModelInfo, urls: list[str], aliases: tuple[str, ...], keys: Any) -> None:
     echo = click.echo
     echo(f"mlxrun: serving {info.name} ({info.architecture}, {info.quantization}, "
          f"context {info.context_length})")  # fmt: skip
@@ -385,7 +387,7 @@ def _read_weights(model: ModelProtocol) -> None:
     mx.eval(model.parameters())
 
 
-def _serve(server: Any, sock: socket.socket, keys: Any = None) -> None:
+def _serve(server: uvicorn.Server, sock: socket.socket, keys: Any = None) -> None:
     # uvicorn replays the signal that stopped it once it has shut down; with no-op handlers that
     # replay does nothing, so Ctrl-C / SIGTERM end in "Stopped." and exit status 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}

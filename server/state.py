@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -83,8 +84,9 @@ class ServerState:
         self.token_texts = TokenTexts(tokenizer)
         self.ready = False
         self.load_error: BaseException | None = None
-        self.on_fatal: Any = None  # called with the error if the engine fails to start
-        self.on_ready: Any = None  # awaited once the engine has started
+        # Called with the error if the engine fails to start.
+        self.on_fatal: Callable[[BaseException], None] | None = None
+        self.on_ready: Callable[[], Awaitable[None]] | None = None  # awaited once it started
         self._ids = 0
         self._grammars: GrammarCompiler | None = None
 

@@ -13,11 +13,14 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import mlx.core as mx
 
 from mlxrun.errors import InvalidRequestError, UnsupportedModelError, format_size
+
+if TYPE_CHECKING:
+    from mlxrun.models import ModelProtocol
 
 METHODS = ("auto", "end-to-end", "per-tensor")
 DEFAULT_MAX_TOKENS = 256
@@ -187,12 +190,12 @@ def check_calib(source_dir: str | Path, calib: str | Path) -> None:
     _tokenize(Path(source_dir), text, DEFAULT_MAX_TOKENS, str(calib))
 
 
-def _log_probs(model, tokens: mx.array) -> mx.array:
+def _log_probs(model: ModelProtocol, tokens: mx.array) -> mx.array:
     """(T, V) log-probs, a batch of tokens per evaluation over a KV cache: each step is short,
     so Ctrl-C is seen between steps instead of after one long forward pass."""
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlxrun.models import make_cache  # mlx-lm's make_prompt_cache
 
-    cache = make_prompt_cache(model)
+    cache = make_cache(model)
     parts = []
     for i in range(0, tokens.size, _STEP_TOKENS):
         logits = model(tokens[None, i : i + _STEP_TOKENS], cache=cache)[0].astype(mx.float32)

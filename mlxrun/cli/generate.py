@@ -8,15 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from mlxrun.budget import TERMINAL_MAX_TOKENS as DEFAULT_MAX_TOKENS
 from mlxrun.cli.common import friendly_errors
+from mlxrun.cli.engine_options import cache_options, grammar_options
 
 if TYPE_CHECKING:
+    from mlxrun.generate import GenerationChunk
+    from mlxrun.sampling import SamplingParams
     from mlxrun.tokenizer import Tokenizer
 
 DEFAULT_TEMPERATURE = 0.7
-# The longest reply `generate` and `chat` give when --max-tokens is not set (mlx-lm's generate caps
-# at 256 too): a base model rarely stops by itself, and would otherwise fill the whole context.
-DEFAULT_MAX_TOKENS = 256
 
 # SamplingParams field -> the flag that sets it, so errors name what the user typed.
 _FLAGS = {
@@ -64,7 +65,7 @@ def read_prompt(prompt: str) -> str:
     return text
 
 
-def sampling_params(**values: Any) -> Any:
+def sampling_params(**values: Any) -> SamplingParams:
     """SamplingParams from the flags that were given; errors name the flag."""
     from mlxrun.errors import InvalidRequestError
     from mlxrun.sampling import SamplingParams
@@ -77,12 +78,6 @@ def sampling_params(**values: Any) -> Any:
         raise InvalidRequestError(
             f"{flag}: {e.message}", param=e.param, hint=f"Fix the value of {flag} and try again."
         ) from None
-
-
-def default_max_tokens(room: int) -> int | None:
-    """DEFAULT_MAX_TOKENS, or fewer when only `room` tokens are left for the reply (None when
-    none are: the context check then reports the prompt as too long)."""
-    return min(DEFAULT_MAX_TOKENS, room) if room >= 1 else None
 
 
 def note_fallback_template(tokenizer: Tokenizer) -> None:
@@ -101,9 +96,10 @@ def _prompt_ids(tokenizer: Tokenizer, text: str, chat: bool, system: str | None)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def _stats_line(chunk: Any) -> str:
+def _stats_line(chunk: GenerationChunk) -> str:
     return (
-        f"prompt: {chunk.prompt_tokens} tokens, {chunk.prompt_tps:.1f} tok/s | "
+        f"prompt: {chunk.prompt_tokens} tokens ({chunk.cached_tokens} cached), "
+        f"{chunk.prompt_tps:.1f} tok/s | "
         f"generation: {chunk.generation_tokens} tokens, {chunk.generation_tps:.1f} tok/s | "
         f"peak memory: {chunk.peak_memory_gb:.3f} GB | finish: {chunk.finish_reason}"
     )
@@ -142,6 +138,8 @@ def _stream(chunks: Any) -> Any:
 @click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
 @click.option("--context", type=int, default=None, help="Context length to allow and plan memory for [default: the model's].")  # fmt: skip
 @click.option("--force", is_flag=True, help="Load even if the memory check says it will not fit.")
+@cache_options
+@grammar_options
 @friendly_errors
 def generate_cmd(
     model: str,
@@ -151,9 +149,14 @@ def generate_cmd(
     context: int | None,
     force: bool,
     stop: tuple[str, ...],
+    cache_dir: str | None,
+    cache_disk_size: str | None,
+    json_schema: str | None,
+    grammar: str | None,
     **sampling: Any,
 ) -> None:
     """Generate a completion of a prompt with MODEL (a store name, a directory or a Hub id)."""
+    from mlxrun.cli.engine_options import cache_overrides, read_constraint
     from mlxrun.errors import InvalidRequestError
 
     if system is not None and not chat:
@@ -163,24 +166,31 @@ def generate_cmd(
     text = read_prompt(prompt)
     params = sampling_params(stop=list(stop), **sampling)
 
-    from mlxrun.generate import generate_stream
+    caches = cache_overrides(None, cache_dir, cache_disk_size)
+
+    from mlxrun.generate import local_engine, stream_request
     from mlxrun.loader import load
 
     lm, tokenizer, info = load(model, context=context, force=force)
     if chat:
         note_fallback_template(tokenizer)
+    constraint = read_constraint(tokenizer, json_schema, grammar)
     ids = _prompt_ids(tokenizer, text, chat, system)
-    if params.max_tokens is None:
-        params = params.replace(max_tokens=default_max_tokens(info.context_length - len(ids)))
     if chat and tokenizer.chat_stop_strings:
         params = params.replace(stop=(*params.stop, *tokenizer.chat_stop_strings))
-    chunks = generate_stream(lm, tokenizer, ids, params, context_length=info.context_length)
-    try:
-        last = _stream(chunks)
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`): stop quietly, as other Unix tools do.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(0)
+    if caches["cache_dir"] is None:
+        caches["cache_memory_bytes"] = 0  # one request: a prefix cache only feeds the disk tier
+    with local_engine(
+        lm, tokenizer, info.context_length, namespace=info.name,
+        max_running=1, default_max_tokens=DEFAULT_MAX_TOKENS, **caches,
+    ) as engine:  # fmt: skip
+        chunks = stream_request(engine, tokenizer, ids, params, constraint=constraint)
+        try:
+            last = _stream(chunks)
+        except BrokenPipeError:
+            # The reader went away (e.g. `| head`): stop quietly, as other Unix tools do.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(0)
     if last is not None:
         click.echo(_stats_line(last), err=True)

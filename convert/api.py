@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from mlxrun.convert.cancel import add_cleanup, exit_now, interruptible, shield
 from mlxrun.convert.checkpoint import open_checkpoint
@@ -23,6 +24,12 @@ from mlxrun.errors import (
     UnsupportedModelError,
 )
 from mlxrun.models import build_model
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+    from mlxrun.convert.checkpoint import SourceCheckpoint
+    from mlxrun.models import ModelProtocol
 
 # Files copied verbatim so tokenization and templates behave exactly as the source's.
 SIDECAR_FILES = (
@@ -73,7 +80,9 @@ def plan_context(config: dict, requested: int | None) -> int:
     return requested
 
 
-def _choose_recipe(model, config: dict, opts: ConvertOptions) -> Recipe | None:
+def _choose_recipe(
+    model: ModelProtocol, config: dict[str, Any], opts: ConvertOptions
+) -> Recipe | None:
     if not opts.quantize:
         return None
     if opts.fit:
@@ -243,7 +252,14 @@ def _summary(result: dict, out: Path) -> str:
     )
 
 
-def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOptions) -> dict:
+def _convert_into(
+    tmp: Path,
+    ckpt: SourceCheckpoint,
+    model: ModelProtocol,
+    recipe: Recipe | None,
+    source: str,
+    opts: ConvertOptions,
+) -> dict[str, Any]:
     from mlx.utils import tree_flatten
 
     from mlxrun.convert.progress import ByteProgress
@@ -257,7 +273,8 @@ def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOpti
 
     weights = load_lazy(ckpt, model)
     check_against_model(weights, model)
-    total_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    flat = cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
+    total_params = sum(v.size for _, v in flat)
     qmap = quantization_map(model, recipe) if recipe else {}
     dtype = target_dtype(ckpt.config, opts.dtype)
     cast_pred = getattr(model, "cast_predicate", lambda _k: True)

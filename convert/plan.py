@@ -8,12 +8,18 @@ converted weights agree to the byte.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 from mlx.utils import tree_flatten
 
 from mlxrun.convert.recipes import QUALITY_LADDER, QuantParams, Recipe, get_recipe, quantization_map
 from mlxrun.errors import InsufficientMemoryError, format_size
 from mlxrun.memory import device_memory, kv_cache_bytes, runtime_margin_bytes
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+    from mlxrun.models import ModelProtocol
 
 COMPONENTS = ("embeddings", "attention", "mlp", "experts", "lm_head", "norms/other")
 
@@ -56,9 +62,10 @@ class ConvertPlan:
 _Params = list[tuple[str, str, int]]
 
 
-def _parameters(model) -> _Params:
+def _parameters(model: ModelProtocol) -> _Params:
     out = []
-    for path, arr in tree_flatten(model.parameters()):
+    # tree_flatten without a destination returns a list (mlx types it as list or dict).
+    for path, arr in cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters())):
         module, _, name = path.rpartition(".")
         out.append((module, name, int(arr.size)))
     return out
@@ -105,8 +112,8 @@ def _weights(
 
 def _plan(
     params: _Params,
-    model,
-    config: dict,
+    model: ModelProtocol,
+    config: dict[str, Any],
     recipe: Recipe | None,
     context: int,
     dtype_bytes: int,
@@ -135,8 +142,8 @@ def _plan(
 
 
 def estimate(
-    model,
-    config: dict,
+    model: ModelProtocol,
+    config: dict[str, Any],
     recipe: Recipe | None,
     context: int,
     dtype_bytes: int = 2,
@@ -151,8 +158,8 @@ def estimate(
 
 
 def choose_plan(
-    model,
-    config: dict,
+    model: ModelProtocol,
+    config: dict[str, Any],
     budget_bytes: int,
     context: int,
     *,

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,6 +24,10 @@ from mlxrun.errors import (
     UnsupportedModelError,
     format_size,
 )
+
+if TYPE_CHECKING:
+    from mlxrun.models import ModelProtocol
+    from mlxrun.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
 
@@ -110,7 +114,7 @@ def load_weight_files(path: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file in files:
         try:
-            weights.update(mx.load(str(file)))
+            weights.update(cast("dict[str, mx.array]", mx.load(str(file))))  # safetensors: a dict
         except (ValueError, RuntimeError, OSError) as e:
             raise CorruptCheckpointError(f"cannot read {file}: {e}") from None
     return weights
@@ -146,7 +150,7 @@ def quantize_like_weights(model: nn.Module, weights: dict, quant: dict) -> None:
     )
 
 
-def build_and_load(path: Path, config: dict) -> Any:
+def build_and_load(path: Path, config: dict[str, Any]) -> ModelProtocol:
     """The architecture with this directory's weights attached (lazily); model.eval() done."""
     if "quantization" not in config and isinstance(config.get("quantization_config"), dict):
         method = config["quantization_config"].get("quant_method", "unknown")
@@ -161,7 +165,7 @@ def build_and_load(path: Path, config: dict) -> Any:
     quant = config.get("quantization")
     if isinstance(quant, dict):
         try:
-            quantize_like_weights(model, weights, quant)
+            quantize_like_weights(cast(nn.Module, model), weights, quant)
         except (ValueError, KeyError) as e:
             raise CorruptCheckpointError(f"{path}: quantized weights do not fit: {e}") from None
     try:
@@ -219,7 +223,7 @@ def _exact_limit(config: dict, context: int | None) -> int:
 
 def load(
     name_or_path: str | Path, *, context: int | None = None, force: bool = False
-) -> tuple[Any, Any, ModelInfo]:
+) -> tuple[ModelProtocol, Tokenizer, ModelInfo]:
     """(model, tokenizer, info) for a store name, a local model directory or a Hub repo id.
 
     `context` is the longest sequence to plan (and allow) for; default: the model's own length.

@@ -7,12 +7,18 @@ import ipaddress
 import signal
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from mlxrun.cli.common import friendly_errors
 from mlxrun.cli.engine_options import cache_overrides
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from mlxrun.server.models_pool import ModelPool
+    from mlxrun.server.state import ServerConfig
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long to finish; the rest are aborted
@@ -230,7 +236,7 @@ def serve_cmd(
     "model" picks another, loaded on first use. With no MODELS, every stored model is servable."""
     _setup_logging("warning" if quiet else log_level)
     _check_exposure(host, bool(api_key), api_key_file, no_auth)
-    kv = {"kv_bits": kv_bits, "kv_group_size": int(kv_group_size)}
+    kv: dict[str, Any] = {"kv_bits": kv_bits, "kv_group_size": int(kv_group_size)}
     caches = cache_overrides(cache_memory, cache_dir, cache_disk_size)
     if tool_parser is not None:
         from mlxrun.parsing.tools import tool_format_by_name
@@ -267,7 +273,7 @@ def serve_cmd(
     click.echo("Stopped.")
 
 
-def _run(pool: Any, config: Any, host: str, sock: socket.socket) -> None:
+def _run(pool: ModelPool, config: ServerConfig, host: str, sock: socket.socket) -> None:
     """uvicorn serving the app on `sock` until Ctrl-C / SIGTERM; the banner once it answers."""
     import uvicorn
 
@@ -275,7 +281,7 @@ def _run(pool: Any, config: Any, host: str, sock: socket.socket) -> None:
     from mlxrun.server.cli_pool import banner
 
     uv_config = uvicorn.Config(
-        None,  # set below: the app needs on_fatal, which needs the server
+        None,  # type: ignore[arg-type]  # set below: the app needs on_fatal, which needs the server
         log_level="warning",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
@@ -304,7 +310,7 @@ def _run(pool: Any, config: Any, host: str, sock: socket.socket) -> None:
         raise failed[0]
 
 
-def _serve(server: Any, sock: socket.socket, keys: Any = None) -> None:
+def _serve(server: uvicorn.Server, sock: socket.socket, keys: Any = None) -> None:
     # uvicorn replays the signal that stopped it once it has shut down; with no-op handlers that
     # replay does nothing, so Ctrl-C / SIGTERM end in "Stopped." and exit status 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}

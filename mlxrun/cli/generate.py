@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from mlxrun.budget import TERMINAL_MAX_TOKENS as DEFAULT_MAX_TOKENS
 from mlxrun.cli.common import friendly_errors
 from mlxrun.cli.engine_options import cache_options, grammar_options
+
+if TYPE_CHECKING:
+    from mlxrun.generate import GenerationChunk
+    from mlxrun.sampling import SamplingParams
+    from mlxrun.tokenizer import Tokenizer
 
 DEFAULT_TEMPERATURE = 0.7
 
@@ -60,7 +65,7 @@ def read_prompt(prompt: str) -> str:
     return text
 
 
-def sampling_params(**values: Any) -> Any:
+def sampling_params(**values: Any) -> SamplingParams:
     """SamplingParams from the flags that were given; errors name the flag."""
     from mlxrun.errors import InvalidRequestError
     from mlxrun.sampling import SamplingParams
@@ -75,7 +80,7 @@ def sampling_params(**values: Any) -> Any:
         ) from None
 
 
-def note_fallback_template(tokenizer: Any) -> None:
+def note_fallback_template(tokenizer: Tokenizer) -> None:
     """One line on stderr when the model has no chat template and the plain fallback stands in."""
     from mlxrun.tokenizer import FALLBACK_NOTICE
 
@@ -83,7 +88,7 @@ def note_fallback_template(tokenizer: Any) -> None:
         click.echo(FALLBACK_NOTICE, err=True)
 
 
-def _prompt_ids(tokenizer: Any, text: str, chat: bool, system: str | None) -> list[int]:
+def _prompt_ids(tokenizer: Tokenizer, text: str, chat: bool, system: str | None) -> list[int]:
     if not chat:
         return tokenizer.encode(text)
     messages = [{"role": "system", "content": system}] if system else []
@@ -91,7 +96,7 @@ def _prompt_ids(tokenizer: Any, text: str, chat: bool, system: str | None) -> li
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def _stats_line(chunk: Any) -> str:
+def _stats_line(chunk: GenerationChunk) -> str:
     return (
         f"prompt: {chunk.prompt_tokens} tokens ({chunk.cached_tokens} cached), "
         f"{chunk.prompt_tps:.1f} tok/s | "

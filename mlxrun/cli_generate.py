@@ -139,6 +139,7 @@ def _stream(chunks: Any) -> Any:
 @click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
 @click.option("--context", type=int, default=None, help="Context length to allow and plan memory for [default: the model's].")  # fmt: skip
 @click.option("--force", is_flag=True, help="Load even if the memory check says it will not fit.")
+@click.option("--parallel", type=click.Choice(["tensor", "pipeline"]), default=None, help="Under mlx.launch: split the model by tensor or pipeline [default: tensor if the architecture can].")  # fmt: skip
 @friendly_errors
 def generate_cmd(
     model: str,
@@ -148,6 +149,7 @@ def generate_cmd(
     context: int | None,
     force: bool,
     stop: tuple[str, ...],
+    parallel: str | None,
     **sampling: Any,
 ) -> None:
     """Generate a completion of a prompt with MODEL (a store name, a directory or a Hub id)."""
@@ -160,10 +162,14 @@ def generate_cmd(
     text = read_prompt(prompt)
     params = sampling_params(stop=list(stop), **sampling)
 
+    from mlxrun import distributed
     from mlxrun.generate import generate_stream
     from mlxrun.loader import load
 
-    lm, tokenizer, info = load(model, context=context, force=force)
+    world = distributed.init_world(parallel)
+    distributed.quiet_followers(world)
+    lm, tokenizer, info = load(model, context=context, force=force, world=world)
+    distributed.announce(distributed.current())
     if chat:
         note_fallback_template(tokenizer)
     ids = _prompt_ids(tokenizer, text, chat, system)
@@ -179,5 +185,5 @@ def generate_cmd(
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
-    if last is not None:
+    if last is not None and (world is None or world.leader):
         click.echo(_stats_line(last), err=True)

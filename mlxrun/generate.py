@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from mlxrun import memory, models
 from mlxrun.budget import output_budget
+from mlxrun.distributed import shared_sampler
 from mlxrun.errors import InvalidRequestError
 from mlxrun.sampling import (
     SamplingParams,
@@ -124,7 +125,7 @@ class _Decoder:
 
     def __init__(self, model: Any, pc: PromptCache, params: SamplingParams):
         self.model, self.pc, self.params = model, pc, params
-        self.sampler = make_sampler(params)
+        self.sampler = shared_sampler(make_sampler(params))  # rank 0's tokens when distributed
         self.processors = make_logits_processors(params)
         self.history: mx.array | None = None  # generated ids, for the penalties
 

@@ -16,6 +16,8 @@ from mlxrun.errors import InsufficientMemoryError, format_size
 from mlxrun.memory import device_memory, kv_cache_bytes, runtime_margin_bytes
 
 COMPONENTS = ("embeddings", "attention", "mlp", "experts", "lm_head", "norms/other")
+# What tensor parallel splits across hosts (mlx-lm's shard()); the rest every host holds whole.
+SPLIT_COMPONENTS = frozenset({"attention", "mlp", "experts"})
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class ConvertPlan:
     components: tuple[ComponentRow, ...]
     fits: bool
     dtype_bytes: int = 2
+    hosts: int = 1  # > 1: every figure is one host's share under tensor parallel
 
     @property
     def label(self) -> str:
@@ -92,7 +95,7 @@ def parameter_bytes(numel: int, params: QuantParams | None, dtype_bytes: int) ->
 
 
 def _weights(
-    params: _Params, qmap: dict[str, QuantParams], dtype_bytes: int
+    params: _Params, qmap: dict[str, QuantParams], dtype_bytes: int, hosts: int = 1
 ) -> tuple[ComponentRow, ...]:
     counts = {c: [0, 0] for c in COMPONENTS}
     for module, name, numel in params:
@@ -100,7 +103,11 @@ def _weights(
         row = counts[component_of(module)]
         row[0] += numel
         row[1] += parameter_bytes(numel, q, dtype_bytes)
-    return tuple(ComponentRow(c, n, b) for c, (n, b) in counts.items() if n)
+    return tuple(
+        ComponentRow(c, -(-n // hosts), -(-b // hosts)) if c in SPLIT_COMPONENTS else
+        ComponentRow(c, n, b)
+        for c, (n, b) in counts.items() if n
+    )  # fmt: skip
 
 
 def _plan(
@@ -111,12 +118,13 @@ def _plan(
     context: int,
     dtype_bytes: int,
     budget_bytes: int,
+    hosts: int = 1,
 ) -> ConvertPlan:
     qmap = quantization_map(model, recipe) if recipe is not None else {}
-    rows = _weights(params, qmap, dtype_bytes)
+    rows = _weights(params, qmap, dtype_bytes, hosts)
     weights = sum(r.nbytes for r in rows)
     n_params = sum(r.params for r in rows)
-    kv = kv_cache_bytes(config, context, dtype_bytes)
+    kv = -(-kv_cache_bytes(config, context, dtype_bytes) // hosts)  # heads split too
     margin = runtime_margin_bytes(config, context, dtype_bytes)
     total = weights + kv + margin
     return ConvertPlan(
@@ -131,6 +139,7 @@ def _plan(
         components=rows,
         fits=total <= budget_bytes,
         dtype_bytes=dtype_bytes,
+        hosts=hosts,
     )
 
 
@@ -142,12 +151,15 @@ def estimate(
     dtype_bytes: int = 2,
     *,
     budget_bytes: int | None = None,
+    hosts: int = 1,
 ) -> ConvertPlan:
     """The plan for one recipe (None: no quantization). `model` is built lazily from `config`
-    and never evaluated. Without `budget_bytes`, this machine's budget (`device_memory()`)."""
+    and never evaluated. Without `budget_bytes`, this machine's budget (`device_memory()`).
+    With `hosts` > 1, one host's share when the model is split across them."""
     if budget_bytes is None:
         budget_bytes = device_memory().budget_bytes
-    return _plan(_parameters(model), model, config, recipe, context, dtype_bytes, budget_bytes)
+    return _plan(_parameters(model), model, config, recipe, context, dtype_bytes, budget_bytes,
+                 hosts)  # fmt: skip
 
 
 def choose_plan(
@@ -159,6 +171,7 @@ def choose_plan(
     group_size: int = 64,
     dtype_bytes: int = 2,
     ladder: tuple[str, ...] = QUALITY_LADDER,
+    hosts: int = 1,
 ) -> ConvertPlan:
     """The best-quality recipe on `ladder` whose weights + KV + margin fit `budget_bytes`.
 
@@ -167,7 +180,7 @@ def choose_plan(
     params = _parameters(model)
     tried = [
         _plan(params, model, config, get_recipe(n, group_size=group_size), context, dtype_bytes,
-              budget_bytes)
+              budget_bytes, hosts)
         for n in ladder
     ]  # fmt: skip
     # More stored bits is the quality proxy; per model the ladder is not always in size order
@@ -189,7 +202,8 @@ def choose_plan(
 
 def format_plan_table(plan: ConvertPlan) -> str:
     """The table `mlxrun convert --plan` prints."""
-    lines = [f"plan: {plan.label}, context {plan.context} tokens", ""]
+    where = f", per rank, {plan.hosts} hosts (tensor parallel)" if plan.hosts > 1 else ""
+    lines = [f"plan: {plan.label}, context {plan.context} tokens{where}", ""]
     lines.append(f"{'component':<24}{'params':>12}{'size':>12}{'bits/weight':>14}")
     for row in plan.components:
         lines.append(

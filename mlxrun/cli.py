@@ -27,6 +27,7 @@ def _register() -> None:
     from mlxrun.cli_convert import convert_cmd
     from mlxrun.cli_doctor import doctor_cmd
     from mlxrun.cli_generate import generate_cmd
+    from mlxrun.cli_launch import launch_cmd
     from mlxrun.cli_store import list_cmd, pull_cmd, rm_cmd, show_cmd
     from mlxrun.server.cli import serve_cmd
 
@@ -40,6 +41,7 @@ def _register() -> None:
         chat_cmd,
         serve_cmd,
         doctor_cmd,
+        launch_cmd,
     ):
         main.add_command(cmd)
 

@@ -19,6 +19,7 @@ from mlxrun.cli_common import friendly_errors
 @click.option("--hostfile", type=click.Path(dir_okay=False), default=None, help="An mlx.launch hostfile (ssh names, IPs, RDMA devices, backend).")  # fmt: skip
 @click.option("-n", "--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="Ranks per host (e.g. -n 2 on 127.0.0.1 to try it on one machine).")  # fmt: skip
 @click.option("--backend", type=click.Choice(["ring", "jaccl", "jaccl-ring"]), default=None, help="mlx.launch backend [default: the hostfile's, else ring].")  # fmt: skip
+@click.option("--starting-port", type=int, default=None, help="First TCP port of the ring backend (mlx.launch's default: 32323).")  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="Check the hosts and print the call, but do not run it.")  # fmt: skip
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 @friendly_errors
@@ -27,6 +28,7 @@ def launch_cmd(
     hostfile: str | None,
     repeat: int,
     backend: str | None,
+    starting_port: int | None,
     dry_run: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -51,7 +53,7 @@ def launch_cmd(
     path = store.resolve_model(model).resolve()
     fingerprint = launch.check_hosts(ranks, path)
     argv = launch.build_argv(command, path, hosts=hosts, hostfile=hostfile, repeat=repeat,
-                             backend=backend)  # fmt: skip
+                             backend=backend, starting_port=starting_port)  # fmt: skip
     click.echo(
         f"launch: {len(ranks)} ranks on {', '.join(dict.fromkeys(ranks))}; model {path} "
         f"(fingerprint {fingerprint}) matches on every host",

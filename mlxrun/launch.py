@@ -152,6 +152,7 @@ def build_argv(
     hostfile: str | None = None,
     repeat: int = 1,
     backend: str | None = None,
+    starting_port: int | None = None,
 ) -> list[str]:
     """The mlx.launch call that runs `command` on every rank, with MODEL as `model_path`."""
     sub, _, rest = split_command(command)
@@ -161,6 +162,8 @@ def build_argv(
         argv += ["-n", str(repeat)]
     if backend:
         argv += ["--backend", backend]
+    if starting_port:
+        argv += ["--starting-port", str(starting_port)]
     return [*argv, "--", sys.executable, "-m", "mlxrun.cli", sub, str(model_path), *rest]
 
 

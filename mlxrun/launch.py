@@ -164,7 +164,7 @@ def build_argv(
         argv += ["--backend", backend]
     if starting_port:
         argv += ["--starting-port", str(starting_port)]
-    return [*argv, "--", sys.executable, "-m", "mlxrun.cli", sub, str(model_path), *rest]
+    return [*argv, "--", sys.executable, "-m", "mlxrun", sub, str(model_path), *rest]
 
 
 def run_launcher(argv: Sequence[str]) -> int:

@@ -212,7 +212,7 @@ def test_launch_builds_the_mlx_launch_call(tiny_llama):
     sep = argv.index("--")
     assert argv[sep - 2 : sep] == ["--hosts", "10.0.0.1,10.0.0.2"]
     assert argv[sep + 1 :] == [
-        sys.executable, "-m", "mlxrun.cli", "serve", str(tiny_llama), "--port", "8080"
+        sys.executable, "-m", "mlxrun", "serve", str(tiny_llama), "--port", "8080"
     ]  # fmt: skip
     with_file = launch.build_argv(["generate", "m"], tiny_llama, hostfile="h.json", backend="jaccl")
     sep = with_file.index("--")
@@ -232,5 +232,5 @@ def test_launch_cli_dry_run_prints_the_call(tiny_llama):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "matches on every host" in res.stderr
-    assert f"mlxrun.cli serve {tiny_llama} --port 9000" in res.stdout
+    assert f"mlxrun serve {tiny_llama} --port 9000" in res.stdout
     assert "--hosts 127.0.0.1 -n 2 --" in res.stdout

@@ -59,7 +59,7 @@ def run(argv: list[str]) -> subprocess.CompletedProcess:
 def mlx_launch(*args: str) -> list[str]:
     port = free_port_pair()
     return [*launch.launcher_argv(), "-n", "2", "--backend", "ring", "--starting-port", str(port),
-            "--", sys.executable, "-m", "mlxrun.cli", *args]  # fmt: skip
+            "--", sys.executable, "-m", "mlxrun", *args]  # fmt: skip
 
 
 def test_generate_tensor_parallel_matches_one_process(tiny_llama):
@@ -75,7 +75,7 @@ def test_generate_pipeline_parallel_through_mlxrun_launch(checkpoint_factory):
     model = checkpoint_factory("qwen2", num_layers=4)
     want = one_process(model)
     port = free_port_pair()
-    argv = [sys.executable, "-m", "mlxrun.cli", "launch", "--hosts", "127.0.0.1", "-n", "2",
+    argv = [sys.executable, "-m", "mlxrun", "launch", "--hosts", "127.0.0.1", "-n", "2",
             "--starting-port", str(port), *gen_args(model, "--parallel", "pipeline")]  # fmt: skip
     done = run(argv)
     assert done.returncode == 0, done.stderr
@@ -89,7 +89,7 @@ def test_generate_pipeline_parallel_through_mlxrun_launch(checkpoint_factory):
 def test_unsupported_architecture_fails_on_every_rank(checkpoint_factory):
     model = checkpoint_factory("mixtral")
     port = free_port_pair()
-    argv = [sys.executable, "-m", "mlxrun.cli", "launch", "--hosts", "127.0.0.1", "-n", "2",
+    argv = [sys.executable, "-m", "mlxrun", "launch", "--hosts", "127.0.0.1", "-n", "2",
             "--starting-port", str(port), *gen_args(model)]  # fmt: skip
     done = run(argv)
     assert done.returncode != 0  # mlx.launch itself says 0; mlxrun launch reads its rank log

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from mlxrun.cli_common import friendly_errors
+from mlxrun.cli.common import friendly_errors
 
 
 @click.command(

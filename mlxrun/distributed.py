@@ -149,6 +149,25 @@ def broadcast_ints(values: Sequence[int] | None, world: World | None = None) -> 
     return [int(v) for v in out.tolist()]
 
 
+def broadcast_bytes(data: bytes | None, world: World | None = None) -> bytes:
+    """Rank 0's bytes on every rank (others pass None); blocks until all ranks call it."""
+    import mlx.core as mx
+    import numpy as np
+
+    world = world or _current
+    if world is None:
+        return data or b""
+    n = broadcast(mx.array([len(data or b"")], dtype=mx.int32), world)
+    length = int(n.item())
+    if length == 0:
+        return b""
+    if world.leader and data:
+        arr = mx.array(np.frombuffer(data, dtype=np.uint8))
+    else:
+        arr = mx.zeros((length,), mx.uint8)
+    return bytes(np.array(broadcast(arr, world), copy=False))
+
+
 def barrier(world: World | None = None) -> None:
     """Wait until every rank gets here (a tiny all_sum on the CPU stream)."""
     import mlx.core as mx

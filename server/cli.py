@@ -231,6 +231,12 @@ def _setup_logging(level: str) -> None:
 @click.option("--responses-dir", type=click.Path(file_okay=False), default=None,
               help="Keep stored /v1/responses responses here across restarts (memory only by "
               "default).")  # fmt: skip
+@click.option("--parallel", type=click.Choice(["tensor", "pipeline"]), default=None,
+              help="Under mlx.launch: split the model by tensor or pipeline [default: tensor if "
+              "the architecture can].")  # fmt: skip
+@click.option("--step-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Under mlx.launch: seconds one engine step may wait on the other ranks "
+              "before requests fail with 503.")  # fmt: skip
 @friendly_errors
 def serve_cmd(
     model: str,
@@ -256,6 +262,8 @@ def serve_cmd(
     log_level: str,
     quiet: bool,
     responses_dir: str | None,
+    parallel: str | None,
+    step_timeout: float,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…)."""
     _setup_logging("warning" if quiet else log_level)
@@ -269,13 +277,19 @@ def serve_cmd(
         tool_format_by_name(tool_parser)  # an unknown name fails before the model loads
     if responses_dir is not None:
         _private_dir(responses_dir)
-    sock = _bind(host, port)
-    from mlxrun.engine import Engine
+    from mlxrun import distributed
+
+    world = distributed.init_world(parallel)
+    distributed.quiet_followers(world)
+    # Rank 0 alone owns HTTP; the other ranks only mirror its engine steps.
+    sock = _bind(host, port) if world is None or world.leader else None
+    from mlxrun.engine_mirror import make_engine, run_follower
     from mlxrun.loader import load
     from mlxrun.safety import check_chat_template
     from mlxrun.server.app import ServerConfig
 
-    lm, tokenizer, info = load(model, context=context)
+    lm, tokenizer, info = load(model, context=context, world=world)
+    distributed.announce(distributed.current())
     click.echo(f"Loading {info.name}...", err=True)
     problem = check_chat_template(tokenizer)
     if problem:  # said now, before any client gets a 400 for it
@@ -298,8 +312,11 @@ def serve_cmd(
         strict=strict,
         responses_dir=responses_dir,
     )
-    app_parts = (Engine(lm, engine_config), config, tokenizer)
-    _run(app_parts, info, host, sock)
+    engine = make_engine(lm, engine_config, step_timeout_s=step_timeout)
+    if sock is None:
+        run_follower(engine)
+        return
+    _run((engine, config, tokenizer), info, host, sock)
     click.echo("Stopped.")
 
 
@@ -307,6 +324,7 @@ def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.soc
     """uvicorn serving the app on `sock` until Ctrl-C / SIGTERM; the banner once it answers."""
     import uvicorn
 
+    from mlxrun.engine_mirror import MirroredEngine
     from mlxrun.server.app import create_app
 
     engine, config, tokenizer = app_parts
@@ -335,6 +353,9 @@ def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.soc
 
     app = create_app(engine, config, tokenizer=tokenizer, on_fatal=on_fatal, on_ready=on_ready)
     uv_config.app = app
+    if isinstance(engine, MirroredEngine):  # a stuck step must fail before we close connections
+        handle_exit = server.handle_exit
+        server.handle_exit = lambda sig, frame: (engine.stopping(), handle_exit(sig, frame))
     _serve(server, sock, app.state.keys)
     if failed:
         raise failed[0]

@@ -35,7 +35,7 @@ from mlxrun.batch import deliver
 from mlxrun.distributed import World
 from mlxrun.engine import Engine, EngineConfig, Request
 from mlxrun.engine_commands import Abort, Stop
-from mlxrun.errors import MlxrunError, RankFailedError
+from mlxrun.errors import MlxrunError, RankFailedError, UnsupportedModelError
 from mlxrun.scheduler import Scheduler
 
 STEP_TIMEOUT_S = 30.0
@@ -73,6 +73,15 @@ def mirrored_config(config: EngineConfig) -> EngineConfig:
 class MirroredEngine(Engine):
     def __init__(self, model: Any, config: EngineConfig, world: World, *,
                  step_timeout_s: float = STEP_TIMEOUT_S):  # fmt: skip
+        if world.parallel == "pipeline":
+            # The engine's lazy graphs (batched probes, prefill chunks) are evaluated in an order
+            # that can differ between ranks, and a pipeline's send/recv pair up only in order.
+            raise UnsupportedModelError(
+                "serving across machines runs tensor parallel only; pipeline parallel is for "
+                "`mlxrun generate`",
+                hint="Drop --parallel pipeline (the default is tensor parallel when the "
+                "architecture has it).",
+            )
         super().__init__(model, mirrored_config(config))
         self.world = world
         self.step_timeout_s = step_timeout_s

@@ -11,9 +11,11 @@ hold different weights would otherwise compute nonsense together without any err
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -171,7 +173,27 @@ def run_launcher(argv: Sequence[str]) -> int:
     """Run mlx.launch, passing its output through; non-zero when any rank failed (mlx.launch
     itself exits 0 then, so its per-rank log lines are the only record)."""
     failed: list[str] = []
-    proc = subprocess.Popen(list(argv), stderr=subprocess.PIPE, text=True, errors="replace")
+    # Its own process group, which a stop signal here goes to whole: mlx.launch does not pass
+    # signals on, and ranks outliving it would keep serving.
+    proc = subprocess.Popen(list(argv), stderr=subprocess.PIPE, text=True, errors="replace",
+                            start_new_session=True)  # fmt: skip
+    stopped: list[int] = []
+
+    def forward(sig: int, _frame: object) -> None:
+        stopped.append(sig)
+        os.killpg(proc.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = _follow(proc, failed)
+        return 128 + stopped[0] if stopped else rc  # a stop asked for is not a failed rank
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _follow(proc: subprocess.Popen, failed: list[str]) -> int:
+    """Pass mlx.launch's stderr through, noting the ranks it reports failed."""
     assert proc.stderr is not None
     for line in proc.stderr:
         sys.stderr.write(line)

@@ -50,7 +50,11 @@ class Launch:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,
         )
-        wait_healthy(self.base_url, timeout=240, proc=self.proc)
+        try:
+            wait_healthy(self.base_url, timeout=240, proc=self.proc)
+        except BaseException:
+            self.stop()
+            raise
 
     def rank_pid(self, rank: int) -> int:
         """The pid of the serve process with MLX_RANK=rank on our port."""
@@ -69,13 +73,26 @@ class Launch:
         return self.err_path.read_text()
 
     def stop(self) -> int:
+        """SIGTERM to mlxrun launch, which stops mlx.launch and every rank with it."""
         if self.proc.poll() is None:
-            self.proc.terminate()  # mlxrun launch -> mlx.launch -> ranks
+            self.proc.terminate()
         try:
             return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)
-            raise
+        finally:
+            self.assert_no_ranks_left()
+
+    def assert_no_ranks_left(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.rank_pid(0)
+            except LookupError:
+                try:
+                    self.rank_pid(1)
+                except LookupError:
+                    return
+            time.sleep(0.5)
+        raise AssertionError("a rank outlived mlxrun launch")
 
 
 @pytest.fixture
@@ -179,3 +196,13 @@ def test_a_dead_rank_gets_a_503_not_a_hang(tiny_llama, tmp_path):
     finally:
         if launch.proc.poll() is None:
             os.killpg(launch.proc.pid, 9)
+
+
+def test_pipeline_parallel_serve_is_refused_clearly(checkpoint_factory, tmp_path):
+    model = checkpoint_factory("qwen2")
+    argv = [sys.executable, "-m", "mlxrun", "launch", "--hosts", "127.0.0.1", "-n", "2",
+            "--starting-port", str(free_port_pair()), "serve", str(model), "--port",
+            str(_free_port()), "--parallel", "pipeline"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "serving across machines runs tensor parallel only" in done.stderr

@@ -234,3 +234,34 @@ def test_launch_cli_dry_run_prints_the_call(tiny_llama):
     assert "matches on every host" in res.stderr
     assert f"mlxrun serve {tiny_llama} --port 9000" in res.stdout
     assert "--hosts 127.0.0.1 -n 2 --" in res.stdout
+
+
+def test_alone_the_broadcasts_are_identities():
+    import mlx.core as mx
+
+    assert distributed.current() is None
+    x = mx.array([3, 1, 2])
+    assert distributed.broadcast(x) is x
+    assert distributed.shared_sampler(len) is len
+    assert distributed.broadcast_ints([4, 5]) == [4, 5]
+    assert distributed.broadcast_bytes(b"abc") == b"abc"
+
+
+def test_mirrored_requests_travel_without_their_grammar():
+    from mlxrun.engine import EngineConfig, Request
+    from mlxrun.engine_mirror import MirroredEngine, _Submit, mirrored_config
+
+    cfg = mirrored_config(EngineConfig(cache_dir="/tmp/x", max_pinned_prefixes=8))
+    assert cfg.cache_dir is None and cfg.max_pinned_prefixes == 0
+    sent = MirroredEngine._wire(_Submit(Request("r", [1, 2], constraint=object()), sink=object()))
+    assert sent.request.constraint is None and sent.sink is None
+    assert sent.request.prompt_token_ids == [1, 2]
+
+
+def test_mirrored_serve_refuses_pipeline_parallel():
+    from mlxrun.engine import EngineConfig
+    from mlxrun.engine_mirror import MirroredEngine
+
+    world = World(rank=0, size=2, backend="ring", parallel="pipeline")
+    with pytest.raises(UnsupportedModelError, match="tensor parallel only"):
+        MirroredEngine(object(), EngineConfig(), world)

@@ -77,10 +77,11 @@ class MirroredEngine(Engine):
             # The engine's lazy graphs (batched probes, prefill chunks) are evaluated in an order
             # that can differ between ranks, and a pipeline's send/recv pair up only in order.
             raise UnsupportedModelError(
-                "serving across machines runs tensor parallel only; pipeline parallel is for "
-                "`mlxrun generate`",
-                hint="Drop --parallel pipeline (the default is tensor parallel when the "
-                "architecture has it).",
+                "the engine runs across machines in tensor parallel only: a pipeline's send and "
+                "recv pair up in evaluation order, which its lazy graphs do not keep the same "
+                "on every rank",
+                hint="Drop --parallel pipeline (tensor parallel is the default when the "
+                "architecture has shard()).",
             )
         super().__init__(model, mirrored_config(config))
         self.world = world

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
 import signal
 import socket
@@ -13,26 +12,10 @@ from typing import Any
 import click
 
 from mlxrun.cli.common import friendly_errors
+from mlxrun.cli.engine_options import cache_overrides
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long to finish; the rest are aborted
-
-
-def _cache_bytes(text: str | None, flag: str = "--cache-memory") -> int | None:
-    from mlxrun.errors import InvalidRequestError, parse_size
-
-    if text is None:
-        return None
-    if text.strip().lower() in ("0", "off", "none"):
-        return 0
-    try:
-        return parse_size(text)
-    except InvalidRequestError as e:
-        raise InvalidRequestError(
-            f"{flag}: {e.message}",
-            param=flag.lstrip("-").replace("-", "_"),
-            hint="Write it like 2GB or 512MB.",
-        ) from None
 
 
 def _private_dir(path: str) -> None:
@@ -46,18 +29,6 @@ def _private_dir(path: str) -> None:
     except OSError as e:
         raise InvalidRequestError(f"--responses-dir {path}: {e.strerror}",
                                   param="responses_dir") from None  # fmt: skip
-
-
-def _disk_bytes(text: str | None, cache_dir: str | None) -> int | None:
-    from mlxrun.errors import InvalidRequestError
-
-    size = _cache_bytes(text, "--cache-disk-size")
-    if size is not None and cache_dir is None:
-        raise InvalidRequestError(
-            "--cache-disk-size needs --cache-dir", param="cache_disk_size",
-            hint="Add --cache-dir DIR (the disk tier is off without it).",
-        )  # fmt: skip
-    return size
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -268,9 +239,8 @@ def serve_cmd(
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…)."""
     _setup_logging("warning" if quiet else log_level)
     _check_exposure(host, bool(api_key), api_key_file, no_auth)
-    cache_bytes = _cache_bytes(cache_memory)
     kv = {"kv_bits": kv_bits, "kv_group_size": int(kv_group_size)}
-    disk_bytes = _disk_bytes(cache_disk_size, cache_dir)
+    caches = cache_overrides(cache_memory, cache_dir, cache_disk_size)
     if tool_parser is not None:
         from mlxrun.parsing.tools import tool_format_by_name
 
@@ -284,6 +254,7 @@ def serve_cmd(
     # Rank 0 alone owns HTTP; the other ranks only mirror its engine steps.
     sock = _bind(host, port) if world is None or world.leader else None
     from mlxrun.engine_mirror import make_engine, run_follower
+    from mlxrun.generate import engine_config as engine_config_of
     from mlxrun.loader import load
     from mlxrun.safety import check_chat_template
     from mlxrun.server.app import ServerConfig
@@ -295,10 +266,10 @@ def serve_cmd(
     if problem:  # said now, before any client gets a 400 for it
         click.echo(f"Warning: {problem}", err=True)
     _read_weights(lm)
-    engine_config = _engine_config(
-        tokenizer, info, max_running, cache_bytes, cache_dir, kv, disk_bytes
-    )
-    engine_config = dataclasses.replace(engine_config, cache_reuse=cache_reuse)
+    engine_config = engine_config_of(
+        tokenizer, info.name, info.context_length,
+        max_running=max_running, cache_reuse=cache_reuse, **kv, **caches,
+    )  # fmt: skip
     config = ServerConfig(
         model_id=info.name,
         context_length=info.context_length,
@@ -359,31 +330,6 @@ def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.soc
     _serve(server, sock, app.state.keys)
     if failed:
         raise failed[0]
-
-
-def _engine_config(
-    tokenizer: Any,
-    info: Any,
-    max_running: int,
-    cache_bytes: int | None,
-    cache_dir: str | None,
-    kv: dict | None = None,
-    disk_bytes: int | None = None,
-) -> Any:
-    from mlxrun.engine import EngineConfig
-
-    return EngineConfig(
-        max_running=max_running,
-        # The tokenizer's set adds the chat template's end-of-turn tokens to config.json's eos.
-        eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)),
-        namespace=info.name,
-        context_length=info.context_length,
-        **(kv or {}),
-        # 0 turns the disk tier off, like --cache-memory 0 the memory tier.
-        cache_dir=None if disk_bytes == 0 else cache_dir,
-        **({} if cache_bytes is None else {"cache_memory_bytes": cache_bytes}),
-        **({} if not disk_bytes else {"disk_cache_bytes": disk_bytes}),
-    )
 
 
 def _read_weights(model: Any) -> None:

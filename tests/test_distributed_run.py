@@ -71,19 +71,19 @@ def test_generate_tensor_parallel_matches_one_process(tiny_llama):
     assert done.stderr.count("| generation: 24 tokens") == 1  # the stats line once, from rank 0
 
 
-def test_generate_pipeline_parallel_through_mlxrun_launch(checkpoint_factory):
-    model = checkpoint_factory("qwen2", num_layers=4)
+def test_generate_through_mlxrun_launch_matches_one_process(checkpoint_factory):
+    model = checkpoint_factory("qwen2", num_layers=3)
     want = one_process(model)
     port = free_port_pair()
     argv = [sys.executable, "-m", "mlxrun", "launch", "--hosts", "127.0.0.1", "-n", "2",
-            "--starting-port", str(port), *gen_args(model, "--parallel", "pipeline")]  # fmt: skip
+            "--starting-port", str(port), *gen_args(model)]  # fmt: skip
     done = run(argv)
     assert done.returncode == 0, done.stderr
     printed, text = done.stdout.split("\n", 1)
     assert "mlx.launch" in printed or "_distributed_utils.launch" in printed
     assert text == want
     assert "matches on every host" in done.stderr
-    assert "distributed: 2 ranks, pipeline parallel (ring)" in done.stderr
+    assert "distributed: 2 ranks, tensor parallel (ring)" in done.stderr
 
 
 def test_unsupported_architecture_fails_on_every_rank(checkpoint_factory):

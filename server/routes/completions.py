@@ -85,7 +85,9 @@ async def create(request: Request) -> Response:
     specs = []
     for i, ids in enumerate(prompts):
         where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        params = fit_context(state, len(ids), req.params, req.max_tokens_param, where)
+        params = fit_context(
+            state, len(ids), req.params, req.max_tokens_param, where, req.default_max_tokens
+        )
         specs += [
             ChoiceSpec(
                 ids,

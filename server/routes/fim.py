@@ -32,6 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mlxrun.budget import prompt_room
+
 from .. import common
 from ..errors import guarded, invalid
 from ..extras import note, reports
@@ -283,12 +285,9 @@ async def infill(request: Request) -> Response:
 
 
 def _budget(state: ServerState, req: Infill) -> int:
-    """Prompt tokens allowed, extra context included: the context less the output reserved."""
-    limit, cap = state.config.context_length, state.config.max_output_tokens
-    reserve = req.params.max_tokens
-    if reserve is None:
-        reserve = limit // 4 if cap is None else min(cap, limit // 4)
-    return limit - reserve
+    """Prompt tokens allowed, extra context included (mlxrun.budget's rule)."""
+    config = state.config
+    return prompt_room(config.context_length, req.params.max_tokens, config.max_output_tokens)
 
 
 async def _infill_chunks(state: ServerState, run: _InfillRun) -> AsyncIterator[dict[str, Any]]:

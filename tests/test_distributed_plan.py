@@ -263,5 +263,5 @@ def test_mirrored_serve_refuses_pipeline_parallel():
     from mlxrun.engine_mirror import MirroredEngine
 
     world = World(rank=0, size=2, backend="ring", parallel="pipeline")
-    with pytest.raises(UnsupportedModelError, match="tensor parallel only"):
+    with pytest.raises(UnsupportedModelError, match="in tensor parallel only"):
         MirroredEngine(object(), EngineConfig(), world)

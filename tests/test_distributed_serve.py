@@ -205,4 +205,4 @@ def test_pipeline_parallel_serve_is_refused_clearly(checkpoint_factory, tmp_path
             str(_free_port()), "--parallel", "pipeline"]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
     assert done.returncode != 0
-    assert "serving across machines runs tensor parallel only" in done.stderr
+    assert "runs across machines in tensor parallel only" in done.stderr

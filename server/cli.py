@@ -112,22 +112,6 @@ def _base_urls(host: str, port: int) -> list[str]:
     return [f"http://{f'[{h}]' if ':' in h else h}:{port}/v1" for h in hosts]
 
 
-def _banner(info: Any, urls: list[str], aliases: tuple[str, ...], keys: Any) -> None:
-    echo = click.echo
-    echo(f"mlxrun: serving {info.name} ({info.architecture}, {info.quantization}, "
-         f"context {info.context_length})")  # fmt: skip
-    echo(f"  OpenAI base URL: {urls[0]}")
-    for url in urls[1:]:
-        echo(f"  on the network:  {url}")
-    names = ", ".join(aliases)
-    echo(f"  model id:        {info.name}" + (f" (aliases: {names})" if names else ""))
-    names = f", keys: {', '.join(keys.names)}" if keys else ""
-    echo(
-        "  API key:         " + (f"required (Authorization: Bearer ...{names})" if keys else "none")
-    )
-    echo("Press Ctrl-C to stop.")
-
-
 def _setup_logging(level: str) -> None:
     """mlxrun's log lines (the access log at info, clamps at debug) on stderr."""
     import logging
@@ -143,7 +127,7 @@ def _setup_logging(level: str) -> None:
 
 
 @click.command("serve")
-@click.argument("model")
+@click.argument("models", nargs=-1)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
@@ -167,6 +151,16 @@ def _setup_logging(level: str) -> None:
               help="Another model id clients may use; a pattern such as 'claude-*' accepts every "
               "matching name (Claude Code asks for its own model names).")  # fmt: skip
 @click.option("--context", type=click.IntRange(min=1), default=None, help="Context length.")
+@click.option("--memory-budget", default=None,
+              help="Memory all loaded models share (weights, KV, prefix cache), e.g. 24GB; "
+              "loading past it unloads the least recently used idle model. Default: the "
+              "machine's budget (see `mlxrun doctor`).")  # fmt: skip
+@click.option("--max-loaded", type=click.IntRange(min=1), default=None,
+              help="Most models in memory at once (default: as many as the budget holds).")  # fmt: skip
+@click.option("--keep-alive", default="5m", show_default=True,
+              help="How long an idle model stays loaded: a duration (30s, 5m, 1h), -1 for "
+              "ever, 0 to unload after each request. Per request: Ollama's keep_alive or the "
+              "X-Mlxrun-Keep-Alive header.")  # fmt: skip
 @click.option("--max-running", type=click.IntRange(min=1), default=16, show_default=True,
               help="Requests decoded together in one batch.")  # fmt: skip
 @click.option("--cache-memory", default=None, help="Prefix-cache memory, e.g. 2GB (0 = off).")
@@ -210,7 +204,7 @@ def _setup_logging(level: str) -> None:
               "before requests fail with 503.")  # fmt: skip
 @friendly_errors
 def serve_cmd(
-    model: str,
+    models: tuple[str, ...],
     host: str,
     port: int,
     api_key: str | None,
@@ -220,6 +214,9 @@ def serve_cmd(
     max_queued_per_key: int | None,
     aliases: tuple[str, ...],
     context: int | None,
+    memory_budget: str | None,
+    max_loaded: int | None,
+    keep_alive: str,
     max_running: int,
     cache_memory: str | None,
     cache_dir: str | None,
@@ -236,7 +233,9 @@ def serve_cmd(
     parallel: str | None,
     step_timeout: float,
 ) -> None:
-    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…)."""
+    """Serve MODELS over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…),
+    and Anthropic's and Ollama's. The first model is the default and loads at once; a request's
+    "model" picks another, loaded on first use. With no MODELS, every stored model is servable."""
     _setup_logging("warning" if quiet else log_level)
     _check_exposure(host, bool(api_key), api_key_file, no_auth)
     kv = {"kv_bits": kv_bits, "kv_group_size": int(kv_group_size)}
@@ -248,32 +247,36 @@ def serve_cmd(
     if responses_dir is not None:
         _private_dir(responses_dir)
     from mlxrun import distributed
+    from mlxrun.engine import EngineConfig
+    from mlxrun.server import cli_pool
+    from mlxrun.server.app import ServerConfig
+    from mlxrun.server.models_pool import ModelPool
 
     world = distributed.init_world(parallel)
-    distributed.quiet_followers(world)
-    # Rank 0 alone owns HTTP; the other ranks only mirror its engine steps.
-    sock = _bind(host, port) if world is None or world.leader else None
-    from mlxrun.engine_mirror import make_engine, run_follower
-    from mlxrun.generate import engine_config as engine_config_of
-    from mlxrun.loader import load
-    from mlxrun.safety import check_chat_template
-    from mlxrun.server.app import ServerConfig
+    if world is not None:  # one model across machines (mlx.launch): no pool
+        from mlxrun.server.cli_distributed import serve_distributed
 
-    lm, tokenizer, info = load(model, context=context, world=world)
-    distributed.announce(distributed.current())
-    click.echo(f"Loading {info.name}...", err=True)
-    problem = check_chat_template(tokenizer)
-    if problem:  # said now, before any client gets a 400 for it
-        click.echo(f"Warning: {problem}", err=True)
-    _read_weights(lm)
-    engine_config = engine_config_of(
-        tokenizer, info.name, info.context_length,
-        max_running=max_running, cache_reuse=cache_reuse, **kv, **caches,
-    )  # fmt: skip
+        serve_distributed(
+            world, models, host, port, context, step_timeout,
+            dict(max_running=max_running, cache_reuse=cache_reuse, **kv, **caches),
+            dict(aliases=aliases, api_key=api_key or None, api_key_file=api_key_file,
+                 max_concurrent_per_key=max_concurrent_per_key,
+                 max_queued_per_key=max_queued_per_key, cors_origins=cors_origins,
+                 tool_parser=tool_parser, strict=strict, responses_dir=responses_dir),
+        )  # fmt: skip
+        return
+
+    names, preload = cli_pool.pick_models(models)
+    specs = cli_pool.build_specs(names, aliases, context)
+    engine_config = EngineConfig(max_running=max_running, cache_reuse=cache_reuse, **kv, **caches)
+    settings = cli_pool.pool_settings(memory_budget, max_loaded, keep_alive, engine_config, preload)
+    sock = _bind(host, port)
+    pool = ModelPool(specs, settings)
+    if preload:
+        click.echo(f"Loading {specs[0].name}...", err=True)
     config = ServerConfig(
-        model_id=info.name,
-        context_length=info.context_length,
-        aliases=tuple(a for a in aliases if a != info.name),
+        model_id=specs[0].name,
+        context_length=specs[0].context or 0,
         api_key=api_key or None,
         api_key_file=api_key_file,
         max_concurrent_per_key=max_concurrent_per_key,
@@ -283,22 +286,17 @@ def serve_cmd(
         strict=strict,
         responses_dir=responses_dir,
     )
-    engine = make_engine(lm, engine_config, step_timeout_s=step_timeout)
-    if sock is None:
-        run_follower(engine)
-        return
-    _run((engine, config, tokenizer), info, host, sock)
+    _run(pool, config, host, sock)
     click.echo("Stopped.")
 
 
-def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.socket) -> None:
+def _run(pool: Any, config: Any, host: str, sock: socket.socket) -> None:
     """uvicorn serving the app on `sock` until Ctrl-C / SIGTERM; the banner once it answers."""
     import uvicorn
 
-    from mlxrun.engine_mirror import MirroredEngine
     from mlxrun.server.app import create_app
+    from mlxrun.server.cli_pool import banner
 
-    engine, config, tokenizer = app_parts
     uv_config = uvicorn.Config(
         None,  # set below: the app needs on_fatal, which needs the server
         log_level="warning",
@@ -317,27 +315,16 @@ def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.soc
         while not server.started:
             await asyncio.sleep(0.01)
         urls = _base_urls(host, sock.getsockname()[1])
-        _banner(info, urls, config.aliases, app.state.keys)
+        banner(pool, urls, app.state.keys)
         if not _is_loopback(host) and not app.state.keys:
             click.echo("Warning: listening beyond this machine with no API key.", err=True)
         sys.stdout.flush()
 
-    app = create_app(engine, config, tokenizer=tokenizer, on_fatal=on_fatal, on_ready=on_ready)
+    app = create_app(None, config, tokenizer=None, on_fatal=on_fatal, on_ready=on_ready, pool=pool)
     uv_config.app = app
-    if isinstance(engine, MirroredEngine):  # a stuck step must fail before we close connections
-        handle_exit = server.handle_exit
-        server.handle_exit = lambda sig, frame: (engine.stopping(), handle_exit(sig, frame))
     _serve(server, sock, app.state.keys)
     if failed:
         raise failed[0]
-
-
-def _read_weights(model: Any) -> None:
-    """Page the (lazily mapped) weights in on this thread: MLX ties lazy arrays to the stream of
-    the thread that made them, and the engine starts on a worker thread."""
-    import mlx.core as mx
-
-    mx.eval(model.parameters())
 
 
 def _serve(server: Any, sock: socket.socket, keys: Any = None) -> None:

@@ -364,7 +364,7 @@ def _setup_readline() -> Callable[[], None]:
 
 
 @click.command("chat")
-@click.argument("model")
+@click.argument("model", required=False)
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--max-tokens", type=int, default=None, help=f"Longest reply; /set max_tokens changes it [default: {DEFAULT_MAX_TOKENS}, at most half the context].")  # fmt: skip
 @click.option("--temperature", type=float, default=None, help="0 is greedy [default: 0.7].")
@@ -378,7 +378,7 @@ def _setup_readline() -> Callable[[], None]:
 @grammar_options
 @friendly_errors
 def chat_cmd(
-    model: str,
+    model: str | None,
     system: str | None,
     context: int | None,
     force: bool,
@@ -388,7 +388,8 @@ def chat_cmd(
     grammar: str | None,
     **sampling: Any,
 ) -> None:
-    """Chat with MODEL (a store name, a directory or a Hub id) in the terminal."""
+    """Chat with MODEL (a store name, a directory or a Hub id) in the terminal; without MODEL,
+    the one model in the store."""
     from mlxrun.budget import chat_reply_default
     from mlxrun.cli.engine_options import cache_overrides, read_constraint
     from mlxrun.cli.generate import DEFAULT_TEMPERATURE, note_fallback_template, sampling_params
@@ -396,6 +397,10 @@ def chat_cmd(
 
     if context is not None and context < 1:
         raise InvalidRequestError(f"--context must be >= 1, got {context}", param="context")
+    if model is None:
+        from mlxrun.cli.run import default_model
+
+        model = default_model()
     if sampling["temperature"] is None:
         sampling["temperature"] = DEFAULT_TEMPERATURE
     params = sampling_params(**sampling)

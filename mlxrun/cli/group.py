@@ -28,6 +28,7 @@ def _register() -> None:
     from mlxrun.cli.doctor import doctor_cmd
     from mlxrun.cli.generate import generate_cmd
     from mlxrun.cli.launch import launch_cmd
+    from mlxrun.cli.run import ps_cmd, run_cmd
     from mlxrun.cli.store import list_cmd, pull_cmd, rm_cmd, show_cmd
     from mlxrun.server.cli import serve_cmd
 
@@ -39,7 +40,9 @@ def _register() -> None:
         rm_cmd,
         generate_cmd,
         chat_cmd,
+        run_cmd,
         serve_cmd,
+        ps_cmd,
         doctor_cmd,
         launch_cmd,
     ):

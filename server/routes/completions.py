@@ -31,6 +31,7 @@ from ..errors import guarded, invalid
 from ..extras import note, reports
 from ..fim_groups import NO_GROUP, Ticket, released, start_fim
 from ..generation import ChoiceSpec, Generation
+from ..models_pool import use_model
 from ..protocol import CompletionRequest, parse_completion
 from ..sse import EventStreamResponse
 from ..state import ServerState, server_state
@@ -71,8 +72,7 @@ async def create(request: Request) -> Response:
     state = server_state(request)
     req = parse_completion(await state.read_json(request), strict=state.config.strict)
     note(request, req.ignored)
-    model = state.check_model(req.model)
-    state.check_ready()
+    state, model = await use_model(request, req.model), req.model
     if req.echo and req.logprobs is not None:
         raise invalid(
             "'echo' together with 'logprobs' (log probabilities of the prompt) is not supported "

@@ -92,7 +92,8 @@ def _choose_recipe(
 
         budget = device_memory().budget_bytes if opts.fit == "auto" else parse_size(opts.fit)
         context = plan_context(config, opts.context)
-        plan = choose_plan(model, config, budget, context, group_size=opts.group_size_or_default)
+        plan = choose_plan(model, config, budget, context, group_size=opts.group_size_or_default,
+                           hosts=opts.hosts)  # fmt: skip
         return plan.recipe
     return get_recipe(opts.recipe, bits=opts.bits_or_default, group_size=opts.group_size_or_default)
 
@@ -333,7 +334,7 @@ def _convert_into(
 
 def plan_for(source: str, *, fit: str | None = None, context: int | None = None,
              bits: int | None = None, group_size: int | None = None, recipe: str | None = None,
-             revision: str | None = None) -> str:  # fmt: skip
+             revision: str | None = None, hosts: int = 1) -> str:  # fmt: skip
     """The `--plan` table. Needs only config.json: shapes come from the lazily built model."""
     from mlxrun.convert.checkpoint import load_config
     from mlxrun.convert.plan import choose_plan, estimate, format_plan_table
@@ -342,7 +343,7 @@ def plan_for(source: str, *, fit: str | None = None, context: int | None = None,
     from mlxrun.memory import device_memory
 
     opts = ConvertOptions(fit=fit, context=context, bits=bits, group_size=group_size,
-                          recipe=recipe, revision=revision)  # fmt: skip
+                          recipe=recipe, revision=revision, hosts=hosts)  # fmt: skip
     check_conflicts(opts, plan_only=True)
     src = resolve_source(source, revision=revision, allow_patterns=["config.json"], progress=False)
     config = load_config(Path(src))
@@ -350,9 +351,10 @@ def plan_for(source: str, *, fit: str | None = None, context: int | None = None,
     budget = device_memory().budget_bytes if fit in (None, "auto") else parse_size(fit)
     context = plan_context(config, context)
     if fit:
-        plan = choose_plan(model, config, budget, context, group_size=opts.group_size_or_default)
+        plan = choose_plan(model, config, budget, context, group_size=opts.group_size_or_default,
+                           hosts=hosts)  # fmt: skip
     else:
         chosen = get_recipe(recipe, bits=opts.bits_or_default,
                             group_size=opts.group_size_or_default)  # fmt: skip
-        plan = estimate(model, config, chosen, context, budget_bytes=budget)
+        plan = estimate(model, config, chosen, context, budget_bytes=budget, hosts=hosts)
     return format_plan_table(plan)

@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from mlxrun.distributed import broadcast
 from mlxrun.sampling import (
     Sampler,
     SamplingParams,
@@ -306,6 +307,7 @@ class DecodeBatch:
         assert self.tokens is not None
         logits = model(self.tokens[:, None], cache=self.caches)[:, -1, :]  # (B, V)
         new, extras = sample_rows(logits, rows, self.tokens, self.generated)
+        new = broadcast(new)  # distributed: every rank feeds rank 0's tokens (identity alone)
         mx.async_eval(new, [e for e in extras if e is not None])
         fed = (list(self.ids), self.tokens, self.extras, self.generated)
         self.tokens, self.extras, self.generated = new, extras, [True] * len(self.ids)

@@ -84,8 +84,10 @@ def local_engine(
 ) -> Iterator[Engine]:
     """A started Engine for one caller (overrides: EngineConfig fields); shut down on exit,
     which writes the prefix cache to the disk tier when there is one."""
+    from mlxrun.engine_mirror import make_engine
+
     config = engine_config(tokenizer, namespace, context_length, **overrides)
-    engine = Engine(model, config).start()
+    engine = make_engine(model, config).start()  # mirrored across ranks under mlx.launch
     try:
         yield engine
     finally:

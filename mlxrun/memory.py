@@ -234,12 +234,19 @@ def runtime_margin_bytes(config: dict[str, Any], context: int, dtype_bytes: int 
 
 
 def footprint(
-    weights_bytes: int, config: dict[str, Any], context: int, dtype_bytes: int = 2
+    weights_bytes: int,
+    config: dict[str, Any],
+    context: int,
+    dtype_bytes: int = 2,
+    *,
+    ranks: int = 1,
 ) -> int:
-    """Everything one sequence of `context` tokens needs resident: weights + KV + margin."""
+    """Everything one sequence of `context` tokens needs resident: weights + KV + margin.
+    Across `ranks` machines each holds its share of the KV cache (by heads or by layers) and
+    the whole activation margin; `weights_bytes` is then that rank's share."""
     return (
         weights_bytes
-        + kv_cache_bytes(config, context, dtype_bytes)
+        + -(-kv_cache_bytes(config, context, dtype_bytes) // ranks)
         + runtime_margin_bytes(config, context, dtype_bytes)
     )
 

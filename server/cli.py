@@ -202,6 +202,12 @@ def _setup_logging(level: str) -> None:
 @click.option("--responses-dir", type=click.Path(file_okay=False), default=None,
               help="Keep stored /v1/responses responses here across restarts (memory only by "
               "default).")  # fmt: skip
+@click.option("--parallel", type=click.Choice(["tensor", "pipeline"]), default=None,
+              help="Under mlx.launch: split the model by tensor or pipeline [default: tensor if "
+              "the architecture can].")  # fmt: skip
+@click.option("--step-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Under mlx.launch: seconds one engine step may wait on the other ranks "
+              "before requests fail with 503.")  # fmt: skip
 @friendly_errors
 def serve_cmd(
     models: tuple[str, ...],
@@ -230,6 +236,8 @@ def serve_cmd(
     log_level: str,
     quiet: bool,
     responses_dir: str | None,
+    parallel: str | None,
+    step_timeout: float,
 ) -> None:
     """Serve MODELS over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…),
     and Anthropic's and Ollama's. The first model is the default and loads at once; a request's
@@ -244,10 +252,25 @@ def serve_cmd(
         tool_format_by_name(tool_parser)  # an unknown name fails before the model loads
     if responses_dir is not None:
         _private_dir(responses_dir)
+    from mlxrun import distributed
     from mlxrun.engine import EngineConfig
     from mlxrun.server import cli_pool
     from mlxrun.server.app import ServerConfig
     from mlxrun.server.models_pool import ModelPool
+
+    world = distributed.init_world(parallel)
+    if world is not None:  # one model across machines (mlx.launch): no pool
+        from mlxrun.server.cli_distributed import serve_distributed
+
+        serve_distributed(
+            world, models, host, port, context, step_timeout,
+            dict(max_running=max_running, cache_reuse=cache_reuse, **kv, **caches),
+            dict(aliases=aliases, api_key=api_key or None, api_key_file=api_key_file,
+                 max_concurrent_per_key=max_concurrent_per_key,
+                 max_queued_per_key=max_queued_per_key, cors_origins=cors_origins,
+                 tool_parser=tool_parser, strict=strict, responses_dir=responses_dir),
+        )  # fmt: skip
+        return
 
     names, preload = cli_pool.pick_models(models)
     specs = cli_pool.build_specs(names, aliases, context)

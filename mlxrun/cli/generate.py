@@ -138,6 +138,7 @@ def _stream(chunks: Any) -> Any:
 @click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
 @click.option("--context", type=int, default=None, help="Context length to allow and plan memory for [default: the model's].")  # fmt: skip
 @click.option("--force", is_flag=True, help="Load even if the memory check says it will not fit.")
+@click.option("--parallel", type=click.Choice(["tensor", "pipeline"]), default=None, help="Under mlx.launch: split the model by tensor or pipeline [default: tensor if the architecture can].")  # fmt: skip
 @cache_options
 @grammar_options
 @friendly_errors
@@ -149,6 +150,7 @@ def generate_cmd(
     context: int | None,
     force: bool,
     stop: tuple[str, ...],
+    parallel: str | None,
     cache_dir: str | None,
     cache_disk_size: str | None,
     json_schema: str | None,
@@ -168,10 +170,15 @@ def generate_cmd(
 
     caches = cache_overrides(None, cache_dir, cache_disk_size)
 
+    from mlxrun import distributed
+    from mlxrun.engine_mirror import MirroredEngine, run_follower
     from mlxrun.generate import local_engine, stream_request
     from mlxrun.loader import load
 
-    lm, tokenizer, info = load(model, context=context, force=force)
+    world = distributed.init_world(parallel)
+    distributed.quiet_followers(world)
+    lm, tokenizer, info = load(model, context=context, force=force, world=world)
+    distributed.announce(distributed.current())
     if chat:
         note_fallback_template(tokenizer)
     constraint = read_constraint(tokenizer, json_schema, grammar)
@@ -184,6 +191,10 @@ def generate_cmd(
         lm, tokenizer, info.context_length, namespace=info.name,
         max_running=1, default_max_tokens=DEFAULT_MAX_TOKENS, **caches,
     ) as engine:  # fmt: skip
+        if world is not None and not world.leader:
+            assert isinstance(engine, MirroredEngine)  # make_engine mirrors under mlx.launch
+            run_follower(engine)  # mirror rank 0's engine until it stops
+            return
         chunks = stream_request(engine, tokenizer, ids, params, constraint=constraint)
         try:
             last = _stream(chunks)
@@ -192,5 +203,5 @@ def generate_cmd(
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             sys.exit(0)
-    if last is not None:
+    if last is not None and (world is None or world.leader):
         click.echo(_stats_line(last), err=True)

@@ -25,6 +25,7 @@ kept for it includes its stop token.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import math
 import queue
@@ -71,6 +72,9 @@ if TYPE_CHECKING:
     from mlxrun.constrain import Constraint
     from mlxrun.models import ModelProtocol
     from mlxrun.scheduler import StepPlan
+
+# The main thread's streams too, before the interpreter and the device runtime shut down.
+atexit.register(mx.clear_streams)
 
 RATE_WINDOW_S = 10.0  # tokens/s in stats() covers this recent window
 
@@ -201,6 +205,10 @@ class Engine:
             self._error = e
             self._ready.set()
             deliver(self._outbox + [(seq.sink, e) for seq in list(self._seqs.values())])
+        finally:
+            # MLX wants a thread's streams destroyed by that thread before it ends; left to
+            # process teardown they abort it ("terminate called without an active exception").
+            mx.clear_streams()
 
     def _setup(self) -> None:
         """Probe the model once: vocabulary, cache kind, KV bytes per token; size the tiers."""

@@ -1,0 +1,176 @@
+"""Where proposed tokens come from, and how many each request gets (no MLX here).
+
+Proposers (per request, chosen at admission):
+- `PredictionProposer`: OpenAI Predicted Outputs. The request's `prediction` (token ids) is
+  the text the answer is expected to copy; proposals are what follows, in the prediction, the
+  last tokens of the output. A pointer follows the output through the prediction, so after an
+  edited region the output re-synchronises on the next run of matching tokens.
+- `NgramProposer`: prompt lookup. The same search over the request's own prompt + output (the
+  latest earlier occurrence of its last n tokens); no second model.
+- A draft model (mlxrun.draft) proposes for every row at once; it is not in this module.
+
+`Acceptance` keeps one request's recent acceptance (a decayed count of accepted proposals and
+of rejections, the maximum-likelihood estimate of a per-token acceptance rate alpha), and
+`tokens_to_propose` turns alpha and the step's cost shape into k: with T tokens in a forward
+costing a + b*T, adding k proposals to a row pays when (E[k] - 1) / k > b / (a/B + b), where
+E[k] = (1 - alpha^(k+1)) / (1 - alpha) is the tokens a verify yields. `StepCost` fits a and b
+from the engine's own step times, so a full batch (compute-bound) speculates less, and a
+request whose acceptance makes speculation a loss stops (it probes again now and then).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+PROBE_EVERY = 32  # steps between trial proposals of a request that stopped speculating
+
+
+def lookup(
+    haystack: np.ndarray, tail: np.ndarray, k: int, max_n: int, min_n: int, after: int = 0
+) -> tuple[list[int], int]:
+    """Tokens following an occurrence of the last n tokens of `tail` in `haystack` (largest n
+    first, n in [min_n, max_n]); the first occurrence ending at or after `after`, else the
+    latest. Returns (up to k tokens, where they start in haystack) or ([], -1)."""
+    for n in range(min(max_n, len(tail)), min_n - 1, -1):
+        if len(haystack) <= n:
+            continue
+        suffix = tail[-n:]
+        windows = np.lib.stride_tricks.sliding_window_view(haystack[:-1], n)
+        ends = np.flatnonzero((windows == suffix).all(axis=1)) + n  # index after each match
+        if ends.size == 0:
+            continue
+        later = ends[ends >= after]
+        end = int(later[0]) if later.size else int(ends[-1])
+        return haystack[end : end + k].tolist(), end
+    return [], -1
+
+
+class PredictionProposer:
+    """Proposals from a prediction of the output (OpenAI `prediction`)."""
+
+    kind = "prediction"
+
+    def __init__(self, prediction: Sequence[int], max_n: int = 8):
+        self.ids = np.asarray(list(prediction), dtype=np.int64)
+        self.max_n = max_n
+        self.pos = 0  # where, in the prediction, the output is expected to continue
+
+    def propose(self, prompt: Sequence[int], output: Sequence[int], k: int) -> list[int]:
+        if k <= 0 or not len(self.ids):
+            return []
+        if not output:
+            return self.ids[:k].tolist()
+        tail = np.asarray(output[-self.max_n :], dtype=np.int64)
+        if self.pos < len(self.ids) and self.pos > 0 and self.ids[self.pos - 1] == tail[-1]:
+            start = self.pos  # still on track: continue where the last proposal ended
+            found = self.ids[start : start + k].tolist()
+        else:
+            found, start = lookup(self.ids, tail, k, self.max_n, 1, after=self.pos)
+        if found:
+            self.pos = start
+        return found
+
+    def advance(self, accepted: int) -> None:
+        self.pos += accepted + 1  # the bonus token is expected to match the prediction too
+
+
+class NgramProposer:
+    """Prompt lookup: proposals copied from the request's own prompt and output."""
+
+    kind = "ngram"
+
+    def __init__(self, max_n: int = 4, min_n: int = 2):
+        self.max_n, self.min_n = max_n, min_n
+
+    def propose(self, prompt: Sequence[int], output: Sequence[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        ids = np.asarray(list(prompt) + list(output), dtype=np.int64)
+        found, _ = lookup(ids, ids[-self.max_n :], k, self.max_n, self.min_n, after=len(ids))
+        return found
+
+    def advance(self, accepted: int) -> None:
+        pass
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens one verify of k proposals yields (accepted + the bonus) at acceptance rate alpha."""
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def tokens_to_propose(alpha: float, threshold: float, k_max: int) -> int:
+    """The largest k <= k_max whose extra tokens per proposal beat `threshold` (0: none pays)."""
+    best = 0
+    for k in range(1, k_max + 1):
+        if (expected_tokens(alpha, k) - 1.0) / k > threshold:
+            best = k
+    return best
+
+
+class Acceptance:
+    """One request's recent acceptance, decayed so that it follows what the output does now."""
+
+    def __init__(self, prior: float, decay: float = 0.8, weight: float = 2.0):
+        self.accepted = prior * weight  # a prior worth `weight` proposals
+        self.trials = weight
+        self.decay = decay
+        self.idle = 0  # steps since it last proposed
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / self.trials if self.trials > 0 else 0.0
+
+    def update(self, proposed: int, accepted: int) -> None:
+        """A verify of `proposed` tokens kept `accepted`: accepted successes, one failure if any
+        was rejected (each proposal is a trial only until the first rejection)."""
+        rejected = 1 if accepted < proposed else 0
+        self.accepted = self.accepted * self.decay + accepted
+        self.trials = self.trials * self.decay + accepted + rejected
+        self.idle = 0
+
+    def k(self, threshold: float, k_max: int) -> int:
+        k = tokens_to_propose(self.alpha, threshold, k_max)
+        if k == 0:
+            self.idle += 1
+            if self.idle >= PROBE_EVERY:  # try again: the output may be copying by now
+                return 1
+        return k
+
+
+@dataclass
+class StepCost:
+    """Seconds per decode step as a + b * (tokens in the forward), fitted on recent steps."""
+
+    prior_threshold: float = 0.1  # before there is data: most of a step is fixed cost (Metal)
+    window: int = 64
+
+    def __post_init__(self) -> None:
+        self.samples: deque = deque(maxlen=self.window)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            self.samples.append((tokens, seconds))
+
+    def fit(self) -> tuple[float, float] | None:
+        if len(self.samples) < 8:
+            return None
+        t, s = np.array(self.samples, dtype=np.float64).T
+        if t.std() == 0:
+            return None
+        b, a = np.polyfit(t, s, 1)
+        return max(a, 0.0), max(b, 0.0)
+
+    def threshold(self, rows: int) -> float:
+        """The marginal cost of one more token as a fraction of a plain step's cost per row."""
+        fitted = self.fit()
+        if fitted is None:
+            return self.prior_threshold
+        a, b = fitted
+        per_row = a / max(rows, 1) + b
+        return b / per_row if per_row > 0 else self.prior_threshold

@@ -639,7 +639,7 @@ class Engine:
         spec = seq.spec if seq.prediction else None  # only a prediction's tokens are reported
         event = Event(
             seq.id, tokens, lps, finish, seq.cached, len(seq.prompt), self._step_no, reused,
-            spec.accepted if spec else 0, spec.proposed - spec.accepted if spec else 0,
+            spec.matched if spec else 0, spec.proposed - spec.accepted if spec else 0,
         )  # fmt: skip
         if finish is not None:
             seq.done = True

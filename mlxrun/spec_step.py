@@ -78,7 +78,8 @@ class RowSpec:
     proposer: Any
     acceptance: Acceptance
     proposed: int = 0  # tokens proposed over the request's life
-    accepted: int = 0
+    accepted: int = 0  # of them, kept
+    matched: int = 0  # output tokens the proposer had (a prediction's accepted tokens)
 
 
 @dataclass
@@ -230,7 +231,7 @@ class Speculator:
         bonus = int(r.verdict.candidates[a].item())
         spec, k = seq.spec, len(r.proposal)
         spec.acceptance.update(k, a)
-        spec.proposer.advance(a)
+        spec.matched += spec.proposer.advance(k, a, bonus)
         spec.proposed += k
         spec.accepted += a
         self.counts["spec_row_steps"] += 1

@@ -74,8 +74,14 @@ class PredictionProposer:
             self.pos = start
         return found
 
-    def advance(self, accepted: int) -> None:
-        self.pos += accepted + 1  # the bonus token is expected to match the prediction too
+    def advance(self, proposed: int, accepted: int, bonus: int) -> int:
+        """Move past a verify's output; returns how many of its tokens the prediction had
+        (the bonus counts when it is the prediction's next token: OpenAI's accepted tokens)."""
+        used = accepted
+        if accepted == proposed and self.pos + accepted < len(self.ids):
+            used += int(self.ids[self.pos + accepted] == bonus)
+        self.pos += accepted + 1  # a rejected token is most often replaced by the bonus
+        return used
 
 
 class NgramProposer:
@@ -93,8 +99,8 @@ class NgramProposer:
         found, _ = lookup(ids, ids[-self.max_n :], k, self.max_n, self.min_n, after=len(ids))
         return found
 
-    def advance(self, accepted: int) -> None:
-        pass
+    def advance(self, proposed: int, accepted: int, bonus: int) -> int:
+        return accepted
 
 
 def expected_tokens(alpha: float, k: int) -> float:

@@ -1,0 +1,233 @@
+"""Speculation inside the batch on a tiny model: KV rollback is exact, greedy output is
+token-identical to plain decoding (predictions with edits, n-gram lookup, quantized KV), and
+stop tokens, logprobs, penalties, grammars and abort keep working with speculation on."""
+
+from __future__ import annotations
+
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from mlxrun.engine import Engine, EngineConfig, Event, Request
+from mlxrun.sampling import SamplingParams
+from mlxrun.spec_step import SpecConfig, can_rollback, rollback
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+ALWAYS = SpecConfig(mode="ngram", adaptive=False, max_k=4)
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoint_factory):
+    from mlxrun.loader import load
+
+    return load(str(checkpoint_factory("llama")))
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, 400) for _ in range(rng.randrange(4, 30))] for _ in range(n)]
+
+
+def _engine(lm, spec: SpecConfig | None = None, **kw) -> Engine:
+    cfg = EngineConfig(
+        eos_token_ids=lm[2].eos_token_ids,
+        cache_memory_bytes=0,
+        speculate=spec or SpecConfig(),
+        **kw,
+    )
+    return Engine(lm[0], cfg).start()
+
+
+def _run(engine: Engine, requests: list[Request]) -> dict[str, list[Event]]:
+    streams = [engine.submit_sync(r) for r in requests]
+    return {s.id: list(s) for s in streams}
+
+
+def _tokens(events: list[Event]) -> list[int]:
+    return [t for e in events for t in e.new_token_ids]
+
+
+def _plain(lm, prompts, params=GREEDY, **kw) -> list[list[Event]]:
+    with _engine(lm, **kw) as engine:
+        out = _run(engine, [Request(f"r{i}", p, params) for i, p in enumerate(prompts)])
+    return [out[f"r{i}"] for i in range(len(prompts))]
+
+
+def _edited(tokens: list[int], every: int, seed: int = 0) -> list[int]:
+    """A prediction that differs from the real output at every `every`-th token."""
+    rng = random.Random(seed)
+    return [rng.randrange(10, 400) if i % every == every - 1 else t for i, t in enumerate(tokens)]
+
+
+# ------------------------------------------------------------------ KV rollback
+
+
+def _prefill(model, prompt):
+    cache = [KVCache() for _ in model.layers]
+    model(mx.array(prompt)[None], cache=cache)
+    return cache
+
+
+def test_rollback_leaves_the_cache_as_plain_decoding_would(lm):
+    model = lm[0]
+    prompts = [[5, 9, 33, 71, 2, 8, 100], [40, 41]]
+    feeds = [[7, 11, 12, 13], [9, 30, 31, 32]]  # [fed token] + 3 proposals per row
+    kept = [2, 0]  # row 0 keeps 2 proposals, row 1 none
+    caches = [_prefill(model, p) for p in prompts]
+    batch = [BatchKVCache.merge(list(layer)) for layer in zip(*caches, strict=True)]
+    assert can_rollback(batch)
+    model(mx.array(feeds), cache=batch)
+    rollback(batch, [3 - k for k in kept])
+    for i, prompt in enumerate(prompts):
+        plain = _prefill(model, prompt)
+        for t in feeds[i][: 1 + kept[i]]:  # plain decoding: one token at a time
+            model(mx.array([[t]]), cache=plain)
+        for layer, ref in zip(batch, plain, strict=True):
+            got = layer.extract(i)
+            assert got.offset == ref.offset == len(prompt) + 1 + kept[i]
+            np.testing.assert_allclose(got.keys, ref.keys[..., : ref.offset, :], atol=1e-5)
+            np.testing.assert_allclose(got.values, ref.values[..., : ref.offset, :], atol=1e-5)
+    # The next step reads exactly the kept positions: same logits as the plain caches give.
+    nxt = model(mx.array([[3], [4]]), cache=batch)[:, -1]
+    for i, prompt in enumerate(prompts):
+        plain = _prefill(model, prompt)
+        for t in feeds[i][: 1 + kept[i]] + [[3], [4]][i]:
+            ref = model(mx.array([[t]]), cache=plain)[:, -1]
+        np.testing.assert_allclose(nxt[i], ref[0], atol=1e-4)
+
+
+# ------------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_greedy_predictions_with_edits_are_token_identical_to_plain_decoding(lm, kv_bits):
+    prompts = _prompts(6)
+    plain = [_tokens(e) for e in _plain(lm, prompts, kv_bits=kv_bits)]
+    with _engine(lm, kv_bits=kv_bits) as engine:
+        requests = [
+            Request(f"r{i}", p, GREEDY, prediction=_edited(plain[i], 5 + i))
+            for i, p in enumerate(prompts)
+        ]
+        out = _run(engine, requests)
+        stats = engine.stats()
+    assert [_tokens(out[f"r{i}"]) for i in range(6)] == plain
+    last = [out[f"r{i}"][-1] for i in range(6)]
+    assert all(e.accepted_prediction_tokens > 0 and e.rejected_prediction_tokens > 0 for e in last)
+    assert 0 < stats["spec_acceptance_rate"] < 1
+    assert stats["spec_tokens_per_row_step"] > 1.5
+
+
+def test_an_exact_prediction_is_accepted_whole_in_fewer_steps(lm):
+    prompts = _prompts(3, seed=1)
+    plain = _plain(lm, prompts)
+    with _engine(lm) as engine:
+        requests = [
+            Request(f"r{i}", p, GREEDY, prediction=_tokens(plain[i])) for i, p in enumerate(prompts)
+        ]
+        out = _run(engine, requests)
+    for i in range(3):
+        assert _tokens(out[f"r{i}"]) == _tokens(plain[i])
+        assert out[f"r{i}"][-1].accepted_prediction_tokens == len(_tokens(plain[i]))
+        assert out[f"r{i}"][-1].rejected_prediction_tokens == 0
+        assert out[f"r{i}"][-1].step < plain[i][-1].step / 2
+
+
+def test_ngram_lookup_is_token_identical_and_proposes(lm):
+    prompts = _prompts(5, seed=2)
+    plain = [_tokens(e) for e in _plain(lm, prompts)]
+    with _engine(lm, ALWAYS) as engine:
+        out = _run(engine, [Request(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)])
+        stats = engine.stats()
+    assert [_tokens(out[f"r{i}"]) for i in range(5)] == plain
+    assert stats["spec_accepted_tokens"] > 0 and stats["spec_steps"] > 0
+
+
+# ------------------------------------------------------------------ what keeps working
+
+
+def test_stop_tokens_and_budgets_cut_accepted_proposals(lm):
+    prompts = _prompts(4, seed=3)
+    plain = [_tokens(e) for e in _plain(lm, prompts)]
+    stops = [p[7] for p in plain]  # a token the output reaches mid-way
+    reqs = [
+        Request(f"r{i}", p, GREEDY.replace(stop_token_ids=(stops[i],), max_tokens=24 - i))
+        for i, p in enumerate(prompts)
+    ]
+    with _engine(lm) as engine:
+        expected = _run(engine, reqs)
+    with _engine(lm) as engine:
+        predicted = [
+            Request(r.id, r.prompt_token_ids, r.params, prediction=plain[i])
+            for i, r in enumerate(reqs)
+        ]
+        out = _run(engine, predicted)
+    for r in reqs:
+        assert _tokens(out[r.id]) == _tokens(expected[r.id])
+        assert out[r.id][-1].finish_reason == expected[r.id][-1].finish_reason == "stop"
+        assert stops[int(r.id[1:])] not in _tokens(out[r.id])
+
+
+def test_logprobs_and_penalties_match_plain_decoding(lm):
+    prompts = _prompts(4, seed=4)
+    params = GREEDY.replace(
+        logprobs=True, top_logprobs=3, presence_penalty=0.7, frequency_penalty=0.3,
+        repetition_penalty=1.2, logit_bias={17: 2.0},
+    )  # fmt: skip
+    plain = _plain(lm, prompts, params)
+    with _engine(lm, ALWAYS) as engine:
+        reqs = [
+            Request(f"r{i}", p, params, prediction=_edited(_tokens(plain[i]), 4))
+            for i, p in enumerate(prompts)
+        ]
+        out = _run(engine, reqs)
+        assert engine.stats()["spec_accepted_tokens"] > 0
+    for i in range(4):
+        assert _tokens(out[f"r{i}"]) == _tokens(plain[i])
+        got = [lp for e in out[f"r{i}"] for lp in e.logprobs or []]
+        ref = [lp for e in plain[i] for lp in e.logprobs or []]
+        assert len(got) == len(ref) == len(_tokens(plain[i]))
+        for g, r in zip(got, ref, strict=True):
+            assert g.token_id == r.token_id and abs(g.logprob - r.logprob) < 1e-4
+            assert [t for t, _ in g.top] == [t for t, _ in r.top]
+
+
+def test_a_constrained_row_beside_speculating_rows_samples_as_without_them(lm):
+    from mlxrun.constrain import GrammarCompiler
+
+    compiler = GrammarCompiler(lm[1])
+    prompts = _prompts(3, seed=5)
+    sampled = SamplingParams(temperature=1.0, seed=11, max_tokens=40)
+
+    def run(spec):
+        with _engine(lm, spec) as engine:
+            reqs = [Request(f"u{i}", p, GREEDY) for i, p in enumerate(prompts)]
+            reqs.append(Request("c", [5, 17, 99], sampled, constraint=compiler.json_object("r")))
+            return _run(engine, reqs), engine.stats()
+
+    plain, _ = run(SpecConfig())
+    spec, stats = run(ALWAYS)
+    assert stats["spec_steps"] > 0
+    assert _tokens(spec["c"]) == _tokens(plain["c"])
+    for i in range(3):
+        assert _tokens(spec[f"u{i}"]) == _tokens(plain[f"u{i}"])
+
+
+def test_abort_ends_a_speculating_request_and_the_others_go_on(lm):
+    prompts = _prompts(3, seed=6)
+    long = GREEDY.replace(max_tokens=200)
+    plain = [_tokens(e) for e in _plain(lm, prompts, long)]
+    with _engine(lm, ALWAYS) as engine:
+        streams = [
+            engine.submit_sync(Request(f"r{i}", p, long, prediction=plain[i]))
+            for i, p in enumerate(prompts)
+        ]
+        first = next(iter(streams[0]))
+        engine.abort("r0")
+        rest = list(streams[0])
+        others = [list(s) for s in streams[1:]]
+    assert first.new_token_ids and rest[-1].finish_reason == "abort"
+    assert len(_tokens([first, *rest])) < 200
+    assert [_tokens(o) for o in others] == plain[1:]

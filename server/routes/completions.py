@@ -48,6 +48,7 @@ from ..errors import guarded, invalid
 from ..extras import note, reports
 from ..generation import ChoiceSpec, Generation
 from ..protocol import CompletionRequest, parse_completion
+from ..protocol_prediction import with_prediction
 from ..sse import EventStreamResponse
 from ..state import ServerState, server_state
 
@@ -115,6 +116,7 @@ async def create(request: Request) -> Response:
             )
             for j in range(req.n)
         ]
+    specs = with_prediction(specs, state.tokenizer, req.prediction)
     echoes = [_echo_text(state, req, p) for p in req.prompts for _ in range(req.n)]
     request_id = state.next_id("cmpl")
     gen, ticket = _start(state, request, req, specs, request_id, arrival)

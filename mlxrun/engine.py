@@ -135,10 +135,10 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, model: Any, config: EngineConfig | None = None, draft: Any = None):
+    def __init__(self, model: Any, config: EngineConfig | None = None):
         self.model = model
         self.config = config or EngineConfig()
-        self._spec = Speculator(self.config.speculate, draft)  # draft: a mlxrun.draft.Draft
+        self._spec = Speculator(self.config.speculate)
         self._lock = threading.Lock()  # guards the scheduler and _seqs (submit runs on callers)
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._seqs: dict[str, RequestState] = {}

@@ -48,6 +48,7 @@ class SpecConfig:
     max_k: int = 5  # proposals per row per step, at most
     adaptive: bool = True  # False: always max_k (benchmarks, tests)
     prior_threshold: float = 0.1
+    draft: Any = field(default=None, compare=False, repr=False)  # a mlxrun.draft.Draft
 
 
 def can_rollback(caches: Sequence[Any] | None) -> bool:
@@ -93,7 +94,6 @@ class _Row:  # one batch row during a speculative step
 @dataclass
 class Speculator:
     config: SpecConfig
-    draft: Any = None  # a mlxrun.draft.DraftProposer, or None
     counts: dict = field(
         default_factory=lambda: dict.fromkeys(
             ("spec_steps", "spec_row_steps", "spec_proposed_tokens", "spec_accepted_tokens"), 0
@@ -102,6 +102,7 @@ class Speculator:
 
     def __post_init__(self) -> None:
         self.cost = StepCost(self.config.prior_threshold)
+        self.draft = self.config.draft
         self._last: tuple[float, int] | None = None  # (when, forward tokens) of the last step
 
     def attach(self, seq: Any) -> None:
@@ -207,6 +208,8 @@ class Speculator:
             out[r.index], bonus[r.index], extras[r.index] = self._settle(r, seqs[r.index])
             drops[r.index] = width - len(out[r.index][0])
         rollback(batch.caches, drops)
+        if self.draft is not None:  # the draft keeps what its own proposals got accepted
+            self.draft.settle([_drafted(r, out[r.index], seqs[r.index]) for r in rows])
         emitted = self._emitted(batch, rows, out, fed)
         batch.tokens = mx.concatenate([mx.array(b).reshape(1).astype(mx.uint32) for b in bonus])
         batch.extras, batch.generated = extras, [True] * len(rows)
@@ -258,3 +261,10 @@ class Speculator:
             head_extra = [batch.extras[r.index]] if head else []
             emitted.append((head + kept, head_extra + kept_extras, 1 + len(kept)))
         return emitted
+
+
+def _drafted(row: _Row, out: Any, seq: Any) -> int:
+    """Accepted proposals of a row the draft proposed for (0 for any other row)."""
+    if out is None or seq.spec is None or getattr(seq.spec.proposer, "kind", "") != "draft":
+        return 0
+    return len(out[0])

@@ -75,6 +75,10 @@ class Draft:
         self._fed: dict[str, int] = {}  # this step: context length when proposing
         self._width = 0  # proposals drawn this step (0: the draft did not run)
 
+    def fresh(self) -> Draft:
+        """The same model with an empty batch (each engine mirrors its own rows)."""
+        return Draft(self.model, self.name)
+
     def proposer(self, seq: Any) -> _DraftProposer:
         return _DraftProposer()
 

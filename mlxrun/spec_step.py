@@ -102,7 +102,7 @@ class Speculator:
 
     def __post_init__(self) -> None:
         self.cost = StepCost(self.config.prior_threshold)
-        self.draft = self.config.draft
+        self.draft = self.config.draft.fresh() if self.config.draft is not None else None
         self._last: tuple[float, int] | None = None  # (when, forward tokens) of the last step
 
     def attach(self, seq: Any) -> None:

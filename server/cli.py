@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from mlxrun.cli.common import friendly_errors
+from mlxrun.cli.speculation import speculation_options, speculation_overrides
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long to finish; the rest are aborted
@@ -231,6 +232,7 @@ def _setup_logging(level: str) -> None:
 @click.option("--responses-dir", type=click.Path(file_okay=False), default=None,
               help="Keep stored /v1/responses responses here across restarts (memory only by "
               "default).")  # fmt: skip
+@speculation_options
 @friendly_errors
 def serve_cmd(
     model: str,
@@ -256,6 +258,9 @@ def serve_cmd(
     log_level: str,
     quiet: bool,
     responses_dir: str | None,
+    speculate: str,
+    draft: str | None,
+    num_speculative_tokens: int,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…)."""
     _setup_logging("warning" if quiet else log_level)
@@ -284,7 +289,8 @@ def serve_cmd(
     engine_config = _engine_config(
         tokenizer, info, max_running, cache_bytes, cache_dir, kv, disk_bytes
     )
-    engine_config = dataclasses.replace(engine_config, cache_reuse=cache_reuse)
+    spec = speculation_overrides(tokenizer, speculate, draft, num_speculative_tokens, context)
+    engine_config = dataclasses.replace(engine_config, cache_reuse=cache_reuse, **spec)
     config = ServerConfig(
         model_id=info.name,
         context_length=info.context_length,

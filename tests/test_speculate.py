@@ -14,6 +14,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlxrun.engine import Engine, EngineConfig, Event, Request
 from mlxrun.sampling import SamplingParams
 from mlxrun.spec_step import SpecConfig, can_rollback, rollback
+from mlxrun.speculate import PROBE_EVERY
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 ALWAYS = SpecConfig(mode="ngram", adaptive=False, max_k=4)
@@ -231,3 +232,30 @@ def test_abort_ends_a_speculating_request_and_the_others_go_on(lm):
     assert first.new_token_ids and rest[-1].finish_reason == "abort"
     assert len(_tokens([first, *rest])) < 200
     assert [_tokens(o) for o in others] == plain[1:]
+
+
+def test_a_request_whose_prediction_keeps_failing_stops_speculating(lm):
+    prompts = _prompts(2, seed=7)
+    long = GREEDY.replace(max_tokens=80)
+    plain = [_tokens(e) for e in _plain(lm, prompts, long)]
+    garbage = _edited(plain[1], 2)  # every other token wrong: proposals keep failing
+
+    def run(spec):
+        with _engine(lm, spec) as engine:
+            reqs = [
+                Request("good", prompts[0], long, prediction=plain[0]),
+                Request("bad", prompts[1], long, prediction=garbage),
+            ]
+            return _run(engine, reqs)
+
+    adaptive = run(SpecConfig(adaptive=True))
+    always = run(SpecConfig(adaptive=False))
+    for out in (adaptive, always):
+        assert [_tokens(out["good"]), _tokens(out["bad"])] == plain
+    bad, bad_always = adaptive["bad"][-1], always["bad"][-1]
+    assert bad_always.rejected_prediction_tokens > 200
+    assert bad.rejected_prediction_tokens < bad_always.rejected_prediction_tokens / 3
+    # It stopped: over the second half only the occasional one-token probe.
+    half = adaptive["bad"][len(adaptive["bad"]) // 2]
+    assert bad.rejected_prediction_tokens - half.rejected_prediction_tokens <= 40 // PROBE_EVERY + 1
+    assert adaptive["good"][-1].accepted_prediction_tokens > 60

@@ -259,3 +259,20 @@ def test_a_request_whose_prediction_keeps_failing_stops_speculating(lm):
     half = adaptive["bad"][len(adaptive["bad"]) // 2]
     assert bad.rejected_prediction_tokens - half.rejected_prediction_tokens <= 40 // PROBE_EVERY + 1
     assert adaptive["good"][-1].accepted_prediction_tokens > 60
+
+
+def test_a_speculating_requests_kv_serves_the_prefix_cache(lm):
+    prompts = _prompts(4, seed=8)
+
+    def run(spec):
+        cfg = EngineConfig(eos_token_ids=lm[2].eos_token_ids, speculate=spec)
+        with Engine(lm[0], cfg).start() as engine:
+            first = _run(engine, [Request(f"a{i}", p, GREEDY) for i, p in enumerate(prompts)])
+            again = [Request(f"b{i}", p + [5, 6], GREEDY) for i, p in enumerate(prompts)]
+            second = _run(engine, again)
+            return [_tokens(v) for v in (*first.values(), *second.values())], engine.stats()
+
+    plain, _ = run(SpecConfig())
+    spec, stats = run(ALWAYS)
+    assert spec == plain
+    assert stats["cache_hits"] == 4 and stats["spec_accepted_tokens"] > 0

@@ -268,7 +268,12 @@ def test_a_speculating_requests_kv_serves_the_prefix_cache(lm):
         cfg = EngineConfig(eos_token_ids=lm[2].eos_token_ids, speculate=spec)
         with Engine(lm[0], cfg).start() as engine:
             first = _run(engine, [Request(f"a{i}", p, GREEDY) for i, p in enumerate(prompts)])
-            again = [Request(f"b{i}", p + [5, 6], GREEDY) for i, p in enumerate(prompts)]
+            # The next turn's prompt holds the answer: its KV (written by verify steps and
+            # rolled back where proposals failed) is what the prefix cache hands out.
+            again = [
+                Request(f"b{i}", p + _tokens(first[f"a{i}"]) + [5, 6], GREEDY)
+                for i, p in enumerate(prompts)
+            ]
             second = _run(engine, again)
             return [_tokens(v) for v in (*first.values(), *second.values())], engine.stats()
 
@@ -276,3 +281,4 @@ def test_a_speculating_requests_kv_serves_the_prefix_cache(lm):
     spec, stats = run(ALWAYS)
     assert spec == plain
     assert stats["cache_hits"] == 4 and stats["spec_accepted_tokens"] > 0
+    assert stats["cache_hit_tokens"] >= sum(len(p) + GREEDY.max_tokens - 1 for p in prompts)

@@ -148,8 +148,14 @@ class Speculator:
         positions added)."""
         if not any(s.spec is not None for s in seqs) or not can_rollback(batch.caches):
             return None
+        ks = self._ks(seqs, batch.generated)
+        if not any(ks):
+            return None  # decided before reading the tokens: the plain step keeps its overlap
         fed = batch.tokens.tolist()
-        ks = self._ks(seqs, fed, batch.generated)
+        stopped = [
+            g and t in s.stop_ids for s, t, g in zip(seqs, fed, batch.generated, strict=True)
+        ]
+        ks = [0 if done else k for done, k in zip(stopped, ks, strict=True)]
         rows = []
         for i, (seq, k) in enumerate(zip(seqs, ks, strict=True)):
             output = seq.generated + ([fed[i]] if batch.generated[i] else [])
@@ -166,14 +172,14 @@ class Speculator:
         logits = model(tokens, cache=batch.caches)  # (B, 1 + K, V)
         return self._finish(batch, seqs, rows, logits, fed)
 
-    def _ks(self, seqs: list[Any], fed: list[int], generated: list[bool]) -> list[int]:
+    def _ks(self, seqs: list[Any], generated: list[bool]) -> list[int]:
         """Each row's k: what its acceptance and the step's cost shape make worth proposing,
         within the tokens it may still generate (the bonus must fit too)."""
         threshold = self.cost.threshold(len(seqs))
         ks = []
-        for seq, token, gen in zip(seqs, fed, generated, strict=True):
+        for seq, gen in zip(seqs, generated, strict=True):
             left = seq.budget - len(seq.generated) - (1 if gen else 0) - 1
-            if seq.spec is None or left <= 0 or (gen and token in seq.stop_ids):
+            if seq.spec is None or left <= 0:
                 ks.append(0)
                 continue
             k = self.config.max_k

@@ -127,7 +127,7 @@ def edit_workload(lm, tokens, k, rows):
     from mlxrun.spec_step import SpecConfig
 
     tok = lm[1]
-    files = _sources(8, 30)
+    files = _sources(8, 16)
     prompts = [tok.encode(f"# file: module_{i}.py\n{f}") for i, f in enumerate(files)]
     plain, _, _, _ = _run(lm, prompts, None, tokens)
     predicted = [
@@ -144,7 +144,7 @@ def draft_workload(lm, draft, tokens, k, rows):
     from mlxrun.spec_step import SpecConfig
 
     tok = lm[1]
-    files = _sources(16, 12)
+    files = _sources(16, 8)
     prompts = [tok.encode(f) for f in files]
     spec = SpecConfig(max_k=k, draft=draft)
     for n in (1, 8, 16):
@@ -157,7 +157,7 @@ def ngram_workload(lm, tokens, k, rows):
 
     tok = lm[1]
     spec = SpecConfig(mode="ngram", max_k=k)
-    files = _sources(2, 40)
+    files = _sources(2, 16)
     refactor = [
         tok.encode(
             f"# original.py\n{f}\n# refactored.py (same code, clearer names)\n"

@@ -1,5 +1,5 @@
 """`python -m mlxrun`: the mlxrun command."""
 
-from mlxrun.cli import main
+from mlxrun.cli.group import main
 
 main(prog_name="mlxrun")

@@ -90,3 +90,18 @@ def test_importing_the_engine_loads_no_server_or_convert_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_command_module_imports_first_in_a_fresh_interpreter():
+    # A cycle through the command group (server/cli.py -> mlxrun.cli -> every command) breaks
+    # whichever module a process happens to import first; tests and benchmarks start several.
+    modules = ["mlxrun.server.cli"] + sorted(
+        f"mlxrun.cli.{p.stem}"
+        for p in (ROOT / "mlxrun" / "cli").glob("*.py")
+        if p.stem not in ("__init__", "__main__")
+    )
+    assert "mlxrun.cli.group" in modules and len(modules) > 6
+    for name in modules:
+        code = f"import {name}; from mlxrun.cli import main; print(type(main).__name__)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == "Group", (name, out.stderr[-800:])

@@ -131,12 +131,7 @@ def serve_in_thread(app: Any, *, wait: bool = True, graceful_s: float = 2) -> It
             raise RuntimeError("the server thread did not stop")
 
 
-# mlxrun.cli first: importing mlxrun.server.cli alone runs into the cycle through mlxrun.cli.
-CLI = [
-    sys.executable,
-    "-c",
-    "import mlxrun.cli; from mlxrun.server.cli import serve_cmd; serve_cmd()",
-]
+CLI = [sys.executable, "-c", "from mlxrun.server.cli import serve_cmd; serve_cmd()"]
 
 
 def start_cli(model_dir: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:

@@ -160,8 +160,13 @@ class StepCost:
         self.samples: deque = deque(maxlen=self.window)
 
     def observe(self, tokens: int, seconds: float) -> None:
-        if tokens > 0 and seconds > 0:
-            self.samples.append((tokens, seconds))
+        if tokens <= 0 or seconds <= 0:
+            return
+        if len(self.samples) >= 8:  # an idle gap or a long prefill is not a decode step's cost
+            typical = float(np.median([s / t for t, s in self.samples]))
+            if seconds > 8 * typical * tokens:
+                return
+        self.samples.append((tokens, seconds))
 
     def fit(self) -> tuple[float, float] | None:
         if len(self.samples) < 8:

@@ -57,6 +57,7 @@ def test_a_compute_bound_step_raises_the_bar_for_a_full_batch():
     assert cost.threshold(1) == cost.prior_threshold  # no data yet
     for tokens in range(1, 65, 4):
         cost.observe(tokens, 0.010 + 0.001 * tokens)  # fixed 10 ms + 1 ms per token
+    cost.observe(4, 3.0)  # the engine sat idle between two steps: not a step's cost
     a, b = cost.fit()
     assert a == pytest.approx(0.010, rel=1e-3) and b == pytest.approx(0.001, rel=1e-3)
     alone, full = cost.threshold(1), cost.threshold(16)

@@ -282,3 +282,40 @@ def test_a_speculating_requests_kv_serves_the_prefix_cache(lm):
     assert spec == plain
     assert stats["cache_hits"] == 4 and stats["spec_accepted_tokens"] > 0
     assert stats["cache_hit_tokens"] >= sum(len(p) + GREEDY.max_tokens - 1 for p in prompts)
+
+
+def test_sampled_output_keeps_its_distribution_with_a_prediction(lm):
+    """Two sampled tokens (top_k 3) over many seeds, predicted with a likely-but-not-top pair:
+    the outcomes follow the model's own two-token distribution (chi-square, 8 df)."""
+    model = lm[0]
+    prompt = [5, 17, 99, 230]
+    params = SamplingParams(temperature=1.0, top_k=3, max_tokens=2, ignore_eos=True)
+
+    def top3(ids):
+        logits = model(mx.array(ids)[None])[0, -1].astype(mx.float32)
+        order = np.argsort(-np.array(logits))[:3]
+        p = np.exp(np.array(logits)[order] - np.array(logits)[order].max())
+        return order.tolist(), p / p.sum()
+
+    first, p1 = top3(prompt)
+    exact = {}
+    for t1, q1 in zip(first, p1, strict=True):
+        second, p2 = top3(prompt + [t1])
+        for t2, q2 in zip(second, p2, strict=True):
+            exact[(t1, t2)] = q1 * q2
+    prediction = [first[1], top3(prompt + [first[1]])[0][1]]
+    n = 400
+    with _engine(lm, max_waiting=n) as engine:
+        reqs = [
+            Request(f"s{i}", prompt, params.replace(seed=i), prediction=prediction)
+            for i in range(n)
+        ]
+        out = _run(engine, reqs)
+        assert engine.stats()["spec_accepted_tokens"] > 0
+    counts: dict[tuple, int] = {}
+    for events in out.values():
+        key = tuple(_tokens(events))
+        counts[key] = counts.get(key, 0) + 1
+    assert set(counts) <= set(exact)
+    stat = sum((counts.get(k, 0) - p * n) ** 2 / (p * n) for k, p in exact.items())
+    assert stat < 26.1, (stat, counts)  # chi-square(8) at 0.999

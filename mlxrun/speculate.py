@@ -158,24 +158,24 @@ class StepCost:
 
     def __post_init__(self) -> None:
         self.samples: deque = deque(maxlen=self.window)
+        self._fitted: tuple[float, float] | None = None
 
     def observe(self, tokens: int, seconds: float) -> None:
-        if tokens <= 0 or seconds <= 0:
-            return
-        if len(self.samples) >= 8:  # an idle gap or a long prefill is not a decode step's cost
-            typical = float(np.median([s / t for t, s in self.samples]))
-            if seconds > 8 * typical * tokens:
-                return
-        self.samples.append((tokens, seconds))
+        if tokens > 0 and seconds > 0:
+            self.samples.append((tokens, seconds))
 
     def fit(self) -> tuple[float, float] | None:
-        if len(self.samples) < 8:
-            return None
-        t, s = np.array(self.samples, dtype=np.float64).T
-        if t.std() == 0:
-            return None
-        b, a = np.polyfit(t, s, 1)
-        return max(a, 0.0), max(b, 0.0)
+        """(a, b) from the recent samples; the last fit while they cannot tell (all steps of
+        one size, e.g. while nothing speculates)."""
+        if len(self.samples) >= 8:
+            t, s = np.array(self.samples, dtype=np.float64).T
+            # An idle gap or a prefill between two decode steps is not a step's cost.
+            usual = s / t <= 8 * (s / t).min()
+            t, s = t[usual], s[usual]
+            if len(t) >= 8 and t.std() > 0:
+                b, a = np.polyfit(t, s, 1)
+                self._fitted = (max(a, 0.0), max(b, 0.0))
+        return self._fitted
 
     def threshold(self, rows: int) -> float:
         """The marginal cost of one more token as a fraction of a plain step's cost per row."""

@@ -57,9 +57,12 @@ def test_a_compute_bound_step_raises_the_bar_for_a_full_batch():
     assert cost.threshold(1) == cost.prior_threshold  # no data yet
     for tokens in range(1, 65, 4):
         cost.observe(tokens, 0.010 + 0.001 * tokens)  # fixed 10 ms + 1 ms per token
-    cost.observe(4, 3.0)  # the engine sat idle between two steps: not a step's cost
+    cost.observe(1, 3.0)  # the engine sat idle between two steps: not a step's cost
     a, b = cost.fit()
     assert a == pytest.approx(0.010, rel=1e-3) and b == pytest.approx(0.001, rel=1e-3)
+    for _ in range(64):
+        cost.observe(16, 0.026)  # nothing speculates now: the steps cannot tell a from b
+    assert cost.fit() == (a, b)  # the last fit holds
     alone, full = cost.threshold(1), cost.threshold(16)
     assert alone < 0.1 < full
     assert tokens_to_propose(0.6, alone, 5) > tokens_to_propose(0.6, full, 5)

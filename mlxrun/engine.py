@@ -344,6 +344,7 @@ class Engine:
                 busy = self._scheduler is not None and self._scheduler.has_work
             if not busy:
                 mx.clear_cache()  # idle: hand the allocator's spare buffers back
+                self._spec.idle()
             if not self._drain(block=not busy):
                 self._stop()
                 deliver(self._outbox)
@@ -537,7 +538,7 @@ class Engine:
                 ([t], [e], 1) if g else ([], [], 1)
                 for t, e, g in zip(tokens.tolist(), extras, generated, strict=True)
             ]
-        self._spec.tick(sum(added for _, _, added in rows))
+        self._spec.tick(len(rows), sum(added for _, _, added in rows))
         for seq, (_, _, added) in zip(seqs, rows, strict=True):
             seq.kv += added
         return rows
@@ -639,7 +640,7 @@ class Engine:
         spec = seq.spec if seq.prediction else None  # only a prediction's tokens are reported
         event = Event(
             seq.id, tokens, lps, finish, seq.cached, len(seq.prompt), self._step_no, reused,
-            spec.matched if spec else 0, spec.proposed - spec.accepted if spec else 0,
+            spec.proposer.matched if spec else 0, spec.proposed - spec.accepted if spec else 0,
         )  # fmt: skip
         if finish is not None:
             seq.done = True

@@ -34,8 +34,8 @@ from mlxrun.spec_accept import Verdict, position_logprobs, token_extras, verify_
 from mlxrun.speculate import (
     Acceptance,
     NgramProposer,
+    Payoff,
     PredictionProposer,
-    StepCost,
 )
 
 SPECULATE_MODES = ("ngram",)  # --speculate values; a draft model is its own option
@@ -80,7 +80,6 @@ class RowSpec:
     acceptance: Acceptance
     proposed: int = 0  # tokens proposed over the request's life
     accepted: int = 0  # of them, kept
-    matched: int = 0  # output tokens the proposer had (a prediction's accepted tokens)
 
 
 @dataclass
@@ -101,9 +100,11 @@ class Speculator:
     )
 
     def __post_init__(self) -> None:
-        self.cost = StepCost(self.config.prior_threshold)
+        self.payoff = Payoff(self.config.prior_threshold)
         self.draft = self.config.draft.fresh() if self.config.draft is not None else None
-        self._last: tuple[float, int] | None = None  # (when, forward tokens) of the last step
+        self._last: float | None = None  # when the last decode step ended
+        self._rows = 0  # how many rows it had
+        self._spec_now = False  # whether the step under way speculates
 
     def attach(self, seq: Any) -> None:
         """Give an admitted request its proposer (or none)."""
@@ -133,12 +134,17 @@ class Speculator:
         )
         return {**c, "spec_acceptance_rate": rate, "spec_tokens_per_row_step": per}  # fmt: skip
 
-    def tick(self, forward_tokens: int) -> None:
-        """Time the step that just ended (from the last call) for the cost model."""
+    def tick(self, rows: int, tokens: int) -> None:
+        """A decode step ended having produced `tokens` for `rows` rows: the time since the
+        last one goes to the payoff."""
         now = time.perf_counter()
-        if self._last is not None:
-            self.cost.observe(self._last[1], now - self._last[0])
-        self._last = (now, forward_tokens)
+        if self._last is not None and rows == self._rows:  # a join's prefill is not a step cost
+            self.payoff.observe(rows, self._spec_now, tokens, now - self._last)
+        self._last, self._rows, self._spec_now = now, rows, False
+
+    def idle(self) -> None:
+        """The engine waits for work: the next step's time must not include the wait."""
+        self._last = None
 
     # -- the step ------------------------------------------------------------------------
 
@@ -148,6 +154,8 @@ class Speculator:
         positions added)."""
         if not any(s.spec is not None for s in seqs) or not can_rollback(batch.caches):
             return None
+        if self.config.adaptive and self.payoff.explore(len(seqs)):
+            return None  # a plain step now and then tells the payoff what speculating saves
         ks = self._ks(seqs, batch.generated)
         if not any(ks):
             return None  # decided before reading the tokens: the plain step keeps its overlap
@@ -170,12 +178,13 @@ class Speculator:
             [[fed[r.index]] + r.proposal + [0] * (width - len(r.proposal)) for r in rows]
         )
         logits = model(tokens, cache=batch.caches)  # (B, 1 + K, V)
+        self._spec_now = True
         return self._finish(batch, seqs, rows, logits, fed)
 
     def _ks(self, seqs: list[Any], generated: list[bool]) -> list[int]:
         """Each row's k: what its acceptance and the step's cost shape make worth proposing,
         within the tokens it may still generate (the bonus must fit too)."""
-        threshold = self.cost.threshold(len(seqs))
+        threshold = self.payoff.threshold(len(seqs))
         ks = []
         for seq, gen in zip(seqs, generated, strict=True):
             left = seq.budget - len(seq.generated) - (1 if gen else 0) - 1
@@ -240,7 +249,7 @@ class Speculator:
         bonus = int(r.verdict.candidates[a].item())
         spec, k = seq.spec, len(r.proposal)
         spec.acceptance.update(k, a)
-        spec.matched += spec.proposer.advance(k, a, bonus)
+        spec.proposer.advance(k, a, bonus)
         spec.proposed += k
         spec.accepted += a
         self.counts["spec_row_steps"] += 1

@@ -11,22 +11,24 @@ Proposers (per request, chosen at admission):
 
 `Acceptance` keeps one request's recent acceptance (a decayed count of accepted proposals and
 of rejections, the maximum-likelihood estimate of a per-token acceptance rate alpha), and
-`tokens_to_propose` turns alpha and the step's cost shape into k: with T tokens in a forward
-costing a + b*T, adding k proposals to a row pays when (E[k] - 1) / k > b / (a/B + b), where
-E[k] = (1 - alpha^(k+1)) / (1 - alpha) is the tokens a verify yields. `StepCost` fits a and b
-from the engine's own step times, so a full batch (compute-bound) speculates less, and a
-request whose acceptance makes speculation a loss stops (it probes again now and then).
+`tokens_to_propose` gives k: proposals pay when the extra tokens per proposal,
+(E[k] - 1) / k with E[k] = (1 - alpha^(k+1)) / (1 - alpha) the tokens a verify yields, beat a
+threshold, the share of a step's cost one more token in the forward adds (about 0 where a step
+is memory-bound, as on Metal at small batches; about 1 where it is compute-bound). `Payoff`
+sets that threshold from the engine's own step times, per batch size: speculative steps slower
+than plain ones raise it, so a full batch speculates only for requests whose acceptance is
+high, and a request whose acceptance makes speculation a loss stops (probing now and then).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 PROBE_EVERY = 32  # steps between trial proposals of a request that stopped speculating
+EXPLORE_EVERY = 32  # steps between plain steps taken to re-measure their cost (Payoff)
 
 
 def lookup(
@@ -58,10 +60,21 @@ class PredictionProposer:
         self.ids = np.asarray(list(prediction), dtype=np.int64)
         self.max_n = max_n
         self.pos = 0  # where, in the prediction, the output is expected to continue
+        self.seen = 0  # output tokens accounted for (OpenAI's accepted_prediction_tokens)
+        self.matched = 0  # output tokens the prediction had, in its order
+
+    def _catch_up(self, output: Sequence[int]) -> None:
+        """Tokens plain steps made since the last verify: those the prediction has next count."""
+        for token in output[self.seen :]:
+            if self.pos < len(self.ids) and self.ids[self.pos] == token:
+                self.matched += 1
+                self.pos += 1
+        self.seen = len(output)
 
     def propose(self, prompt: Sequence[int], output: Sequence[int], k: int) -> list[int]:
         if k <= 0 or not len(self.ids):
             return []
+        self._catch_up(output)
         if not output:
             return self.ids[:k].tolist()
         tail = np.asarray(output[-self.max_n :], dtype=np.int64)
@@ -81,6 +94,8 @@ class PredictionProposer:
         if accepted == proposed and self.pos + accepted < len(self.ids):
             used += int(self.ids[self.pos + accepted] == bonus)
         self.pos += accepted + 1  # a rejected token is most often replaced by the bonus
+        self.seen += accepted + 1
+        self.matched += used
         return used
 
 
@@ -149,39 +164,48 @@ class Acceptance:
         return k
 
 
-@dataclass
-class StepCost:
-    """Seconds per decode step as a + b * (tokens in the forward), fitted on recent steps."""
+class Payoff:
+    """Whether speculating pays on this machine, at this batch size, now: the median seconds
+    per emitted token of recent speculative steps against that of plain steps, per batch-size
+    bucket (powers of two). While speculative steps are the slower, the bucket's threshold for
+    `tokens_to_propose` rises (1 stops everyone but the probes); while they are faster it falls
+    back to the prior. A step's time runs from the previous step's end, so an idle gap or a
+    prefill lands in it too: the median keeps those from deciding."""
 
-    prior_threshold: float = 0.1  # before there is data: most of a step is fixed cost (Metal)
-    window: int = 64
+    def __init__(self, prior: float = 0.1, window: int = 16):
+        self.prior = prior
+        self.window = window
+        self.costs: dict[tuple[int, bool], deque] = {}
+        self.thresholds: dict[int, float] = {}
+        self.steps: dict[int, int] = {}
 
-    def __post_init__(self) -> None:
-        self.samples: deque = deque(maxlen=self.window)
-        self._fitted: tuple[float, float] | None = None
+    @staticmethod
+    def bucket(rows: int) -> int:
+        return max(rows, 1).bit_length()
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        if tokens > 0 and seconds > 0:
-            self.samples.append((tokens, seconds))
+    def cost(self, rows: int, spec: bool) -> float | None:
+        samples = self.costs.get((self.bucket(rows), spec))
+        return float(np.median(samples)) if samples else None
 
-    def fit(self) -> tuple[float, float] | None:
-        """(a, b) from the recent samples; the last fit while they cannot tell (all steps of
-        one size, e.g. while nothing speculates)."""
-        if len(self.samples) >= 8:
-            t, s = np.array(self.samples, dtype=np.float64).T
-            # An idle gap or a prefill between two decode steps is not a step's cost.
-            usual = s / t <= 8 * (s / t).min()
-            t, s = t[usual], s[usual]
-            if len(t) >= 8 and t.std() > 0:
-                b, a = np.polyfit(t, s, 1)
-                self._fitted = (max(a, 0.0), max(b, 0.0))
-        return self._fitted
+    def observe(self, rows: int, spec: bool, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        key = (self.bucket(rows), spec)
+        self.costs.setdefault(key, deque(maxlen=self.window)).append(seconds / tokens)
+        plain, fast = self.cost(rows, False), self.cost(rows, True)
+        if not spec or plain is None or fast is None:
+            return
+        now = self.thresholds.get(key[0], self.prior)
+        step = 0.1 if fast > plain else -0.05
+        self.thresholds[key[0]] = min(1.0, max(self.prior, now + step))
 
     def threshold(self, rows: int) -> float:
-        """The marginal cost of one more token as a fraction of a plain step's cost per row."""
-        fitted = self.fit()
-        if fitted is None:
-            return self.prior_threshold
-        a, b = fitted
-        per_row = a / max(rows, 1) + b
-        return b / per_row if per_row > 0 else self.prior_threshold
+        return self.thresholds.get(self.bucket(rows), self.prior)
+
+    def explore(self, rows: int) -> bool:
+        """Whether the next step should be plain to measure what plain steps cost (a few at
+        first, then one every EXPLORE_EVERY steps of this batch size)."""
+        b = self.bucket(rows)
+        self.steps[b] = self.steps.get(b, 0) + 1
+        plain = self.costs.get((b, False))
+        return plain is None or len(plain) < 3 or self.steps[b] % EXPLORE_EVERY == 0

@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 
+from mlxrun.spec_step import SpecConfig
 from serverutil import MODEL_ID, make_app, serve_in_thread
 
 GREEDY = {"temperature": 0, "max_tokens": 40}
@@ -16,7 +17,10 @@ MESSAGES = [{"role": "user", "content": "Rename the variable x to count in this 
 
 @pytest.fixture(scope="module")
 def base_url(tiny_llama):
-    with serve_in_thread(make_app(tiny_llama)) as url:
+    # k fixed: what is verified does not depend on the step times of this machine (adaptive k
+    # is tested in test_spec_adaptive.py and test_speculate.py).
+    spec = SpecConfig(adaptive=False)
+    with serve_in_thread(make_app(tiny_llama, speculate=spec)) as url:
         yield url
 
 

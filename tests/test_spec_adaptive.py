@@ -9,11 +9,12 @@ import random
 import pytest
 
 from mlxrun.speculate import (
+    EXPLORE_EVERY,
     PROBE_EVERY,
     Acceptance,
     NgramProposer,
+    Payoff,
     PredictionProposer,
-    StepCost,
     expected_tokens,
     tokens_to_propose,
 )
@@ -52,20 +53,27 @@ def test_a_request_whose_proposals_fail_stops_and_probes_later():
     assert acc.k(0.1, 5) == 5
 
 
-def test_a_compute_bound_step_raises_the_bar_for_a_full_batch():
-    cost = StepCost()
-    assert cost.threshold(1) == cost.prior_threshold  # no data yet
-    for tokens in range(1, 65, 4):
-        cost.observe(tokens, 0.010 + 0.001 * tokens)  # fixed 10 ms + 1 ms per token
-    cost.observe(1, 3.0)  # the engine sat idle between two steps: not a step's cost
-    a, b = cost.fit()
-    assert a == pytest.approx(0.010, rel=1e-3) and b == pytest.approx(0.001, rel=1e-3)
-    for _ in range(64):
-        cost.observe(16, 0.026)  # nothing speculates now: the steps cannot tell a from b
-    assert cost.fit() == (a, b)  # the last fit holds
-    alone, full = cost.threshold(1), cost.threshold(16)
-    assert alone < 0.1 < full
-    assert tokens_to_propose(0.6, alone, 5) > tokens_to_propose(0.6, full, 5)
+def test_slower_speculative_steps_raise_the_bar_where_they_are_slower():
+    pay = Payoff(prior=0.1)
+    assert pay.threshold(16) == pay.threshold(1) == 0.1  # no data yet
+    pay.observe(16, False, 16, 30.0)  # an idle gap before a step: one sample, not the median
+    for _ in range(12):
+        pay.observe(16, False, 16, 0.16)  # full batch, plain: 10 ms a token
+        pay.observe(16, True, 40, 0.80)  # full batch, speculating: 20 ms a token
+        pay.observe(1, False, 1, 0.05)  # alone, plain: 50 ms a token
+        pay.observe(1, True, 4, 0.08)  # alone, speculating: 20 ms a token
+    full, alone = pay.threshold(16), pay.threshold(1)
+    assert full == 1.0 and alone == 0.1
+    assert tokens_to_propose(0.9, alone, 5) == 5 and tokens_to_propose(0.99, full, 5) == 0
+    for _ in range(40):  # the full batch's speculative steps got faster (better acceptance)
+        pay.observe(16, True, 160, 0.8)
+    assert pay.threshold(16) == pytest.approx(0.1)
+    fresh = Payoff()
+    explored = [fresh.explore(8) for _ in range(3 * EXPLORE_EVERY)]
+    assert all(explored[:5])  # no plain step measured yet at this batch size
+    for _ in range(3):
+        fresh.observe(8, False, 8, 0.1)
+    assert sum(fresh.explore(8) for _ in range(3 * EXPLORE_EVERY)) == 3
 
 
 def test_a_prediction_resynchronises_after_an_edit():

@@ -48,6 +48,7 @@ class SpecConfig:
     max_k: int = 5  # proposals per row per step, at most
     adaptive: bool = True  # False: always max_k (benchmarks, tests)
     prior_threshold: float = 0.1
+    threshold: float | None = None  # fixed (tests, benchmarks): no step-time measurement
     draft: Any = field(default=None, compare=False, repr=False)  # a mlxrun.draft.Draft
 
 
@@ -154,7 +155,8 @@ class Speculator:
         positions added)."""
         if not any(s.spec is not None for s in seqs) or not can_rollback(batch.caches):
             return None
-        if self.config.adaptive and self.payoff.explore(len(seqs)):
+        fixed = self.config.threshold is not None
+        if self.config.adaptive and not fixed and self.payoff.explore(len(seqs)):
             return None  # a plain step now and then tells the payoff what speculating saves
         ks = self._ks(seqs, batch.generated)
         if not any(ks):
@@ -184,7 +186,9 @@ class Speculator:
     def _ks(self, seqs: list[Any], generated: list[bool]) -> list[int]:
         """Each row's k: what its acceptance and the step's cost shape make worth proposing,
         within the tokens it may still generate (the bonus must fit too)."""
-        threshold = self.payoff.threshold(len(seqs))
+        threshold = self.config.threshold
+        if threshold is None:
+            threshold = self.payoff.threshold(len(seqs))
         ks = []
         for seq, gen in zip(seqs, generated, strict=True):
             left = seq.budget - len(seq.generated) - (1 if gen else 0) - 1

@@ -5,11 +5,11 @@ source each) with greedy replies of exactly --reply-tokens tokens (EOS masked on
 all conversations have the same shape). TTFT is the time from handing over the user message
 (chat template and tokenization included) to the first reply token.
 
-- mlxrun: ChatSession, whose PromptCache keeps the conversation's KV between turns.
+- mlxrun: ChatSession on its engine, whose prefix cache keeps the conversation's KV between turns.
 - mlx-lm: its chat loop's machinery (mlx_lm/chat.py) driven directly: one `make_prompt_cache`
   for the conversation, and each turn only the new message's tokens go to `stream_generate`.
-- mlxrun, no cache: ChatSession with its cache emptied before each turn (the whole history is
-  prefilled again), to show what keeping it buys.
+- mlxrun, no cache: ChatSession on an engine with the prefix cache off (the whole history is
+  prefilled again each turn), to show what keeping it buys.
 
 The target is TTFT(turn 8) / TTFT(turn 1) <= 1.5. Each figure is the median over --repeats
 conversations, run in lockstep (every engine's turn k at about the same moment) so they share
@@ -25,6 +25,7 @@ the repository) when it exists. On MLX's CPU backend the weights are cast to flo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import statistics
 import sys
@@ -47,6 +48,8 @@ def _messages(tokenizer, turns: int, n: int) -> list[str]:
 def _ours(model, tokenizer, info, reply_tokens: int, keep_cache: bool) -> Callable:
     """A factory of conversations; each is a function: user message -> (TTFT, prompt, prefilled)."""
     from mlxrun.chat import ChatSession
+    from mlxrun.engine import Engine
+    from mlxrun.generate import engine_config
     from mlxrun.sampling import SamplingParams
 
     eos = sorted(tokenizer.eos_token_ids)
@@ -56,11 +59,16 @@ def _ours(model, tokenizer, info, reply_tokens: int, keep_cache: bool) -> Callab
     )  # fmt: skip
 
     def conversation() -> Callable[[str], tuple[float, int, int]]:
-        chat = ChatSession(model, tokenizer, params, context_length=info.context_length)
+        # An engine per conversation: another conversation's turns must not be cache hits.
+        config = engine_config(tokenizer, info.name, info.context_length)
+        if not keep_cache:
+            config = dataclasses.replace(config, cache_memory_bytes=0)
+        engine = Engine(model, config).start()  # a daemon thread: it ends with the process
+        chat = ChatSession(
+            model, tokenizer, params, context_length=info.context_length, engine=engine
+        )
 
         def turn(text: str) -> tuple[float, int, int]:
-            if not keep_cache:
-                chat.cache.reset()
             for _ in chat.send(text):
                 pass
             t = chat.last_turn

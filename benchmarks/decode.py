@@ -1,4 +1,4 @@
-"""Decode tok/s of mlxrun's generate loop vs mlx_lm.generate.stream_generate, same model, same run.
+"""Decode tok/s of mlxrun's engine (what generate runs on) vs mlx_lm.generate.stream_generate, same model, same run.
 
 Both load the same 4-bit MLX model, get the same prompt (Python source, tokenized) and decode the
 same number of greedy tokens with EOS masked on both sides (so neither stops early). Each prompt is
@@ -70,17 +70,21 @@ def _decode_tps(stream: Iterable) -> float:
 
 
 def _ours(model, tokenizer, eos: list[int], ids: list[int]) -> Callable[[int], Iterable]:
-    """Our loop, continuing from a cache that holds all prompt ids but the last one."""
-    from mlxrun.generate import PromptCache, generate_stream
+    """Our engine (generate and chat run on it), alone: after the first run its prefix cache holds
+    all prompt ids but the last one, so each timed run computes only that id again."""
+    from mlxrun.engine import Engine
+    from mlxrun.generate import engine_config, generate_stream
     from mlxrun.sampling import SamplingParams
 
-    pc = PromptCache(model)
+    config = engine_config(
+        tokenizer, "bench", None, max_running=1, max_tokens_per_step=PREFILL_STEP
+    )
+    engine = Engine(model, config).start()  # a daemon thread: it ends with the process
     bias = {e: -100.0 for e in eos}
 
     def run(n: int) -> Iterable:
         params = SamplingParams(temperature=0, max_tokens=n, logit_bias=bias, ignore_eos=True)
-        # The cache's generated tail is trimmed off: only the last prompt id is computed again.
-        return generate_stream(model, tokenizer, ids, params, cache=pc)
+        return generate_stream(model, tokenizer, ids, params, engine=engine)
 
     _decode_tps(run(2))  # prefill once
     return run

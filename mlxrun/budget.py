@@ -3,7 +3,7 @@
     budget = output_budget(len(prompt_ids), params.max_tokens, context_length)
     params = params.replace(max_tokens=budget.granted)
 
-The rule, for every front end (OpenAI, Anthropic, Ollama, FIM, the engine):
+The rule, for every front end (OpenAI, Anthropic, Ollama, FIM, the engine, generate and chat):
 - a prompt that leaves no room in the context (prompt >= context) is a ContextLengthExceededError;
 - no max_tokens: `default` if given, else what the context leaves (capped by `cap`);
 - a max_tokens past what the context leaves (or past `cap`) is clamped to it, and the Budget says
@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from mlxrun.errors import ContextLengthExceededError, InvalidRequestError
 
 FALLBACK_MAX_TOKENS = 4096  # no max_tokens and no context length to bound it
+# The longest reply `mlxrun generate` and `mlxrun chat` give when --max-tokens is not set (mlx-lm's
+# generate caps at 256 too): a base model rarely stops by itself and would fill the whole context.
+TERMINAL_MAX_TOKENS = 256
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy /v1/completions default
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,22 @@ def max_output(context_length: int | None, cap: int | None = None) -> int | None
         return cap
     room = max(1, context_length - 1)
     return room if cap is None else min(cap, room)
+
+
+def chat_reply_default(context_length: int) -> int | None:
+    """`mlxrun chat`'s reply cap with no --max-tokens: TERMINAL_MAX_TOKENS, and no more than half
+    the context (the rest is the conversation's); None when the context has no room at all."""
+    half = context_length // 2
+    return min(TERMINAL_MAX_TOKENS, half) if half >= 1 else None
+
+
+def prompt_room(context_length: int, requested: int | None, cap: int | None = None) -> int:
+    """Prompt tokens a request may use when it can trim its own prompt (FIM's extra context):
+    the context less the output it reserves, max_tokens or else a quarter of the context."""
+    reserve = requested
+    if reserve is None:
+        reserve = context_length // 4 if cap is None else min(cap, context_length // 4)
+    return context_length - reserve
 
 
 def output_budget(

@@ -1,19 +1,23 @@
-"""A chat conversation whose KV cache lives across turns (no terminal I/O; see mlxrun/cli/chat.py).
+"""A chat conversation on the engine, whose prefix cache keeps its KV across turns (no terminal
+I/O; see mlxrun/cli/chat.py).
 
-    session = ChatSession(model, tokenizer, SamplingParams(temperature=0), system="Be brief.")
-    for text in session.send("Hello"):
-        print(text, end="")
-    session.last_turn.prefilled_tokens   # only the new turn's tokens were computed
+    with ChatSession(model, tokenizer, SamplingParams(temperature=0), system="Be brief.") as chat:
+        for text in chat.send("Hello"):
+            print(text, end="")
+        chat.last_turn.prefilled_tokens   # only the new turn's tokens were computed
 
-Each turn feeds the whole conversation's ids to a PromptCache, which reuses their common prefix.
-To keep that prefix long, the conversation's ids are built the way they were fed: the previous
-prompt ids, the reply's generated ids, then the template's closing text after the reply (e.g.
-`<|im_end|>\\n`), then the new turn's text. Re-encoding the rendered conversation instead would
-often split the reply into different tokens than the model generated, and the cache would have
-to recompute everything after the first difference.
+Each turn is one engine request carrying the whole conversation's ids; the engine's prefix cache
+(memory tier, and the disk tier when the engine has one) holds what the last turn fed and
+generated, so only the new tokens are computed. To keep that prefix long, the conversation's ids
+are built the way they were fed: the previous prompt ids, the reply's generated ids, then the
+template's closing text after the reply (e.g. `<|im_end|>\\n`), then the new turn's text.
+Re-encoding the rendered conversation instead would often split the reply into different tokens
+than the model generated, and the cache would have to recompute everything after the first
+difference.
 
-An interrupted reply (the caller stops iterating, or Ctrl-C lands inside generation) keeps the
-text generated so far as the assistant message: it is what the user saw, and the cache holds it.
+An interrupted reply (the caller stops iterating, or Ctrl-C lands while it waits) aborts the
+engine request and keeps the text generated so far as the assistant message: it is what the user
+saw, and the engine has cached its KV by the time the turn is recorded.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlxrun.budget import output_budget
 from mlxrun.errors import ContextLengthExceededError, InvalidRequestError
-from mlxrun.generate import PromptCache, check_context, generate_stream
+from mlxrun.generate import local_engine, stream_request
 from mlxrun.sampling import SamplingParams
 
 # Settings `/set` may change, by how their value is read.
@@ -58,7 +63,6 @@ class TurnStats:
     generation_tps: float
     peak_memory_gb: float
     finish_reason: str  # "stop", "length" or "interrupted"
-    cache_tokens: int  # tokens the cache holds after the turn
 
     @property
     def reused_tokens(self) -> int:
@@ -66,11 +70,15 @@ class TurnStats:
 
 
 class ChatSession:
-    """System prompt, messages, sampling settings and the conversation's PromptCache.
+    """System prompt, messages, sampling settings, and the engine that runs the turns.
 
     `send(text)` raises ContextLengthExceededError (changing nothing) when the conversation plus
     the new message and max_tokens would not fit `context_length`; `make_room(text, "drop")` or
     `make_room(text, "clear")` then frees space, and send can be called again.
+
+    Without `engine` the session starts one of its own (its memory-tier prefix cache on), shut
+    down by `close()`. `constraint` (a mlxrun.constrain.Constraint) makes every reply follow
+    its grammar (each turn gets a fresh copy).
     """
 
     def __init__(
@@ -81,18 +89,37 @@ class ChatSession:
         *,
         system: str | None = None,
         context_length: int | None = None,
+        engine: Any = None,
+        constraint: Any = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.params = params or SamplingParams()
         self.system = system or None
         self.context_length = context_length
+        self.constraint = constraint
         self._check_max_tokens(self.params)
         self.messages: list[dict[str, str]] = []
         self.turns: list[TurnStats] = []
-        self.cache = PromptCache(model)
+        self._owned = None
+        if engine is None:
+            self._owned = local_engine(model, tokenizer, context_length)
+            engine = self._owned.__enter__()
+        self.engine = engine
         # The conversation so far as ids fed/generated, and the rendered text they stand for.
         self._ids: list[int] | None = None
         self._text = ""
+
+    def close(self) -> None:
+        """Shut down the engine the session started (one passed in is the caller's)."""
+        if self._owned is not None:
+            self._owned.__exit__(None, None, None)
+            self._owned = None
+
+    def __enter__(self) -> ChatSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -100,20 +127,9 @@ class ChatSession:
     def last_turn(self) -> TurnStats | None:
         return self.turns[-1] if self.turns else None
 
-    @property
-    def cache_tokens(self) -> int:
-        return len(self.cache)
-
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes the KV cache holds (allocated, so a little above the tokens it has)."""
-        total = 0
-        for c in self.cache.cache:
-            try:
-                total += int(c.nbytes)
-            except (AttributeError, NotImplementedError):
-                pass
-        return total
+    def engine_stats(self) -> dict[str, Any]:
+        """The engine's counters and rates (Engine.stats()): tokens/s, prefix-cache size, hits."""
+        return self.engine.stats()
 
     def _full(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -128,10 +144,10 @@ class ChatSession:
         self._forget_ids()
 
     def clear(self) -> None:
-        """Forget the messages (the system prompt and settings stay) and free the cache."""
+        """Forget the messages (the system prompt and settings stay); the prefix cache lets
+        their KV age out."""
         self.messages = []
         self._forget_ids()
-        self.cache.reset()
 
     def drop_oldest_turn(self) -> bool:
         """Remove the oldest user message and its reply; False when there is nothing to drop."""
@@ -172,7 +188,7 @@ class ChatSession:
     def check_fits(self, text: str) -> list[int]:
         """The next turn's ids; ContextLengthExceededError when they and max_tokens do not fit."""
         ids = self.prompt_ids(text)
-        check_context(len(ids), self.params.max_tokens, self.context_length)
+        self._fit(len(ids))
         return ids
 
     def make_room(self, text: str, how: str) -> int:
@@ -184,7 +200,7 @@ class ChatSession:
         alone = self._encode(
             self.tokenizer.render_chat(self._full([{"role": "user", "content": text}]))
         )
-        check_context(len(alone), self.params.max_tokens, self.context_length)
+        self._fit(len(alone))
         before = len(self.messages) // 2
         if how == "clear":
             self.clear()
@@ -195,8 +211,6 @@ class ChatSession:
             except ContextLengthExceededError:
                 if not self.drop_oldest_turn():
                     raise
-                if not self.messages:
-                    self.cache.reset()
 
     def send(self, text: str) -> Iterator[str]:
         """Stream the reply to a user message, as text deltas. The check and the rendering happen
@@ -206,7 +220,7 @@ class ChatSession:
             raise InvalidRequestError("the message is empty", param="messages")
         start = time.perf_counter()
         ids = self.prompt_ids(text)
-        check_context(len(ids), self.params.max_tokens, self.context_length)
+        self._fit(len(ids))
         return self._reply(text, ids, start)
 
     def turn_params(self) -> SamplingParams:
@@ -214,17 +228,18 @@ class ChatSession:
         extra = tuple(s for s in self.tokenizer.chat_stop_strings if s not in self.params.stop)
         return self.params.replace(stop=(*self.params.stop, *extra)) if extra else self.params
 
+    def _fit(self, prompt_tokens: int) -> None:
+        """The budget rule the engine applies (strict: the user asked for that many tokens)."""
+        output_budget(prompt_tokens, self.params.max_tokens, self.context_length, strict=True)
+
     def _reply(self, text: str, ids: list[int], start: float) -> Iterator[str]:
-        params = self.turn_params()
-        stream = generate_stream(
-            self.model, self.tokenizer, ids, params, cache=self.cache,
-            context_length=self.context_length,
-        )  # fmt: skip
+        constraint = self.constraint.copy() if self.constraint is not None else None
+        stream = stream_request(
+            self.engine, self.tokenizer, ids, self.turn_params(), constraint=constraint
+        )
         pieces: list[str] = []
         generated: list[int] = []
-        last = None
-        ttft = None
-        finish = "interrupted"
+        last, ttft = None, None
         try:
             for chunk in stream:
                 if ttft is None:
@@ -232,45 +247,26 @@ class ChatSession:
                 last = chunk
                 if chunk.token_id is not None:
                     generated.append(chunk.token_id)
-                if chunk.finish_reason is not None:
-                    finish = chunk.finish_reason
                 if chunk.text:
                     pieces.append(chunk.text)
                     yield chunk.text
         except (KeyboardInterrupt, GeneratorExit):
-            # Stopped by the user: the turn keeps what was shown so far.
+            # Stopped by the user: the request is aborted (closing the stream waits for the
+            # engine to let it go) and the turn keeps what was shown so far.
             stream.close()
-            self._resync_cache()
-            self._commit(text, "".join(pieces), ids, generated, last, ttft, finish)
+            self._commit(text, "".join(pieces), ids, generated, last, ttft, interrupted=True)
             raise
-        except BaseException:
-            stream.close()  # an error leaves the conversation as it was
-            self._resync_cache()
-            raise
-        self._commit(text, "".join(pieces), ids, generated, last, ttft, finish)
+        self._commit(text, "".join(pieces), ids, generated, last, ttft)
 
-    def _resync_cache(self) -> None:
-        """After an interruption inside generation the KV may hold tokens its id list lacks (fed
-        to some layers, not yet recorded): trim each layer back, or start the cache afresh."""
-        n = len(self.cache.token_ids)
-        layers = self.cache.cache
-        offsets = [getattr(c, "offset", None) for c in layers]
-        if all(o == n for o in offsets):
-            return
-        if all(isinstance(o, int) and o >= n for o in offsets):
-            if all(c.is_trimmable() for c in layers):
-                for c in layers:
-                    c.trim(c.offset - n)
-                if all(c.offset == n for c in layers):
-                    return
-        self.cache.reset()
-
-    def _commit(self, text, reply, ids, generated, last, ttft, finish) -> None:
+    def _commit(self, text, reply, ids, generated, last, ttft, interrupted=False) -> None:
         self.messages += [
             {"role": "user", "content": text},
             {"role": "assistant", "content": reply},
         ]
         self._remember_ids(reply, ids, generated)
+        finish = last.finish_reason if last is not None else None
+        if interrupted or finish in (None, "abort"):
+            finish = "interrupted"
         self.turns.append(
             TurnStats(
                 prompt_tokens=len(ids),
@@ -281,7 +277,6 @@ class ChatSession:
                 generation_tps=last.generation_tps if last else 0.0,
                 peak_memory_gb=last.peak_memory_gb if last else 0.0,
                 finish_reason=finish,
-                cache_tokens=len(self.cache),
             )
         )
 

@@ -58,7 +58,7 @@ from mlxrun.cache import (
 )
 from mlxrun.disk_tier import CHUNK_TOKENS, DiskTier, Prefetch, model_fingerprint
 from mlxrun.engine_commands import Abort, Command, Stop, Wake
-from mlxrun.errors import InvalidRequestError
+from mlxrun.errors import InsufficientMemoryError, InvalidRequestError
 from mlxrun.kv_files import kv_layout
 from mlxrun.kv_precision import KVPrecision
 from mlxrun.kv_quant import quant_of
@@ -500,6 +500,11 @@ class Engine:
             if rid in self._disk_reads:
                 continue  # its prefix is still being read from disk
             seq = self._seqs[rid]
+            try:  # the seam through which tests make MLX fail to allocate mid-request
+                memory.allocation_point(n)
+            except RuntimeError as e:
+                self._out_of_memory(seq, e)
+                continue
             spliced = seq.reuse.splice(seq) if seq.reuse is not None else 0
             stop = seq.computed + n if seq.reuse is None else seq.reuse.clip(seq.computed + n)
             chunk = seq.prompt[seq.computed : stop]
@@ -509,8 +514,13 @@ class Engine:
             if seq.computed == len(seq.prompt):
                 joiners.append((seq, chunk))
                 continue
-            self.model(mx.array(chunk)[None], cache=seq.cache)  # logits are never evaluated
-            mx.async_eval([c.state for c in seq.cache])
+            try:
+                self.model(mx.array(chunk)[None], cache=seq.cache)  # logits are never evaluated
+                mx.async_eval([c.state for c in seq.cache])
+            except RuntimeError as e:
+                computed.pop(rid, None)
+                self._out_of_memory(seq, e)
+                continue
             seq.kv += len(chunk)
             computed[rid] += seq.reuse.splice(seq) if seq.reuse is not None else 0
         return joiners
@@ -634,6 +644,21 @@ class Engine:
             self._counts["aborted"] += 1
         self._publish_cache_stats()
         self._emit(seq, [], None, "abort")
+
+    def _out_of_memory(self, seq: RequestState, error: RuntimeError) -> None:
+        """MLX could not allocate this request's memory: it fails (503), the others go on.
+        Any other RuntimeError is a bug and stops the engine as before."""
+        if not memory.is_allocation_failure(error):
+            raise error
+        with self._lock:
+            assert self._scheduler is not None
+            self._scheduler.abort(seq.id)
+            self._seqs.pop(seq.id, None)
+        seq.cache, seq.done = None, True
+        self._counts["aborted"] += 1
+        self._outbox.append((seq.sink, InsufficientMemoryError(
+            f"out of memory while computing the prompt ({error})", hint="Retry with a shorter "
+            "prompt, or when fewer requests or models are running.")))  # fmt: skip
 
     def _emit(self, seq: RequestState, tokens: list[int], lps: Any, finish: str | None) -> None:
         reused = seq.reuse.reused if seq.reuse is not None else 0

@@ -238,3 +238,28 @@ def footprint(weights_bytes: int, config: dict, context: int, dtype_bytes: int =
         + kv_cache_bytes(config, context, dtype_bytes)
         + runtime_margin_bytes(config, context, dtype_bytes)
     )
+
+
+# --- allocation failures --------------------------------------------------------------------
+
+# What MLX's allocators say when a buffer cannot be had (Metal's malloc, its command buffers, the
+# CPU allocator). Matched on MLX's own RuntimeError text: MLX raises no typed error for it.
+_ALLOCATION_MARKERS = ("unable to allocate", "insufficient memory", "out of memory",
+                       "attempting to allocate", "maximum allowed buffer size")  # fmt: skip
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """Whether `exc` is MLX failing to allocate memory (as opposed to a bug)."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in _ALLOCATION_MARKERS)
+
+
+def allocation_point(nbytes: int) -> None:
+    """Called by the engine before it computes a request's prompt chunk: the seam through which
+    tests simulate MLX running out of memory mid-request (they replace it with one that raises
+    MLX's RuntimeError). It does nothing in production."""
+
+
+def release_cache() -> None:
+    """Hand the allocator's spare buffers back (after a model is unloaded)."""
+    mx.clear_cache()

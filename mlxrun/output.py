@@ -137,7 +137,3 @@ class TextOutput:
         delta = emit + self._stops.flush()
         self._parts.append(delta)
         return delta
-
-    # Names the generation loop uses.
-    feed_token = push
-    flush = finish

@@ -235,7 +235,42 @@ async def _start_engine(state: ServerState) -> None:
         await state.on_ready()
 
 
+async def _start_pool(state: ServerState) -> None:
+    """Several models: load the default one now when asked to (`mlxrun serve A B`), the rest on
+    first use; ready either way once that is done."""
+    pool = state.pool
+    try:
+        if pool.preload_default and pool.default is not None:
+            await pool.preload(pool.default)
+        state.ready = True
+    except Exception as e:  # noqa: BLE001 - reported by /health and by every request
+        state.load_error = e
+        log.exception("the default model failed to load")
+        if state.on_fatal is not None:
+            state.on_fatal(e)
+        return
+    if state.on_ready is not None:
+        await state.on_ready()
+
+
+def _pool_lifespan(state: ServerState):
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        starting = asyncio.get_running_loop().create_task(_start_pool(state))
+        try:
+            yield
+        finally:
+            state.ready = False
+            await asyncio.gather(starting, return_exceptions=True)
+            await state.pool.close()
+
+    return lifespan
+
+
 def _lifespan(state: ServerState):
+    if state.pool is not None:
+        return _pool_lifespan(state)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         starting = asyncio.get_running_loop().create_task(_start_engine(state))
@@ -257,14 +292,18 @@ def create_app(
     tokenizer: Any,
     on_fatal: Callable[[BaseException], None] | None = None,
     on_ready: Callable[[], Awaitable[None]] | None = None,
+    pool: Any = None,
 ) -> Starlette:
     """An ASGI app serving `engine`, which its lifespan starts (in the background) and shuts down.
 
     `tokenizer` is the model's mlxrun Tokenizer; `on_fatal` is called if the engine fails to start
     (the CLI uses it to stop the server), `on_ready` is awaited once it has started (the CLI
-    prints its banner then).
+    prints its banner then). With `pool` (server/models_pool.ModelPool) `engine` and `tokenizer`
+    are None: each request's model is loaded from the pool on first use.
     """
     state = ServerState(engine, tokenizer, config)
+    if pool is not None:
+        state.pool, pool.hub = pool, state
     state.on_fatal = on_fatal
     state.on_ready = on_ready
     known = frozenset(r.path for r in routes if "{" not in r.path)
@@ -287,6 +326,10 @@ def create_app(
         queued = running if config.max_queued_per_key is None else config.max_queued_per_key
         middleware.append(Middleware(KeyLimitMiddleware, limits=auth.KeyLimits(running, queued)))
     middleware.append(Middleware(ReadyGate, state=state))
+    if pool is not None:
+        from .models_pool import LeaseMiddleware
+
+        middleware.append(Middleware(LeaseMiddleware, pool=pool))
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -8,32 +8,17 @@ import ipaddress
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
 from mlxrun.cli.common import friendly_errors
+from mlxrun.cli.engine_options import cache_overrides
 from mlxrun.cli.speculation import speculation_options, speculation_overrides
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long to finish; the rest are aborted
-
-
-def _cache_bytes(text: str | None, flag: str = "--cache-memory") -> int | None:
-    from mlxrun.errors import InvalidRequestError, parse_size
-
-    if text is None:
-        return None
-    if text.strip().lower() in ("0", "off", "none"):
-        return 0
-    try:
-        return parse_size(text)
-    except InvalidRequestError as e:
-        raise InvalidRequestError(
-            f"{flag}: {e.message}",
-            param=flag.lstrip("-").replace("-", "_"),
-            hint="Write it like 2GB or 512MB.",
-        ) from None
 
 
 def _private_dir(path: str) -> None:
@@ -47,18 +32,6 @@ def _private_dir(path: str) -> None:
     except OSError as e:
         raise InvalidRequestError(f"--responses-dir {path}: {e.strerror}",
                                   param="responses_dir") from None  # fmt: skip
-
-
-def _disk_bytes(text: str | None, cache_dir: str | None) -> int | None:
-    from mlxrun.errors import InvalidRequestError
-
-    size = _cache_bytes(text, "--cache-disk-size")
-    if size is not None and cache_dir is None:
-        raise InvalidRequestError(
-            "--cache-disk-size needs --cache-dir", param="cache_disk_size",
-            hint="Add --cache-dir DIR (the disk tier is off without it).",
-        )  # fmt: skip
-    return size
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -142,22 +115,6 @@ def _base_urls(host: str, port: int) -> list[str]:
     return [f"http://{f'[{h}]' if ':' in h else h}:{port}/v1" for h in hosts]
 
 
-def _banner(info: Any, urls: list[str], aliases: tuple[str, ...], keys: Any) -> None:
-    echo = click.echo
-    echo(f"mlxrun: serving {info.name} ({info.architecture}, {info.quantization}, "
-         f"context {info.context_length})")  # fmt: skip
-    echo(f"  OpenAI base URL: {urls[0]}")
-    for url in urls[1:]:
-        echo(f"  on the network:  {url}")
-    names = ", ".join(aliases)
-    echo(f"  model id:        {info.name}" + (f" (aliases: {names})" if names else ""))
-    names = f", keys: {', '.join(keys.names)}" if keys else ""
-    echo(
-        "  API key:         " + (f"required (Authorization: Bearer ...{names})" if keys else "none")
-    )
-    echo("Press Ctrl-C to stop.")
-
-
 def _setup_logging(level: str) -> None:
     """mlxrun's log lines (the access log at info, clamps at debug) on stderr."""
     import logging
@@ -173,7 +130,7 @@ def _setup_logging(level: str) -> None:
 
 
 @click.command("serve")
-@click.argument("model")
+@click.argument("models", nargs=-1)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
@@ -197,6 +154,16 @@ def _setup_logging(level: str) -> None:
               help="Another model id clients may use; a pattern such as 'claude-*' accepts every "
               "matching name (Claude Code asks for its own model names).")  # fmt: skip
 @click.option("--context", type=click.IntRange(min=1), default=None, help="Context length.")
+@click.option("--memory-budget", default=None,
+              help="Memory all loaded models share (weights, KV, prefix cache), e.g. 24GB; "
+              "loading past it unloads the least recently used idle model. Default: the "
+              "machine's budget (see `mlxrun doctor`).")  # fmt: skip
+@click.option("--max-loaded", type=click.IntRange(min=1), default=None,
+              help="Most models in memory at once (default: as many as the budget holds).")  # fmt: skip
+@click.option("--keep-alive", default="5m", show_default=True,
+              help="How long an idle model stays loaded: a duration (30s, 5m, 1h), -1 for "
+              "ever, 0 to unload after each request. Per request: Ollama's keep_alive or the "
+              "X-Mlxrun-Keep-Alive header.")  # fmt: skip
 @click.option("--max-running", type=click.IntRange(min=1), default=16, show_default=True,
               help="Requests decoded together in one batch.")  # fmt: skip
 @click.option("--cache-memory", default=None, help="Prefix-cache memory, e.g. 2GB (0 = off).")
@@ -235,7 +202,7 @@ def _setup_logging(level: str) -> None:
 @speculation_options
 @friendly_errors
 def serve_cmd(
-    model: str,
+    models: tuple[str, ...],
     host: str,
     port: int,
     api_key: str | None,
@@ -245,6 +212,9 @@ def serve_cmd(
     max_queued_per_key: int | None,
     aliases: tuple[str, ...],
     context: int | None,
+    memory_budget: str | None,
+    max_loaded: int | None,
+    keep_alive: str,
     max_running: int,
     cache_memory: str | None,
     cache_dir: str | None,
@@ -262,39 +232,41 @@ def serve_cmd(
     draft: str | None,
     num_speculative_tokens: int,
 ) -> None:
-    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…)."""
+    """Serve MODELS over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…),
+    and Anthropic's and Ollama's. The first model is the default and loads at once; a request's
+    "model" picks another, loaded on first use. With no MODELS, every stored model is servable."""
     _setup_logging("warning" if quiet else log_level)
     _check_exposure(host, bool(api_key), api_key_file, no_auth)
-    cache_bytes = _cache_bytes(cache_memory)
     kv = {"kv_bits": kv_bits, "kv_group_size": int(kv_group_size)}
-    disk_bytes = _disk_bytes(cache_disk_size, cache_dir)
+    caches = cache_overrides(cache_memory, cache_dir, cache_disk_size)
     if tool_parser is not None:
         from mlxrun.parsing.tools import tool_format_by_name
 
         tool_format_by_name(tool_parser)  # an unknown name fails before the model loads
     if responses_dir is not None:
         _private_dir(responses_dir)
-    sock = _bind(host, port)
-    from mlxrun.engine import Engine
-    from mlxrun.loader import load
-    from mlxrun.safety import check_chat_template
+    from mlxrun.engine import EngineConfig
+    from mlxrun.server import cli_pool
     from mlxrun.server.app import ServerConfig
+    from mlxrun.server.models_pool import ModelPool
 
-    lm, tokenizer, info = load(model, context=context)
-    click.echo(f"Loading {info.name}...", err=True)
-    problem = check_chat_template(tokenizer)
-    if problem:  # said now, before any client gets a 400 for it
-        click.echo(f"Warning: {problem}", err=True)
-    _read_weights(lm)
-    engine_config = _engine_config(
-        tokenizer, info, max_running, cache_bytes, cache_dir, kv, disk_bytes
+    names, preload = cli_pool.pick_models(models)
+    specs = cli_pool.build_specs(names, aliases, context)
+    if draft is not None:  # the default model's draft; checked against its tokenizer now
+        specs[0] = dataclasses.replace(specs[0], draft=draft)
+        _check_draft(specs[0].path, draft, context)
+    spec = speculation_overrides(speculate, num_speculative_tokens)
+    engine_config = EngineConfig(
+        max_running=max_running, cache_reuse=cache_reuse, **kv, **caches, **spec
     )
-    spec = speculation_overrides(tokenizer, speculate, draft, num_speculative_tokens, context)
-    engine_config = dataclasses.replace(engine_config, cache_reuse=cache_reuse, **spec)
+    settings = cli_pool.pool_settings(memory_budget, max_loaded, keep_alive, engine_config, preload)
+    sock = _bind(host, port)
+    pool = ModelPool(specs, settings)
+    if preload:
+        click.echo(f"Loading {specs[0].name}...", err=True)
     config = ServerConfig(
-        model_id=info.name,
-        context_length=info.context_length,
-        aliases=tuple(a for a in aliases if a != info.name),
+        model_id=specs[0].name,
+        context_length=specs[0].context or 0,
         api_key=api_key or None,
         api_key_file=api_key_file,
         max_concurrent_per_key=max_concurrent_per_key,
@@ -304,18 +276,25 @@ def serve_cmd(
         strict=strict,
         responses_dir=responses_dir,
     )
-    app_parts = (Engine(lm, engine_config), config, tokenizer)
-    _run(app_parts, info, host, sock)
+    _run(pool, config, host, sock)
     click.echo("Stopped.")
 
 
-def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.socket) -> None:
+def _check_draft(target: str, draft: str, context: int | None) -> None:
+    """A draft with another tokenizer stops serve before it starts (IncompatibleDraftError)."""
+    from mlxrun.draft import load_draft
+    from mlxrun.tokenizer import load_tokenizer
+
+    load_draft(draft, load_tokenizer(Path(target)), context=context)
+
+
+def _run(pool: Any, config: Any, host: str, sock: socket.socket) -> None:
     """uvicorn serving the app on `sock` until Ctrl-C / SIGTERM; the banner once it answers."""
     import uvicorn
 
     from mlxrun.server.app import create_app
+    from mlxrun.server.cli_pool import banner
 
-    engine, config, tokenizer = app_parts
     uv_config = uvicorn.Config(
         None,  # set below: the app needs on_fatal, which needs the server
         log_level="warning",
@@ -334,49 +313,16 @@ def _run(app_parts: tuple[Any, Any, Any], info: Any, host: str, sock: socket.soc
         while not server.started:
             await asyncio.sleep(0.01)
         urls = _base_urls(host, sock.getsockname()[1])
-        _banner(info, urls, config.aliases, app.state.keys)
+        banner(pool, urls, app.state.keys)
         if not _is_loopback(host) and not app.state.keys:
             click.echo("Warning: listening beyond this machine with no API key.", err=True)
         sys.stdout.flush()
 
-    app = create_app(engine, config, tokenizer=tokenizer, on_fatal=on_fatal, on_ready=on_ready)
+    app = create_app(None, config, tokenizer=None, on_fatal=on_fatal, on_ready=on_ready, pool=pool)
     uv_config.app = app
     _serve(server, sock, app.state.keys)
     if failed:
         raise failed[0]
-
-
-def _engine_config(
-    tokenizer: Any,
-    info: Any,
-    max_running: int,
-    cache_bytes: int | None,
-    cache_dir: str | None,
-    kv: dict | None = None,
-    disk_bytes: int | None = None,
-) -> Any:
-    from mlxrun.engine import EngineConfig
-
-    return EngineConfig(
-        max_running=max_running,
-        # The tokenizer's set adds the chat template's end-of-turn tokens to config.json's eos.
-        eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)),
-        namespace=info.name,
-        context_length=info.context_length,
-        **(kv or {}),
-        # 0 turns the disk tier off, like --cache-memory 0 the memory tier.
-        cache_dir=None if disk_bytes == 0 else cache_dir,
-        **({} if cache_bytes is None else {"cache_memory_bytes": cache_bytes}),
-        **({} if not disk_bytes else {"disk_cache_bytes": disk_bytes}),
-    )
-
-
-def _read_weights(model: Any) -> None:
-    """Page the (lazily mapped) weights in on this thread: MLX ties lazy arrays to the stream of
-    the thread that made them, and the engine starts on a worker thread."""
-    import mlx.core as mx
-
-    mx.eval(model.parameters())
 
 
 def _serve(server: Any, sock: socket.socket, keys: Any = None) -> None:

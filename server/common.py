@@ -38,10 +38,12 @@ def fit_context(
     params: SamplingParams,
     max_param: str,
     prompt_param: str,
+    default: int | None = None,
 ) -> SamplingParams:
     """params with max_tokens granted by the budget rule (mlxrun.budget): a prompt that does not
     fit is a 400; a max_tokens past what is left is clamped (reported in the request's record,
-    hence a response header and the access log), or a 400 under --strict on OpenAI's routes."""
+    hence a response header and the access log), or a 400 under --strict on OpenAI's routes.
+    `default` stands in for an unset max_tokens (still bounded by the context)."""
     record = access.current()
     config = state.config
     try:
@@ -49,6 +51,7 @@ def fit_context(
             prompt_tokens,
             params.max_tokens,
             config.context_length,
+            default=default,
             cap=config.max_output_tokens,
             strict=config.strict and record.dialect == access.OPENAI,
             param=max_param,

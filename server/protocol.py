@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlxrun.budget import COMPLETIONS_DEFAULT_MAX_TOKENS
 from mlxrun.errors import InvalidRequestError
 from mlxrun.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -96,6 +97,8 @@ class CompletionRequest:
     max_tokens_param: str = "max_tokens"
     output: OutputFormat | None = None
     ignored: list[str] = field(default_factory=list)
+    # With no max_tokens (params.max_tokens None), OpenAI's legacy default: mlxrun.budget applies it.
+    default_max_tokens: int | None = COMPLETIONS_DEFAULT_MAX_TOKENS
     prediction: str | None = None
 
 
@@ -488,7 +491,7 @@ def parse_completion(body: Mapping[str, Any], *, strict: bool = False) -> Comple
     optional(body, "user", "string")
     params = _sampling(
         body,
-        max_tokens=16 if max_tokens is None else max_tokens,  # OpenAI's default here
+        max_tokens=max_tokens,
         logprobs=logprobs is not None,
         top_logprobs=logprobs or 0,
     )

@@ -78,6 +78,16 @@ class ServerState:
         self.on_ready: Any = None  # awaited once the engine has started
         self._ids = 0
         self._grammars: Any = None
+        self.pool: Any = None  # a server/models_pool.ModelPool when serving several models
+
+    def for_model(self, engine: Any, tokenizer: Any, config: ServerConfig) -> ServerState:
+        """The state one of the pool's models serves with: its engine, tokenizer and config;
+        the counters and stored responses are the app's."""
+        state = ServerState(engine, tokenizer, config)
+        state.metrics = self.metrics
+        state.__dict__["responses"] = self.responses
+        state.ready = True
+        return state
 
     @property
     def grammars(self) -> Any:
@@ -128,7 +138,7 @@ class ServerState:
             )
         if not self.ready:
             raise errors.loading()
-        if not self.engine.is_alive:
+        if self.pool is None and not self.engine.is_alive:
             raise APIError(503, "The engine has stopped", type=errors.SERVER, code="engine_stopped")
 
     def next_id(self, prefix: str) -> str:
@@ -147,7 +157,10 @@ class ServerState:
             if size > limit:
                 raise _too_large(limit)
             chunks.append(chunk)
-        return parse_json(b"".join(chunks))
+        body = parse_json(b"".join(chunks))
+        if self.pool is not None:  # the named model's default sampling (models.toml)
+            self.pool.apply_defaults(body, request.url.path)
+        return body
 
 
 def _is_pattern(alias: str) -> bool:

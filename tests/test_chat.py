@@ -1,5 +1,6 @@
-"""ChatSession on tiny random-weight models: the KV cache kept across turns, overflow handling,
-interruption, /set parsing and transcripts."""
+"""ChatSession on tiny random-weight models: turns run on the engine, whose prefix cache keeps
+the conversation's KV across turns; overflow handling, interruption (an engine abort), /set
+parsing and transcripts."""
 
 from __future__ import annotations
 
@@ -39,10 +40,22 @@ def bpe_lm(checkpoint_factory):
     return load(str(checkpoint_factory("llama")))
 
 
+_OPEN: list[ChatSession] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sessions():
+    yield
+    while _OPEN:
+        _OPEN.pop().close()  # each session's own engine thread stops
+
+
 def session(lm, params=GREEDY, **kw) -> ChatSession:
     model, tokenizer, info = lm
     kw.setdefault("context_length", info.context_length)
-    return ChatSession(model, tokenizer, params, **kw)
+    chat = ChatSession(model, tokenizer, params, **kw)
+    _OPEN.append(chat)
+    return chat
 
 
 def test_each_turn_prefills_only_its_new_tokens(lm):
@@ -72,8 +85,9 @@ def test_each_turn_prefills_only_its_new_tokens(lm):
         # (e.g. "<|im_end|>\n"), and that reply's last token when max_tokens cut it.
         assert turn.prefilled_tokens <= len(new_turn) + 4
     assert chat.last_turn.prefilled_tokens * 4 < chat.last_turn.prompt_tokens
-    assert chat.cache_tokens == len(chat.cache.token_ids) > 0
-    assert chat.cache_bytes > 0
+    stats = chat.engine_stats()
+    assert stats["cache_memory_tokens"] >= chat.last_turn.prompt_tokens
+    assert stats["cache_memory_bytes"] > 0 and stats["cache_hits"] == len(MESSAGES) - 1
 
 
 def test_cached_turn_matches_a_fresh_generation(lm):
@@ -128,8 +142,8 @@ def test_keyboard_interrupt_inside_generation(bpe_lm):
     assert chat.last_turn.finish_reason == "interrupted"
     assert chat.last_turn.generation_tokens < 1500
     assert [m["role"] for m in chat.messages] == ["user", "assistant"]
-    offsets = {c.offset for c in chat.cache.cache}
-    assert offsets == {len(chat.cache.token_ids)}
+    stats = chat.engine_stats()  # the request was aborted and has left the engine
+    assert stats["aborted"] == 1 and stats["running"] == 0 and stats["waiting"] == 0
     chat.set_param("max_tokens", "12")
     ids = chat.prompt_ids(MESSAGES[1])
     reply = "".join(chat.send(MESSAGES[1]))
@@ -174,7 +188,7 @@ def test_overflow_then_clear(bpe_lm):
     text = _fill(chat)
     turns = len(chat.messages) // 2
     assert chat.make_room(text, "clear") == turns
-    assert chat.messages == [] and chat.cache_tokens == 0
+    assert chat.messages == []
     "".join(chat.send(text))
     assert len(chat.messages) == 2 and chat.system == "Be brief."
 
@@ -306,7 +320,7 @@ def test_model_without_a_chat_template(checkpoint_factory, tmp_path):
     (path / "chat_template.jinja").unlink()
     model, tokenizer, info = load(str(path))
     assert not tokenizer.has_chat_template
-    chat = ChatSession(model, tokenizer, GREEDY, context_length=info.context_length)
+    chat = session((model, tokenizer, info))
     assert "\n\nUser:" in chat.turn_params().stop
     for text in MESSAGES[:3]:
         reply = "".join(chat.send(text))

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlxrun.chat import ChatSession
-from mlxrun.cli.chat import ChatRepl, chat_cmd, read_message
+from mlxrun.cli.chat import ChatRepl, chat_cmd, engine_stats_line, read_message
 from mlxrun.cli.generate import DEFAULT_MAX_TOKENS
 from mlxrun.sampling import SamplingParams
 from mlxrun.tokenizer import FALLBACK_NOTICE
@@ -38,8 +38,8 @@ def first_reply(model_dir) -> str:
     from mlxrun.loader import load
 
     model, tokenizer, info = load(str(model_dir))
-    chat = ChatSession(model, tokenizer, SamplingParams(temperature=0, max_tokens=8))
-    return "".join(chat.send(FIRST))
+    with ChatSession(model, tokenizer, SamplingParams(temperature=0, max_tokens=8)) as chat:
+        return "".join(chat.send(FIRST))
 
 
 def spawn(model_dir: Path, *args: str) -> pexpect.spawn:
@@ -76,7 +76,7 @@ def test_a_session_end_to_end(model_dir, first_reply, tmp_path):
 
     assert "temperature = 0.5" in say(child, "/set temperature 0.5")
     stats = say(child, "/stats")
-    for field in ("prefilled", "TTFT", "tok/s", "peak memory", "Cache:", "finish: length"):
+    for field in ("prefilled", "TTFT", "tok/s", "peak memory", "Engine:", "finish: length"):
         assert field in stats
     assert _stats_numbers(stats)[1] > 0
 
@@ -112,13 +112,17 @@ def test_a_session_end_to_end(model_dir, first_reply, tmp_path):
     child.expect_exact(PROMPT)
     stats = say(child, "/stats")
     assert "finish: interrupted" in stats
+    assert "1 aborted" in stats  # Ctrl-C aborted the engine's request
     prompt_tokens, _, _ = _stats_numbers(stats)
 
-    # The next turn reuses the cache, interrupted reply included.
+    # The next turn reuses the cache, interrupted reply included: the engine aborted the request
+    # and kept its KV in the prefix cache.
     say(child, "/set max_tokens 8")
     say(child, "hello")
-    _, prefilled, reused = _stats_numbers(say(child, "/stats"))
+    stats = say(child, "/stats")
+    _, prefilled, reused = _stats_numbers(stats)
     assert reused > prompt_tokens and prefilled < 30
+    assert int(re.search(r"(\d+) cached tokens reused in (\d+) hits", stats)[1]) >= reused
 
     assert "/save FILE" in say(child, "/help")
     say(child, "//usr is a directory")  # "//" sends a message that starts with "/"
@@ -150,6 +154,38 @@ def test_a_session_end_to_end(model_dir, first_reply, tmp_path):
     assert "/set temperature 0.5" in history.read_text()
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}},
+    "required": ["ok"],
+    "additionalProperties": False,
+}
+
+
+def test_disk_tier_and_json_schema_across_two_chats(model_dir, tmp_path):
+    """--cache-dir: a second chat process starts with the first one's KV (same system prompt
+    and message); --json-schema: every reply is JSON that follows the schema."""
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    args = [*CHAT, str(model_dir), "--temperature", "0", "--max-tokens", "30",
+            "--system", "Answer in JSON. " * 8, "--cache-dir", str(tmp_path / "kv"),
+            "--json-schema", str(schema)]  # fmt: skip
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, *args], input=b"hello\n/stats\n",
+                              capture_output=True, timeout=180)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr.decode()
+        runs.append(proc.stdout.decode())
+    assert any(p.name.endswith(".safetensors") for p in (tmp_path / "kv").rglob("*"))
+    replies = [m for out in runs for m in re.findall(r"^(?:>>> )?(\{.*\})$", out, re.M)]
+    assert len(replies) == 2 and replies[0] == replies[1]
+    value = json.loads(replies[0])
+    assert set(value) == {"ok"} and isinstance(value["ok"], bool)
+    prompt, _, reused = _stats_numbers(runs[0])
+    assert reused == 0
+    assert _stats_numbers(runs[1])[2] >= prompt - 1  # all but the token that samples the reply
+
+
 def test_load_restores_settings_only_when_asked(model_dir, tmp_path, capsys):
     """/load FILE keeps the current settings and names the file's that differ; /load FILE
     --settings restores them and says which changed."""
@@ -160,6 +196,7 @@ def test_load_restores_settings_only_when_asked(model_dir, tmp_path, capsys):
     saved = ChatSession(model, tokenizer, SamplingParams(temperature=0.5, max_tokens=40))
     "".join(saved.send(FIRST))
     saved.save(path)
+    saved.close()
 
     chat = ChatSession(model, tokenizer, SamplingParams(temperature=0.2, max_tokens=10))
     lines = [f"/load {path}", "/set", f"/load {path} --settings", "/set", "/load --settings"]
@@ -170,6 +207,7 @@ def test_load_restores_settings_only_when_asked(model_dir, tmp_path, capsys):
         return read_line(prompt)
 
     ChatRepl(chat, "tiny", marked).run()
+    chat.close()
     out, err = capsys.readouterr()
     kept, after_kept, restored, after_restored = (b.strip() for b in out.split("\x00")[1:5])
     assert kept.startswith(f"Loaded 2 messages from {path}; kept the current settings")
@@ -311,3 +349,17 @@ def test_read_message_eof_inside_a_block():
     read_line, _ = _reader(['"""', "never closed"])
     with pytest.raises(EOFError):
         read_message(read_line)
+
+
+def test_engine_stats_line_shows_rates_cache_and_speculation_figures():
+    """/stats prints what Engine.stats() reports, including figures the engine grows later
+    (speculation's acceptance)."""
+    line = engine_stats_line({
+        "generation_tokens_per_s": 41.25, "prompt_tokens_per_s": 900.0, "cache_hits": 3,
+        "cache_hit_tokens": 120, "finished": 4, "aborted": 1, "cache_memory_tokens": 300,
+        "cache_memory_bytes": 2048, "spec_acceptance_rate": 0.8125, "running": 0,
+    })  # fmt: skip
+    assert "generation 41.2 tok/s" in line and "prefill 900.0 tok/s" in line
+    assert "120 cached tokens reused in 3 hits" in line and "4 done, 1 aborted" in line
+    assert "prefix cache 300 tokens" in line and "spec_acceptance_rate 0.812" in line
+    assert "running" not in line

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -163,7 +165,7 @@ def test_debug_shows_traceback():
 def test_without_max_tokens_a_base_model_stops_at_the_default(model_dir, lm):
     """Greedy, this random model never emits EOS: it used to run to the end of the context."""
     assert DEFAULT_MAX_TOKENS == 256 and lm[2].context_length > 2 * DEFAULT_MAX_TOKENS
-    proc = run_cli(str(model_dir), "-p", PROMPT, "--temperature", "0")
+    proc = run_cli(str(model_dir), "-p", PROMPT, "--temperature", "0", timeout=300)  # 256 tokens
     assert proc.returncode == 0, proc.stderr.decode()
     err = proc.stderr.decode()
     assert f"generation: {DEFAULT_MAX_TOKENS} tokens" in err and "finish: length" in err
@@ -175,6 +177,59 @@ def test_without_max_tokens_a_base_model_stops_at_the_default(model_dir, lm):
     assert "generation: 5 tokens" in proc.stderr.decode()
     help_text = run_cli("--help").stdout.decode()
     assert f"[default: {DEFAULT_MAX_TOKENS}" in " ".join(help_text.split())
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}},
+    "required": ["ok"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_and_grammar_constrain_the_output(model_dir, lm, tmp_path):
+    """The engine's constrained path, from the terminal: greedy random weights write no JSON
+    by themselves; with --json-schema the output parses and follows the schema."""
+    free = _expected(lm, lm[1].encode(PROMPT), 12)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free)
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    base = [str(model_dir), "-p", PROMPT, "--temperature", "0", "--max-tokens", "40"]
+    proc = run_cli(*base, "--json-schema", str(schema))
+    assert proc.returncode == 0, proc.stderr.decode()
+    value = json.loads(proc.stdout.decode())
+    assert set(value) == {"ok"} and isinstance(value["ok"], bool)
+    assert "finish: stop" in proc.stderr.decode()  # the grammar completed, then EOS
+
+    grammar = tmp_path / "answer.lark"
+    grammar.write_text('start: "yes" | "no"\n')
+    proc = run_cli(*base, "--grammar", str(grammar))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().strip() in ("yes", "no")
+
+    (tmp_path / "bad.json").write_text("{not json")
+    assert "--json-schema" in _one_error_line(
+        run_cli(*base, "--json-schema", str(tmp_path / "bad.json"))
+    )
+
+
+def test_cache_dir_serves_the_next_run_from_disk(model_dir, lm, tmp_path):
+    """--cache-dir (the server's disk tier): the second run reads the prompt's KV the first
+    one wrote, and says so; the text is the same."""
+    args = [str(model_dir), "-p", PROMPT * 3, "--temperature", "0", "--max-tokens", "6",
+            "--cache-dir", str(tmp_path / "kv"), "--cache-disk-size", "64MB"]  # fmt: skip
+    runs = [run_cli(*args), run_cli(*args)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr.decode()
+    n = len(lm[1].encode(PROMPT * 3))
+    cached = [
+        int(re.search(rf"prompt: {n} tokens \((\d+) cached\)", p.stderr.decode())[1]) for p in runs
+    ]
+    assert cached == [0, n - 1]  # all but the token that samples the first output token
+    assert runs[0].stdout == runs[1].stdout == _expected(lm, lm[1].encode(PROMPT * 3), 6).encode()
+    line = _one_error_line(run_cli(str(model_dir), "-p", "hi", "--cache-disk-size", "1GB"))
+    assert "--cache-disk-size needs --cache-dir" in line
 
 
 @pytest.fixture(scope="module")

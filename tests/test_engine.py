@@ -1,4 +1,4 @@
-"""The batched engine on tiny models: exactness against the single-sequence loop, per-request
+"""The batched engine on tiny models: exactness against a plain one-sequence loop, per-request
 parameters in one batch, chunked prefill, prefix cache (memory and disk), aborts, groups,
 priorities and overload."""
 
@@ -11,10 +11,10 @@ import time
 
 import mlx.core as mx
 import pytest
+from plain_decode import plain_greedy
 
 from mlxrun.engine import Engine, EngineConfig, Event, Request
 from mlxrun.errors import ContextLengthExceededError, EngineOverloadedError, InvalidRequestError
-from mlxrun.generate import generate_stream
 from mlxrun.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -37,9 +37,8 @@ def _prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 60) -> list[list[int]
 
 
 def _reference(lm, ids: list[int], params: SamplingParams) -> list[int]:
-    model, tokenizer, _ = lm
-    chunks = generate_stream(model, tokenizer, ids, params)
-    return [c.token_id for c in chunks if c.token_id is not None]
+    """Greedy tokens from the textbook loop (tests/plain_decode.py): no batch, no pipelining."""
+    return [s.token_id for s in plain_greedy(lm[0], ids, params, lm[2].eos_token_ids)]
 
 
 def _run_all(engine: Engine, requests: list[Request]) -> dict[str, list[Event]]:
@@ -61,7 +60,7 @@ def _engine(lm, **kw) -> Engine:
 @pytest.mark.parametrize(
     "arch", ["llama", "qwen2", "mistral", "gemma2", "phi3", "mixtral", "qwen3_moe"]
 )
-def test_greedy_tokens_are_the_same_alone_beside_15_others_and_in_generate(
+def test_greedy_tokens_are_the_same_alone_beside_15_others_and_in_a_plain_loop(
     checkpoint_factory, arch
 ):
     lm = _load(checkpoint_factory, arch)
@@ -104,15 +103,13 @@ def test_per_request_parameters_share_one_batch(lm):
     assert _tokens(out["bias"]) == [77] * 10
     assert len(_tokens(out["short"])) == 3 and out["short"][-1].finish_reason == "length"
     assert _tokens(out["lp"]) == _reference(lm, ids, GREEDY)
-    model, tokenizer, _ = lm
-    ref_chunks = list(
-        generate_stream(model, tokenizer, ids, GREEDY.replace(logprobs=True, top_logprobs=3))
-    )
-    for event, chunk in zip(out["lp"], ref_chunks, strict=True):
+    ref_steps = plain_greedy(lm[0], ids, GREEDY)
+    for event, step in zip(out["lp"], ref_steps, strict=True):
         (lp,) = event.logprobs
-        assert lp.token_id == chunk.token_id and len(lp.top) == 3
+        assert lp.token_id == step.token_id and len(lp.top) == 3
         assert lp.top[0][0] == lp.token_id and lp.top[0][1] == pytest.approx(lp.logprob)
-        assert lp.logprob == pytest.approx(chunk.logprob, abs=1e-3)
+        assert lp.logprob == pytest.approx(step.logprob, abs=1e-3)
+        assert [t for t, _ in lp.top] == [t for t, _ in step.top[:3]]
 
 
 def test_stop_token_ids_and_eos_end_without_emitting_the_token(lm):

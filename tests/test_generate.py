@@ -1,13 +1,16 @@
-"""generate_stream on a tiny llama: stops, limits, seeds, logprobs, context checks, cache reuse."""
+"""generate_stream (the engine's synchronous face) on a tiny llama: stops, limits, seeds,
+logprobs, context checks, prefix-cache reuse across calls, abort on close."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from plain_decode import plain_greedy
 
+from mlxrun.engine import Request
 from mlxrun.errors import ContextLengthExceededError, InvalidRequestError
-from mlxrun.generate import GenerationChunk, PromptCache, generate, generate_stream
+from mlxrun.generate import GenerationChunk, generate, generate_stream, local_engine
 from mlxrun.sampling import SamplingParams, compute_logprobs
 
 PROMPT = "def add(a, b):\n    return a + b\n\nclass Point:"
@@ -154,65 +157,65 @@ def test_empty_prompt_is_rejected(lm):
         next(generate_stream(model, tokenizer, [], SamplingParams()))
 
 
-def test_prompt_cache_prefills_only_new_tokens(lm):
+def _ids_of(chunks: list[GenerationChunk]) -> list[int]:
+    return [c.token_id for c in chunks if c.token_id is not None]
+
+
+def test_engine_prefix_cache_prefills_only_new_tokens(lm):
     model, tokenizer, _ = lm
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    pc = PromptCache(model)
     turn1 = tokenizer.encode(PROMPT)
-    first = list(generate_stream(model, tokenizer, turn1, params, cache=pc))
-    assert first[-1].prefilled_tokens == len(turn1)
-    reply = [c.token_id for c in first]
-    # The cache holds what was fed to the model: the prompt and all but the last reply token.
-    assert pc.token_ids == turn1 + reply[:-1]
-    assert pc.cache[0].offset == len(pc.token_ids)
-
-    new = tokenizer.encode("\n\ndef sub(a, b):")
-    turn2 = turn1 + reply + new
-    second = list(generate_stream(model, tokenizer, turn2, params, cache=pc))
-    assert second[-1].prefilled_tokens == len(new) + 1  # + the last reply token
+    with local_engine(model, tokenizer) as engine:
+        first = list(generate_stream(model, tokenizer, turn1, params, engine=engine))
+        assert first[-1].prefilled_tokens == len(turn1) and first[-1].cached_tokens == 0
+        reply = _ids_of(first)
+        new = tokenizer.encode("\n\ndef sub(a, b):")
+        turn2 = turn1 + reply + new
+        second = list(generate_stream(model, tokenizer, turn2, params, engine=engine))
+        assert engine.stats()["running"] == 0
+    # What the last request fed is reused: the prompt and the reply but at most its last token.
+    assert second[-1].cached_tokens >= len(turn1) + len(reply) - 1
+    assert second[-1].prefilled_tokens <= len(new) + 1
     assert second[-1].prompt_tokens == len(turn2)
     fresh = list(generate_stream(model, tokenizer, turn2, params))
-    assert [c.token_id for c in second] == [c.token_id for c in fresh]
+    assert _ids_of(second) == _ids_of(fresh)
 
 
-def test_prompt_cache_trims_a_diverging_tail(lm):
+def test_engine_prefix_cache_reuses_up_to_a_diverging_tail(lm):
     model, tokenizer, _ = lm
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    pc = PromptCache(model)
     ids = tokenizer.encode(PROMPT)
-    list(generate_stream(model, tokenizer, ids, params, cache=pc))
     edited = ids[:5] + tokenizer.encode(" something else entirely")
-    assert pc.prefix_len(edited) == 5
-    out = list(generate_stream(model, tokenizer, edited, params, cache=pc))
+    assert edited[:6] != ids[:6]
+    with local_engine(model, tokenizer) as engine:
+        list(generate_stream(model, tokenizer, ids, params, engine=engine))
+        out = list(generate_stream(model, tokenizer, edited, params, engine=engine))
+        # The same ids again: everything but the last id comes from the cache.
+        again = list(generate_stream(model, tokenizer, edited, params, engine=engine))
     assert out[-1].prefilled_tokens == len(edited) - 5
     fresh = list(generate_stream(model, tokenizer, edited, params))
-    assert [c.token_id for c in out] == [c.token_id for c in fresh]
-    # The same ids again: everything but the last id comes from the cache.
-    again = list(generate_stream(model, tokenizer, edited, params, cache=pc))
+    assert _ids_of(out) == _ids_of(fresh)
     assert again[-1].prefilled_tokens == 1
-    assert [c.token_id for c in again] == [c.token_id for c in fresh]
+    assert _ids_of(again) == _ids_of(fresh)
 
 
-def test_prompt_cache_after_an_abandoned_or_interrupted_stream(lm):
+def test_closing_a_stream_aborts_the_request_and_keeps_its_kv(lm):
     model, tokenizer, _ = lm
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    pc = PromptCache(model)
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     ids = tokenizer.encode(PROMPT)
-    stream = generate_stream(model, tokenizer, ids, params, cache=pc)
-    taken = [next(stream).token_id for _ in range(3)]
-    stream.close()  # the consumer stops reading (e.g. Ctrl-C in a chat REPL)
-    assert pc.cache[0].offset == len(pc.token_ids)
-    turn2 = ids + taken + tokenizer.encode(" more")
-    out = list(generate_stream(model, tokenizer, turn2, params, cache=pc))
-    assert out[-1].prefilled_tokens < len(turn2)
-    fresh = [c.token_id for c in generate_stream(model, tokenizer, turn2, params)]
-    assert [c.token_id for c in out] == fresh
-
-    # A forward pass the ids never recorded (an interrupt inside a step): start over, correctly.
-    model(mx.array([[5]]), cache=pc.cache)
-    again = list(generate_stream(model, tokenizer, turn2, params, cache=pc))
-    assert again[-1].prefilled_tokens == len(turn2)
-    assert [c.token_id for c in again] == fresh
+    with local_engine(model, tokenizer) as engine:
+        stream = generate_stream(model, tokenizer, ids, params, engine=engine)
+        taken = [next(stream).token_id for _ in range(3)]
+        stream.close()  # the consumer stops reading (e.g. Ctrl-C in a chat REPL)
+        stats = engine.stats()
+        assert stats["aborted"] == 1 and stats["running"] == 0 and stats["waiting"] == 0
+        assert stats["generation_tokens"] < 200
+        turn2 = ids + taken + tokenizer.encode(" more")
+        short = params.replace(max_tokens=8)
+        out = list(generate_stream(model, tokenizer, turn2, short, engine=engine))
+    assert out[-1].cached_tokens >= len(ids) + len(taken) - 1
+    fresh = list(generate_stream(model, tokenizer, turn2, short))
+    assert _ids_of(out) == _ids_of(fresh)
 
 
 def test_chunked_prefill_matches_one_shot(lm):
@@ -232,6 +235,23 @@ def test_generate_returns_the_streamed_text(lm):
     assert text == "".join(c.text for c in chunks)
     ids = [c.token_id for c in chunks]
     assert text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_one_greedy_text_from_generate_the_engine_and_a_plain_loop(lm, ignore_eos):
+    """generate() is a face over the engine, not a loop of its own: its greedy text is the
+    engine's, which is the textbook one-sequence loop's (tests/plain_decode.py)."""
+    model, tokenizer, info = lm
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=ignore_eos)
+    ids = tokenizer.encode(PROMPT)
+    text = generate(model, tokenizer, PROMPT, params, context_length=info.context_length)
+    with local_engine(model, tokenizer, info.context_length) as engine:
+        events = engine.generate_sync(Request("e", ids, params))
+    engine_ids = [t for e in events for t in e.new_token_ids]
+    plain_ids = [s.token_id for s in plain_greedy(model, ids, params, info.eos_token_ids)]
+    assert engine_ids == plain_ids and len(plain_ids) > 0
+    assert text == tokenizer.decode(engine_ids, skip_special_tokens=True)
+    assert events[-1].finish_reason == ("length" if len(plain_ids) == 40 else "stop")
 
 
 def test_stats_are_filled(lm):

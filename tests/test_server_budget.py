@@ -15,7 +15,14 @@ import ollama
 import openai
 import pytest
 
-from mlxrun.budget import Budget, max_output, output_budget
+from mlxrun.budget import (
+    TERMINAL_MAX_TOKENS,
+    Budget,
+    chat_reply_default,
+    max_output,
+    output_budget,
+    prompt_room,
+)
 from mlxrun.errors import ContextLengthExceededError, InvalidRequestError
 from serverutil import MODEL_ID, make_app, serve_in_thread
 
@@ -68,6 +75,16 @@ def test_advertised_maximum_is_one_a_request_can_get():
     assert most == 511
     assert not output_budget(1, most, 512, strict=True).clamped  # a one-token prompt gets it all
     assert max_output(512, cap=64) == 64
+
+
+def test_the_terminal_and_fim_defaults_live_here_too():
+    assert TERMINAL_MAX_TOKENS == 256
+    assert chat_reply_default(8192) == 256  # generate and chat: the terminal cap
+    assert chat_reply_default(300) == 150  # chat: at most half the context
+    assert chat_reply_default(1) is None
+    assert prompt_room(1000, 100) == 900  # FIM trims its context to leave max_tokens
+    assert prompt_room(1000, None) == 750  # or a quarter of the context
+    assert prompt_room(1000, None, cap=64) == 936
 
 
 # ---------------------------------------------------------------- every dialect
@@ -172,6 +189,21 @@ def test_a_prompt_that_does_not_fit_is_a_400_in_each_dialect(base_url):
     with pytest.raises(ollama.ResponseError) as info:
         ollama.Client(host=base_url).chat(MODEL_ID, messages=messages)
     assert info.value.status_code == 400 and "context length" in info.value.error
+
+
+def test_legacy_completions_default_is_the_budget_rules_default(strict_url):
+    """/v1/completions without max_tokens gets OpenAI's 16 through mlxrun.budget's `default`,
+    not as if the client had asked for 16: near the end of the context it shrinks to what is
+    left, even under --strict, and nothing is reported as clamped."""
+    client = openai.OpenAI(base_url=strict_url + "/v1", api_key="x", max_retries=0)
+    raw = client.completions.with_raw_response.create(
+        model=MODEL_ID, prompt=list(range(10, 10 + CONTEXT - 5)), temperature=0
+    )
+    assert raw.status_code == 200 and CLAMP not in raw.headers
+    r = raw.parse()
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    roomy = client.completions.create(model=MODEL_ID, prompt=[5, 6, 7], temperature=0)
+    assert roomy.usage.completion_tokens == 16
 
 
 def test_strict_keeps_openais_400_only_on_openais_routes(strict_url):

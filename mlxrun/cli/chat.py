@@ -3,8 +3,9 @@
 Input: one line per message; a line ending in `\\` continues on the next, and a `\"\"\"` line
 opens a block that runs to the next `\"\"\"`. Lines starting with `/` are commands (/help lists
 them). Arrow keys edit and recall lines (readline; history in $MLXRUN_HOME/chat_history).
-Ctrl-C stops a reply and keeps the text shown so far as the assistant's message; at the prompt
-it drops the line being typed. Ctrl-D exits.
+Ctrl-C stops a reply (the engine aborts the request, whose KV stays in its prefix cache for the
+next turn) and keeps the text shown so far as the assistant's message; at the prompt it drops the
+line being typed. Ctrl-D exits.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 import click
 
 from mlxrun.cli.common import friendly_errors, report_error
+from mlxrun.cli.engine_options import cache_options, grammar_options
 from mlxrun.cli.generate import DEFAULT_MAX_TOKENS
+from mlxrun.cli.speculation import pop_speculation, speculation_for, speculation_options
 
 PROMPT, MORE = ">>> ", "... "
 BLOCK = '"""'
@@ -33,7 +36,8 @@ Commands:
   /load FILE [--settings]
                       replace the conversation (and system prompt) with a saved one; the
                       settings stay unless --settings, which restores the saved ones too
-  /stats              the last turn's tokens, TTFT, speeds and peak memory; the cache size
+  /stats              the last turn's tokens, TTFT, speeds and peak memory; the engine's
+                      rates and prefix cache
   /set [NAME VALUE]   show settings, or change one, e.g. /set temperature 0.2 (none unsets
                       seed and max_tokens; /set stop "###" "END" sets stop strings)
   /exit               quit (as does Ctrl-D)
@@ -297,10 +301,40 @@ class ChatRepl:
                 f"{t.generation_tps:.1f} tok/s | peak memory {t.peak_memory_gb:.3f} GB | "
                 f"finish: {t.finish_reason}"
             )
-        click.echo(
-            f"Cache: {s.cache_tokens} tokens ({_fmt_bytes(s.cache_bytes)}) of a "
-            f"{s.context_length}-token context | turns: {len(s.messages) // 2}"
+        click.echo(engine_stats_line(s.engine_stats()))
+        click.echo(f"Context: {s.context_length} tokens | turns: {len(s.messages) // 2}")
+
+
+def engine_stats_line(stats: dict[str, Any]) -> str:
+    """The engine's view (Engine.stats()): recent rates, prefix-cache hits and size, and any
+    speculation figures it reports (acceptance)."""
+    from mlxrun.engine import RATE_WINDOW_S
+
+    parts = [
+        f"Engine: generation {stats.get('generation_tokens_per_s', 0.0):.1f} tok/s, "
+        f"prefill {stats.get('prompt_tokens_per_s', 0.0):.1f} tok/s (last "
+        f"{RATE_WINDOW_S:.0f} s)",
+        f"{stats.get('cache_hit_tokens', 0)} cached tokens reused in "
+        f"{stats.get('cache_hits', 0)} hits",
+        f"requests: {stats.get('finished', 0)} done, {stats.get('aborted', 0)} aborted",
+    ]
+    if "cache_memory_tokens" in stats:
+        parts.append(
+            f"prefix cache {stats['cache_memory_tokens']} tokens "
+            f"({_fmt_bytes(stats.get('cache_memory_bytes', 0))})"
         )
+    if "cache_disk_segments" in stats:
+        parts.append(
+            f"disk {stats['cache_disk_segments']} segments "
+            f"({_fmt_bytes(stats.get('cache_disk_bytes', 0))}), "
+            f"{stats.get('disk_hit_tokens', 0)} tokens read"
+        )
+    extra = [f"{k} {_number(v)}" for k, v in stats.items() if "accept" in k or "spec" in k]
+    return " | ".join(parts + extra)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _setup_readline() -> Callable[[], None]:
@@ -331,7 +365,7 @@ def _setup_readline() -> Callable[[], None]:
 
 
 @click.command("chat")
-@click.argument("model")
+@click.argument("model", required=False)
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--max-tokens", type=int, default=None, help=f"Longest reply; /set max_tokens changes it [default: {DEFAULT_MAX_TOKENS}, at most half the context].")  # fmt: skip
 @click.option("--temperature", type=float, default=None, help="0 is greedy [default: 0.7].")
@@ -341,39 +375,60 @@ def _setup_readline() -> Callable[[], None]:
 @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
 @click.option("--context", type=int, default=None, help="Context length to allow and plan memory for [default: the model's].")  # fmt: skip
 @click.option("--force", is_flag=True, help="Load even if the memory check says it will not fit.")
+@cache_options
+@grammar_options
+@speculation_options
 @friendly_errors
 def chat_cmd(
-    model: str, system: str | None, context: int | None, force: bool, **sampling: Any
+    model: str | None,
+    system: str | None,
+    context: int | None,
+    force: bool,
+    cache_dir: str | None,
+    cache_disk_size: str | None,
+    json_schema: str | None,
+    grammar: str | None,
+    **sampling: Any,
 ) -> None:
-    """Chat with MODEL (a store name, a directory or a Hub id) in the terminal."""
-    from mlxrun.cli.generate import (
-        DEFAULT_TEMPERATURE,
-        default_max_tokens,
-        note_fallback_template,
-        sampling_params,
-    )
+    """Chat with MODEL (a store name, a directory or a Hub id) in the terminal; without MODEL,
+    the one model in the store."""
+    from mlxrun.budget import chat_reply_default
+    from mlxrun.cli.engine_options import cache_overrides, read_constraint
+    from mlxrun.cli.generate import DEFAULT_TEMPERATURE, note_fallback_template, sampling_params
     from mlxrun.errors import InvalidRequestError
 
     if context is not None and context < 1:
         raise InvalidRequestError(f"--context must be >= 1, got {context}", param="context")
+    if model is None:
+        from mlxrun.cli.run import default_model
+
+        model = default_model()
+    spec_flags = pop_speculation(sampling)
     if sampling["temperature"] is None:
         sampling["temperature"] = DEFAULT_TEMPERATURE
     params = sampling_params(**sampling)
+    caches = cache_overrides(None, cache_dir, cache_disk_size)
 
     from mlxrun.chat import ChatSession
+    from mlxrun.generate import local_engine
     from mlxrun.loader import load
 
     click.echo(f"Loading {model}…", err=True)
     lm, tokenizer, info = load(model, context=context, force=force)
     note_fallback_template(tokenizer)
+    constraint = read_constraint(tokenizer, json_schema, grammar)
     if params.max_tokens is None:  # leave half the context to the conversation
-        params = params.replace(max_tokens=default_max_tokens(info.context_length // 2))
-    session = ChatSession(lm, tokenizer, params, system=system, context_length=info.context_length)
-    save_history = _setup_readline()
-    try:
-        ChatRepl(session, info.name).run()
-    finally:
-        save_history()
+        params = params.replace(max_tokens=chat_reply_default(info.context_length))
+    ctx = info.context_length
+    caches.update(speculation_for(tokenizer, spec_flags, context))
+    with local_engine(lm, tokenizer, ctx, namespace=info.name, **caches) as engine:
+        session = ChatSession(lm, tokenizer, params, system=system, context_length=ctx,
+                              engine=engine, constraint=constraint)  # fmt: skip
+        save_history = _setup_readline()
+        try:
+            ChatRepl(session, info.name).run()
+        finally:
+            save_history()
 
 
 if __name__ == "__main__":

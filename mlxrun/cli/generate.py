@@ -8,12 +8,12 @@ from typing import Any
 
 import click
 
+from mlxrun.budget import TERMINAL_MAX_TOKENS as DEFAULT_MAX_TOKENS
 from mlxrun.cli.common import friendly_errors
+from mlxrun.cli.engine_options import cache_options, grammar_options
+from mlxrun.cli.speculation import pop_speculation, speculation_for, speculation_options
 
 DEFAULT_TEMPERATURE = 0.7
-# The longest reply `generate` and `chat` give when --max-tokens is not set (mlx-lm's generate caps
-# at 256 too): a base model rarely stops by itself, and would otherwise fill the whole context.
-DEFAULT_MAX_TOKENS = 256
 
 # SamplingParams field -> the flag that sets it, so errors name what the user typed.
 _FLAGS = {
@@ -76,12 +76,6 @@ def sampling_params(**values: Any) -> Any:
         ) from None
 
 
-def default_max_tokens(room: int) -> int | None:
-    """DEFAULT_MAX_TOKENS, or fewer when only `room` tokens are left for the reply (None when
-    none are: the context check then reports the prompt as too long)."""
-    return min(DEFAULT_MAX_TOKENS, room) if room >= 1 else None
-
-
 def note_fallback_template(tokenizer: Any) -> None:
     """One line on stderr when the model has no chat template and the plain fallback stands in."""
     from mlxrun.tokenizer import FALLBACK_NOTICE
@@ -100,7 +94,8 @@ def _prompt_ids(tokenizer: Any, text: str, chat: bool, system: str | None) -> li
 
 def _stats_line(chunk: Any) -> str:
     return (
-        f"prompt: {chunk.prompt_tokens} tokens, {chunk.prompt_tps:.1f} tok/s | "
+        f"prompt: {chunk.prompt_tokens} tokens ({chunk.cached_tokens} cached), "
+        f"{chunk.prompt_tps:.1f} tok/s | "
         f"generation: {chunk.generation_tokens} tokens, {chunk.generation_tps:.1f} tok/s | "
         f"peak memory: {chunk.peak_memory_gb:.3f} GB | finish: {chunk.finish_reason}"
     )
@@ -139,6 +134,9 @@ def _stream(chunks: Any) -> Any:
 @click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
 @click.option("--context", type=int, default=None, help="Context length to allow and plan memory for [default: the model's].")  # fmt: skip
 @click.option("--force", is_flag=True, help="Load even if the memory check says it will not fit.")
+@cache_options
+@grammar_options
+@speculation_options
 @friendly_errors
 def generate_cmd(
     model: str,
@@ -148,36 +146,50 @@ def generate_cmd(
     context: int | None,
     force: bool,
     stop: tuple[str, ...],
+    cache_dir: str | None,
+    cache_disk_size: str | None,
+    json_schema: str | None,
+    grammar: str | None,
     **sampling: Any,
 ) -> None:
     """Generate a completion of a prompt with MODEL (a store name, a directory or a Hub id)."""
+    from mlxrun.cli.engine_options import cache_overrides, read_constraint
     from mlxrun.errors import InvalidRequestError
 
     if system is not None and not chat:
         raise InvalidRequestError("--system needs --chat", param="system", hint="Add --chat.")
     if context is not None and context < 1:
         raise InvalidRequestError(f"--context must be >= 1, got {context}", param="context")
+    spec_flags = pop_speculation(sampling)
     text = read_prompt(prompt)
     params = sampling_params(stop=list(stop), **sampling)
 
-    from mlxrun.generate import generate_stream
+    caches = cache_overrides(None, cache_dir, cache_disk_size)
+
+    from mlxrun.generate import local_engine, stream_request
     from mlxrun.loader import load
 
     lm, tokenizer, info = load(model, context=context, force=force)
     if chat:
         note_fallback_template(tokenizer)
+    constraint = read_constraint(tokenizer, json_schema, grammar)
     ids = _prompt_ids(tokenizer, text, chat, system)
-    if params.max_tokens is None:
-        params = params.replace(max_tokens=default_max_tokens(info.context_length - len(ids)))
     if chat and tokenizer.chat_stop_strings:
         params = params.replace(stop=(*params.stop, *tokenizer.chat_stop_strings))
-    chunks = generate_stream(lm, tokenizer, ids, params, context_length=info.context_length)
-    try:
-        last = _stream(chunks)
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`): stop quietly, as other Unix tools do.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(0)
+    if caches["cache_dir"] is None:
+        caches["cache_memory_bytes"] = 0  # one request: a prefix cache only feeds the disk tier
+    caches.update(speculation_for(tokenizer, spec_flags, context))
+    with local_engine(
+        lm, tokenizer, info.context_length, namespace=info.name,
+        max_running=1, default_max_tokens=DEFAULT_MAX_TOKENS, **caches,
+    ) as engine:  # fmt: skip
+        chunks = stream_request(engine, tokenizer, ids, params, constraint=constraint)
+        try:
+            last = _stream(chunks)
+        except BrokenPipeError:
+            # The reader went away (e.g. `| head`): stop quietly, as other Unix tools do.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(0)
     if last is not None:
         click.echo(_stats_line(last), err=True)

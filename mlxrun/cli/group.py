@@ -27,6 +27,7 @@ def _register() -> None:
     from mlxrun.cli.convert import convert_cmd
     from mlxrun.cli.doctor import doctor_cmd
     from mlxrun.cli.generate import generate_cmd
+    from mlxrun.cli.run import ps_cmd, run_cmd
     from mlxrun.cli.store import list_cmd, pull_cmd, rm_cmd, show_cmd
     from mlxrun.server.cli import serve_cmd
 
@@ -38,7 +39,9 @@ def _register() -> None:
         rm_cmd,
         generate_cmd,
         chat_cmd,
+        run_cmd,
         serve_cmd,
+        ps_cmd,
         doctor_cmd,
     ):
         main.add_command(cmd)

@@ -2,8 +2,8 @@
 
     @speculation_options
     def cmd(..., speculate, draft, num_speculative_tokens): ...
-        overrides = speculation_overrides(tokenizer, speculate, draft, num_speculative_tokens)
-        EngineConfig(..., **overrides)
+        loaded = load_draft(draft, tokenizer) if draft else None   # mlxrun.draft
+        EngineConfig(..., **speculation_overrides(speculate, num_speculative_tokens, loaded))
 
 --speculate ngram proposes from the request's own prompt and output (prompt lookup); --draft
 MODEL loads a small model with the same tokenizer to propose; requests with an OpenAI
@@ -32,17 +32,26 @@ def speculation_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                         "lookup; code edits and refactors).")(fn)  # fmt: skip
 
 
-def speculation_overrides(
-    tokenizer: Any, speculate: str, draft: str | None, k: int, context: int | None = None
-) -> dict[str, Any]:
-    """EngineConfig fields for the flags; loads the draft (IncompatibleDraftError on a
-    tokenizer mismatch)."""
+def speculation_overrides(speculate: str, k: int, draft: Any = None) -> dict[str, Any]:
+    """EngineConfig fields for the flags (`draft`: a loaded mlxrun.draft.Draft, or None)."""
     from mlxrun.spec_step import SpecConfig
 
+    mode = None if speculate == "off" else speculate
+    return {"speculate": SpecConfig(mode=mode, max_k=k, draft=draft)}
+
+
+def pop_speculation(options: dict[str, Any]) -> tuple[str, str | None, int]:
+    """Take the speculation flags out of a command's catch-all keyword arguments."""
+    return (options.pop("speculate"), options.pop("draft"), options.pop("num_speculative_tokens"))
+
+
+def speculation_for(tokenizer: Any, flags: tuple, context: int | None) -> dict[str, Any]:
+    """EngineConfig fields for popped flags; loads the draft (IncompatibleDraftError when its
+    tokenizer is not the target's)."""
+    speculate, draft, k = flags
     loaded = None
     if draft is not None:
         from mlxrun.draft import load_draft
 
         loaded = load_draft(draft, tokenizer, context=context)
-    mode = None if speculate == "off" else speculate
-    return {"speculate": SpecConfig(mode=mode, max_k=k, draft=loaded)}
+    return speculation_overrides(speculate, k, loaded)

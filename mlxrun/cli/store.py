@@ -69,17 +69,37 @@ def show_cmd(name: str, as_json: bool) -> None:
     d = info.to_dict()
     d["tensors"] = tensor_count(info.path)
     quality = read_quality(info.path)
+    settings = _settings_rows(info.name)
     if as_json:
-        click.echo(json.dumps({**d, "quality": quality}, indent=2))
+        click.echo(json.dumps({**d, "quality": quality, "settings": settings}, indent=2))
         return
     d["size_bytes"] = f"{format_size(info.size_bytes)} ({info.size_bytes} bytes)"
     d["bits_per_weight"] = f"{info.bits_per_weight:.3f}"
     d["context_length"] = str(info.context_length or "unknown")
     d["source"] = info.source or "unknown"
     d.update(_quality_rows(quality))
+    d.update({f"settings.{k}": _shown_setting(v) for k, v in settings.items()})
     width = max(len(k) for k in d)
     for key, value in d.items():
         click.echo(f"{key.ljust(width)}  {value}")
+
+
+def _settings_rows(name: str) -> dict:
+    """The model's models.toml settings that are set (alias, context, draft, keep_alive,
+    sampling.*)."""
+    from mlxrun.model_settings import load_settings
+
+    own = load_settings().get(name)
+    if own is None:
+        return {}
+    rows: dict = {"alias": list(own.aliases), "context": own.context, "draft": own.draft,
+                  "keep_alive": own.keep_alive}  # fmt: skip
+    rows.update({f"sampling.{k}": v for k, v in own.sampling.items()})
+    return {k: v for k, v in rows.items() if v not in (None, [])}
+
+
+def _shown_setting(value: object) -> str:
+    return ", ".join(value) if isinstance(value, list) else str(value)
 
 
 def _quality_rows(quality: dict | None) -> dict[str, str]:

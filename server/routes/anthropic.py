@@ -33,6 +33,7 @@ from ..dialogue import ChatPlan, MessageDelta, message_deltas, plan_chat
 from ..errors import APIError, from_mlxrun, guarded, invalid, to_api_error
 from ..extras import note, reports
 from ..generation import Generation
+from ..models_pool import use_model
 from ..protocol_anthropic import MessagesRequest, parse_messages
 from ..sse import EventStreamResponse
 from ..state import ServerState, server_state
@@ -329,8 +330,7 @@ async def _read(request: Request, counting: bool = False) -> tuple[ServerState, 
     body = await state.read_json(request)
     req = parse_messages(body, counting=counting, strict=state.config.strict)
     note(request, req.ignored)
-    state.check_model(req.model)
-    return state, req
+    return await use_model(request, req.model), req
 
 
 @anthropic_errors
@@ -338,7 +338,6 @@ async def _read(request: Request, counting: bool = False) -> tuple[ServerState, 
 async def create(request: Request) -> Response:
     arrival = time.perf_counter()
     state, req = await _read(request)
-    state.check_ready()
     plan, marked = await in_thread(_prepare, state, req)
     scope = auth.cache_scope(request)  # every cache_control pin is the key's own
     specs = [dataclasses.replace(s, pin_prefix=marked, namespace=scope) for s in plan.specs]

@@ -14,6 +14,7 @@ from ..dialogue import ChatPlan, Message, collect_messages, message_deltas, plan
 from ..errors import guarded
 from ..extras import note, reports
 from ..generation import Generation
+from ..models_pool import use_model
 from ..protocol import ChatRequest, parse_chat
 from ..protocol_prediction import with_prediction
 from ..sse import EventStreamResponse
@@ -39,8 +40,7 @@ async def create(request: Request) -> Response:
     state = server_state(request)
     req = parse_chat(await state.read_json(request), strict=state.config.strict)
     note(request, req.ignored)
-    model = state.check_model(req.model)
-    state.check_ready()
+    state, model = await use_model(request, req.model), req.model
     plan = await in_thread(
         plan_chat,
         state,

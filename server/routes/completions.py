@@ -31,6 +31,7 @@ from ..errors import guarded, invalid
 from ..extras import note, reports
 from ..fim_groups import NO_GROUP, Ticket, released, start_fim
 from ..generation import ChoiceSpec, Generation
+from ..models_pool import use_model
 from ..protocol import CompletionRequest, parse_completion
 from ..protocol_prediction import with_prediction
 from ..sse import EventStreamResponse
@@ -72,8 +73,7 @@ async def create(request: Request) -> Response:
     state = server_state(request)
     req = parse_completion(await state.read_json(request), strict=state.config.strict)
     note(request, req.ignored)
-    model = state.check_model(req.model)
-    state.check_ready()
+    state, model = await use_model(request, req.model), req.model
     if req.echo and req.logprobs is not None:
         raise invalid(
             "'echo' together with 'logprobs' (log probabilities of the prompt) is not supported "
@@ -86,7 +86,9 @@ async def create(request: Request) -> Response:
     specs = []
     for i, ids in enumerate(prompts):
         where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        params = fit_context(state, len(ids), req.params, req.max_tokens_param, where)
+        params = fit_context(
+            state, len(ids), req.params, req.max_tokens_param, where, req.default_max_tokens
+        )
         specs += [
             ChoiceSpec(
                 ids,

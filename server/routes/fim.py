@@ -32,11 +32,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mlxrun.budget import prompt_room
+
 from .. import common
 from ..errors import guarded, invalid
 from ..extras import note, reports
 from ..fim_groups import released, start_fim
 from ..generation import ChoiceSpec, Generation
+from ..models_pool import use_model
 from ..protocol_fim import Infill, parse_infill, parse_mistral
 from ..sse import DONE, EventStreamResponse
 from ..state import ServerState, server_state
@@ -70,8 +73,7 @@ async def mistral_fim(request: Request) -> Response:
     state = server_state(request)
     req = parse_mistral(await state.read_json(request), state.config.strict)
     note(request, req.ignored)
-    model = state.check_model(req.model)
-    state.check_ready()
+    state, model = await use_model(request, req.model), req.model
     _require_fim(state, "suffix")
     ids = await common.in_thread(state.tokenizer.build_fim_prompt, req.prompt, req.suffix)
     params = common.fit_context(state, len(ids), req.params, req.max_param, "prompt")
@@ -248,9 +250,9 @@ async def infill(request: Request) -> Response:
     arrival = time.perf_counter()
     state = server_state(request)
     body = await state.read_json(request)
+    state = await use_model(request, None)  # llama.cpp's /infill names no model: the default
     req = parse_infill(body, state.config.context_length, state.config.strict)
     note(request, req.ignored)
-    state.check_ready()
     _require_fim(state, "input_suffix")
     cursor = (req.prefix, req.suffix)
     ids = await common.in_thread(
@@ -283,12 +285,9 @@ async def infill(request: Request) -> Response:
 
 
 def _budget(state: ServerState, req: Infill) -> int:
-    """Prompt tokens allowed, extra context included: the context less the output reserved."""
-    limit, cap = state.config.context_length, state.config.max_output_tokens
-    reserve = req.params.max_tokens
-    if reserve is None:
-        reserve = limit // 4 if cap is None else min(cap, limit // 4)
-    return limit - reserve
+    """Prompt tokens allowed, extra context included (mlxrun.budget's rule)."""
+    config = state.config
+    return prompt_room(config.context_length, req.params.max_tokens, config.max_output_tokens)
 
 
 async def _infill_chunks(state: ServerState, run: _InfillRun) -> AsyncIterator[dict[str, Any]]:

@@ -39,9 +39,25 @@ def model_card(state: ServerState, model_id: str) -> dict[str, Any]:
     }
 
 
+def _pool_card(hub: ServerState, model_id: str) -> dict[str, Any]:
+    """A servable model of the pool: the full card while it is loaded, else the basics."""
+    spec = hub.pool.find(model_id)
+    slot = hub.pool.slots.get(spec.name)
+    if slot is not None:
+        return model_card(slot.state, model_id)
+    card = {"id": model_id, "object": "model", "created": hub.config.created,
+            "owned_by": hub.config.owned_by, "loaded": False}  # fmt: skip
+    if spec.context:
+        card["context_length"] = card["max_model_len"] = spec.context
+    return card
+
+
 @guarded
 async def list_models(request: Request) -> JSONResponse:
     state = server_state(request)
+    if state.pool is not None:
+        data = [_pool_card(state, model_id) for model_id in state.pool.model_ids]
+        return JSONResponse({"object": "list", "data": data})
     data = [model_card(state, model_id) for model_id in state.config.model_ids]
     return JSONResponse({"object": "list", "data": data})
 
@@ -50,6 +66,8 @@ async def list_models(request: Request) -> JSONResponse:
 async def get_model(request: Request) -> JSONResponse:
     state = server_state(request)
     model_id = request.path_params["model_id"]
+    if state.pool is not None:
+        return JSONResponse(_pool_card(state, model_id))
     if model_id not in state.config.model_ids:
         raise model_not_found(model_id, state.config.model_ids)
     return JSONResponse(model_card(state, model_id))

@@ -34,6 +34,7 @@ from ..errors import from_mlxrun, ollama_errors, to_api_error
 from ..extras import note, reports
 from ..fim_groups import NO_GROUP, Ticket, released, start_fim
 from ..generation import ChoiceSpec, Generation
+from ..models_pool import request_keep_alive, use_model
 from ..protocol_ollama import (
     MAX_PARAM,
     OllamaGenerate,
@@ -72,6 +73,8 @@ async def _accept(
     state = server_state(request)
     body = await state.read_json(request)
     name = body.get("model")
+    if state.pool is not None:
+        return await _accept_pooled(request, state, body, parse)
     served_model(state.config.model_ids, name)
     req = parse(body, state.config.context_length, state.config.strict)
     note(request, req.ignored)
@@ -80,6 +83,44 @@ async def _accept(
         await asyncio.sleep(0.05)
     state.check_ready()
     return state, name, req
+
+
+async def _accept_pooled(
+    request: Request, hub: ServerState, body: Mapping[str, Any], parse: Callable[..., R]
+) -> tuple[ServerState, str, R]:
+    """Several models: a call with nothing to generate is a load or unload (chat and generate
+    answer it with the app's state); anything else gets its model, loaded if need be."""
+    name = body.get("model")
+    spec = hub.pool.find(name if isinstance(name, str) else str(name))
+    req = parse(body, spec.context or 1, hub.config.strict)
+    note(request, req.ignored)
+    if _empty(req):
+        request.state.keep_alive = request_keep_alive(request, body.get("keep_alive"))
+        return hub, name, req
+    state = await use_model(request, spec.name, body.get("keep_alive"))
+    return state, name, parse(body, state.config.context_length, hub.config.strict)
+
+
+def _empty(req: OllamaRequest) -> bool:
+    if isinstance(req, OllamaGenerate):
+        return not req.prompt and not req.suffix
+    return not getattr(req, "messages", None)
+
+
+async def _load_call(request: Request, state: ServerState, name: str, chat: bool,
+                     req: OllamaRequest) -> Response:  # fmt: skip
+    """Ollama's empty-prompt call: load the model (keep_alive sets how long it stays), or with
+    keep_alive 0 unload it (once its running requests finish, if it has any)."""
+    pool = state.pool
+    if pool is not None:
+        spec, keep = pool.find(name), request.state.keep_alive
+        if keep == 0:
+            resident = pool.governor.residents.get(spec.name)
+            if not await pool.unload(spec.name) and resident is not None:
+                resident.keep_alive_s = 0.0  # busy: it goes once its requests finish
+        else:
+            await pool.preload(spec, keep)
+    return _loaded(name, chat, req.unload)
 
 
 # ---------------------------------------------------------------- output
@@ -253,7 +294,7 @@ async def chat(request: Request) -> Response:
     arrival = time.perf_counter()
     state, name, req = await _accept(request, parse_chat)
     if not req.messages:
-        return _loaded(name, True, req.unload)
+        return await _load_call(request, state, name, True, req)
     plan = await in_thread(
         plan_chat, state, req.messages, req.params, tools=req.tools, choice=req.tool_choice,
         output=req.output, max_param=MAX_PARAM, template_kwargs=req.template_kwargs,
@@ -283,7 +324,7 @@ async def generate(request: Request) -> Response:
     arrival = time.perf_counter()
     state, name, req = await _accept(request, parse_generate)
     if not req.prompt and not req.suffix:
-        return _loaded(name, False, req.unload)
+        return await _load_call(request, state, name, False, req)
     if req.raw or req.suffix:
         spec = await in_thread(_plain_spec, state, req)
         request_id = state.next_id("ollama-gen")

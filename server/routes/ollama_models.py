@@ -20,6 +20,7 @@ from mlxrun.parsing.reasoning import detect_reasoning
 
 from ..common import in_thread
 from ..errors import APIError, ollama_errors
+from ..models_pool import use_model
 from ..protocol_ollama import rfc3339, served_model, tagged
 from ..state import ServerState, server_state
 
@@ -29,10 +30,21 @@ log = logging.getLogger("mlxrun.server")
 OLLAMA_VERSION = "0.12.0"
 
 
+def served(state: ServerState, name: Any) -> str:
+    """The served id Ollama's `name` means (any of the pool's models when there is one); a 404
+    listing what this server serves otherwise."""
+    if state.pool is not None:
+        return state.pool.find(name if isinstance(name, str) else str(name)).name
+    return served_model(state.config.model_ids, name)
+
+
 def _facts(state: ServerState) -> dict[str, Any]:
+    return _facts_at(Path(getattr(state.tokenizer, "path", "") or "."))
+
+
+def _facts_at(path: Path) -> dict[str, Any]:
     """What Ollama lists about a model, read once from its directory (config, safetensors
     headers). Blocking."""
-    path = Path(getattr(state.tokenizer, "path", "") or ".")
     facts: dict[str, Any] = {"path": str(path), "config": {}, "size": 0, "count": 0, "quant": "unknown",
                              "modified": dt.datetime.now(dt.timezone.utc), "digest": ""}  # fmt: skip
     digest = hashlib.sha256()
@@ -94,15 +106,54 @@ def _entry(model_id: str, facts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def _spec_facts(request: Request, spec: Any) -> dict[str, Any]:
+    """A pool model's facts (cached per model): its directory, loaded or not."""
+    cached = getattr(request.app.state, "pool_facts", None)
+    if cached is None:
+        cached = request.app.state.pool_facts = {}
+    if spec.name not in cached:
+        path = await in_thread(store.resolve_model, spec.path, progress=False)
+        cached[spec.name] = await in_thread(_facts_at, path)
+    return cached[spec.name]
+
+
 @ollama_errors
 async def tags(request: Request) -> Response:
-    state, facts = server_state(request), await _model_facts(request)
+    state = server_state(request)
+    if state.pool is not None:
+        entries = [_entry(s.name, await _spec_facts(request, s)) for s in state.pool.specs]
+        return JSONResponse({"models": entries})
+    facts = await _model_facts(request)
     return JSONResponse({"models": [_entry(i, facts) for i in state.config.model_ids]})
+
+
+def _running(row: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """A loaded pool model as /api/ps lists it; mlxrun's own fields say what it holds now."""
+    now = dt.datetime.now(dt.timezone.utc)
+    left = min(row["expires_in_s"], 36500 * 86400.0)  # never unloaded: a century, as Ollama
+    entry = {
+        **_entry(row["name"], facts),
+        "expires_at": rfc3339(now + dt.timedelta(seconds=left)),
+        "size_vram": row["bytes"],
+        "context_length": row["context_length"],
+        "mlxrun": {"memory_bytes": row["bytes"], "idle_seconds": round(row["idle_s"], 3),
+                   "last_used_at": rfc3339(now - dt.timedelta(seconds=row["idle_s"])),
+                   "running": row["active"], "load_seconds": round(row["load_s"], 3)},
+    }  # fmt: skip
+    entry["size"] = row["bytes"]
+    entry.pop("modified_at")
+    return entry
 
 
 @ollama_errors
 async def ps(request: Request) -> Response:
-    state, facts = server_state(request), await _model_facts(request)
+    state = server_state(request)
+    if state.pool is not None:
+        rows = state.pool.loaded()
+        return JSONResponse(
+            {"models": [_running(r, await _spec_facts(request, r["spec"])) for r in rows]}
+        )
+    facts = await _model_facts(request)
     if not state.ready:
         return JSONResponse({"models": []})
     forever = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=36500)  # never unloaded
@@ -154,8 +205,13 @@ def _model_info(state: ServerState, model_id: str, facts: dict[str, Any]) -> dic
 async def show(request: Request) -> Response:
     state = server_state(request)
     body = await state.read_json(request)
-    model_id = served_model(state.config.model_ids, body.get("model") or body.get("name"))
-    facts = await _model_facts(request)
+    model_id = served(state, body.get("model") or body.get("name"))
+    if state.pool is not None:  # the template and capabilities come from the loaded tokenizer
+        spec = state.pool.find(model_id)
+        facts = await _spec_facts(request, spec)
+        state = await use_model(request, spec.name)
+    else:
+        facts = await _model_facts(request)
     ctx = state.config.context_length
     template = state.tokenizer.chat_template or ""
     capabilities = await in_thread(_capabilities, state)

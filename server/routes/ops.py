@@ -7,10 +7,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from .. import errors
+from .. import errors, pool_metrics
 from ..common import in_thread
 from ..errors import guarded, invalid
 from ..extras import note, reports
+from ..models_pool import use_model
 from ..protocol_ops import parse_detokenize, parse_tokenize
 from ..state import ServerState, server_state
 
@@ -20,7 +21,7 @@ PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 @guarded
 async def health(request: Request) -> Response:
     state = server_state(request)
-    if state.ready and state.engine.is_alive:
+    if state.ready and (state.pool is not None or state.engine.is_alive):
         return JSONResponse({"status": "ok", "model": state.config.model_id})
     if state.ready:  # started, then the engine thread went away: not healthy any more
         err = errors.APIError(
@@ -40,7 +41,10 @@ async def health(request: Request) -> Response:
 
 
 def _engine_gauges(state: ServerState) -> dict[str, tuple[str, float]]:
-    stats: dict[str, Any] = state.engine.stats() if state.ready else {}
+    if state.pool is not None:
+        stats: dict[str, Any] = pool_metrics.engine_stats(state.pool)
+    else:
+        stats = state.engine.stats() if state.ready else {}
     hit, computed = stats.get("cache_hit_tokens", 0), stats.get("prompt_tokens", 0)
     gauges = {
         "queue_depth": ("Requests waiting for a slot in the engine.", stats.get("waiting", 0)),
@@ -109,12 +113,9 @@ def _memory_gauges() -> dict[str, tuple[str, float]]:
 async def metrics(request: Request) -> Response:
     state = server_state(request)
     text = state.metrics.render(_engine_gauges(state))
+    if state.pool is not None:
+        text += pool_metrics.render(state.pool)
     return PlainTextResponse(text, media_type=PROMETHEUS_TYPE)
-
-
-def _check_model(state: ServerState, model: str | None) -> None:
-    if model is not None:
-        state.check_model(model)
 
 
 @guarded
@@ -124,7 +125,7 @@ async def tokenize(request: Request) -> Response:
     state = server_state(request)
     req = parse_tokenize(await state.read_json(request), strict=state.config.strict)
     note(request, req.ignored)
-    _check_model(state, req.model)
+    state = await use_model(request, req.model)
     tokenizer = state.tokenizer
     if req.messages is not None:
         ids = await in_thread(tokenizer.apply_chat_template, req.messages)
@@ -148,7 +149,7 @@ async def detokenize(request: Request) -> Response:
         await state.read_json(request), strict=state.config.strict
     )
     note(request, ignored)
-    _check_model(state, model)
+    state = await use_model(request, model)
     vocab = state.tokenizer.vocab_size
     bad = next((t for t in tokens if not 0 <= t < vocab), None)
     if bad is not None:

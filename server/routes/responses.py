@@ -30,6 +30,7 @@ from ..dialogue import ChatPlan, MessageDelta, message_deltas, plan_chat
 from ..errors import APIError, guarded, invalid, to_api_error
 from ..extras import note, reports
 from ..generation import Generation
+from ..models_pool import use_model
 from ..protocol_responses import ResponsesRequest, new_id, parse_responses, to_messages
 from ..responses_output import OutputItems
 from ..responses_store import StoredResponse, valid_id
@@ -207,8 +208,7 @@ async def create(request: Request) -> Response:
     state = server_state(request)
     req = parse_responses(await state.read_json(request), strict=state.config.strict)
     note(request, list(req.ignored))
-    state.check_model(req.model)
-    state.check_ready()
+    state = await use_model(request, req.model)
     owner = auth.owner(request)
     context = _context(state, req, owner)
     messages = to_messages(req.instructions, context)

@@ -5,6 +5,7 @@ the server before it starts, with one line that names the problem."""
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import httpx
 import openai
@@ -64,3 +65,33 @@ def test_a_draft_with_another_tokenizer_stops_serve_with_one_line(tiny_llama, ch
     assert proc.returncode != 0
     assert "tokenizer" in proc.stderr and "Traceback" not in proc.stderr
     assert "same tokenizer" in proc.stderr  # the hint: what to do instead
+
+
+GENERATE = [sys.executable, "-m", "mlxrun.cli", "generate"]
+PROMPT = "def add(a, b):\n    return a + b\n"
+
+
+def _generate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*GENERATE, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("flags", [("--draft", "SELF"), ("--speculate", "ngram")])
+def test_generate_speculates_and_prints_the_plain_text(tiny_llama, flags):
+    base = [str(tiny_llama), "-p", PROMPT, "--temperature", "0", "--max-tokens", "30"]
+    plain = _generate(*base)
+    args = [str(tiny_llama) if a == "SELF" else a for a in flags]
+    fast = _generate(*base, *args, "--num-speculative-tokens", "4")
+    assert plain.returncode == fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout and len(plain.stdout) > 10
+
+
+def test_generate_and_chat_refuse_a_draft_with_another_tokenizer(tiny_llama, checkpoint_factory):
+    other = str(checkpoint_factory("llama", tokenizer="spm", num_layers=1, num_shards=1))
+    proc = _generate(str(tiny_llama), "-p", PROMPT, "--draft", other)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "tokenizer" in proc.stderr
+    chat = subprocess.run(
+        [sys.executable, "-m", "mlxrun.cli", "chat", str(tiny_llama), "--draft", other],
+        input="hello\n/exit\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert chat.returncode != 0 and "tokenizer" in chat.stderr

@@ -159,7 +159,9 @@ class Draft:
     def _draft(self, contexts: list[list[int]], width: int) -> list[list[int]]:
         """Feed each row's lag (right-padded), then draw `width` greedy tokens per row."""
         lags = [ctx[self.known[rid] :] for rid, ctx in zip(self.ids, contexts, strict=True)]
-        longest = max(len(g) for g in lags)
+        from mlxrun.spec_step import bucket
+
+        longest = bucket(max(len(g) for g in lags))  # padded: few shapes, few kernel compiles
         pads = [longest - len(g) for g in lags]
         tokens = mx.array([g + [0] * p for g, p in zip(lags, pads, strict=True)])  # (B, longest)
         assert self.caches is not None

@@ -176,6 +176,7 @@ class Speculator:
         width = max(len(r.proposal) for r in rows)
         if width == 0:
             return None
+        width = bucket(width)  # few distinct shapes: each new one costs a kernel compile
         tokens = mx.array(
             [[fed[r.index]] + r.proposal + [0] * (width - len(r.proposal)) for r in rows]
         )
@@ -287,3 +288,9 @@ def _drafted(row: _Row, out: Any, seq: Any) -> int:
     if out is None or seq.spec is None or getattr(seq.spec.proposer, "kind", "") != "draft":
         return 0
     return len(out[0])
+
+
+def bucket(n: int) -> int:
+    """n rounded up to a power of two: the verify pass (and the draft's catch-up) then takes a
+    handful of shapes, and MLX compiles its fused kernels once per shape, not once per step."""
+    return 1 << max(n - 1, 0).bit_length()

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from mlxrun.convert.cancel import add_cleanup, exit_now, interruptible, shield
 from mlxrun.convert.checkpoint import open_checkpoint
@@ -23,6 +24,12 @@ from mlxrun.errors import (
     UnsupportedModelError,
 )
 from mlxrun.models import build_model
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+    from mlxrun.convert.checkpoint import SourceCheckpoint
+    from mlxrun.models import ModelProtocol
 
 # Files copied verbatim so tokenization and templates behave exactly as the source's.
 SIDECAR_FILES = (
@@ -73,7 +80,9 @@ def plan_context(config: dict, requested: int | None) -> int:
     return requested
 
 
-def _choose_recipe(model, config: dict, opts: ConvertOptions) -> Recipe | None:
+def _choose_recipe(
+    model: ModelProtocol, config: dict[str, Any], opts: ConvertOptions
+) -> Recipe | None:
     if not opts.quantize:
         return None
     if opts.fit:
@@ -83,7 +92,8 @@ def _choose_recipe(model, config: dict, opts: ConvertOptions) -> Recipe | None:
 
         budget = device_memory().budget_bytes if opts.fit == "auto" else parse_size(opts.fit)
         context = plan_context(config, opts.context)
-        plan = choose_plan(model, config, budget, context, group_size=opts.group_size_or_default)
+        plan = choose_plan(model, config, budget, context, group_size=opts.group_size_or_default,
+                           hosts=opts.hosts)  # fmt: skip
         return plan.recipe
     return get_recipe(opts.recipe, bits=opts.bits_or_default, group_size=opts.group_size_or_default)
 
@@ -243,7 +253,14 @@ def _summary(result: dict, out: Path) -> str:
     )
 
 
-def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOptions) -> dict:
+def _convert_into(
+    tmp: Path,
+    ckpt: SourceCheckpoint,
+    model: ModelProtocol,
+    recipe: Recipe | None,
+    source: str,
+    opts: ConvertOptions,
+) -> dict[str, Any]:
     from mlx.utils import tree_flatten
 
     from mlxrun.convert.progress import ByteProgress
@@ -257,7 +274,8 @@ def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOpti
 
     weights = load_lazy(ckpt, model)
     check_against_model(weights, model)
-    total_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    flat = cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
+    total_params = sum(v.size for _, v in flat)
     qmap = quantization_map(model, recipe) if recipe else {}
     dtype = target_dtype(ckpt.config, opts.dtype)
     cast_pred = getattr(model, "cast_predicate", lambda _k: True)
@@ -316,7 +334,7 @@ def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOpti
 
 def plan_for(source: str, *, fit: str | None = None, context: int | None = None,
              bits: int | None = None, group_size: int | None = None, recipe: str | None = None,
-             revision: str | None = None) -> str:  # fmt: skip
+             revision: str | None = None, hosts: int = 1) -> str:  # fmt: skip
     """The `--plan` table. Needs only config.json: shapes come from the lazily built model."""
     from mlxrun.convert.checkpoint import load_config
     from mlxrun.convert.plan import choose_plan, estimate, format_plan_table
@@ -325,7 +343,7 @@ def plan_for(source: str, *, fit: str | None = None, context: int | None = None,
     from mlxrun.memory import device_memory
 
     opts = ConvertOptions(fit=fit, context=context, bits=bits, group_size=group_size,
-                          recipe=recipe, revision=revision)  # fmt: skip
+                          recipe=recipe, revision=revision, hosts=hosts)  # fmt: skip
     check_conflicts(opts, plan_only=True)
     src = resolve_source(source, revision=revision, allow_patterns=["config.json"], progress=False)
     config = load_config(Path(src))
@@ -333,9 +351,10 @@ def plan_for(source: str, *, fit: str | None = None, context: int | None = None,
     budget = device_memory().budget_bytes if fit in (None, "auto") else parse_size(fit)
     context = plan_context(config, context)
     if fit:
-        plan = choose_plan(model, config, budget, context, group_size=opts.group_size_or_default)
+        plan = choose_plan(model, config, budget, context, group_size=opts.group_size_or_default,
+                           hosts=hosts)  # fmt: skip
     else:
         chosen = get_recipe(recipe, bits=opts.bits_or_default,
                             group_size=opts.group_size_or_default)  # fmt: skip
-        plan = estimate(model, config, chosen, context, budget_bytes=budget)
+        plan = estimate(model, config, chosen, context, budget_bytes=budget, hosts=hosts)
     return format_plan_table(plan)

@@ -26,6 +26,7 @@ class ConvertOptions:
     dtype: str | None = None
     fit: str | None = None  # a size such as "16GB", or "auto"
     context: int | None = None  # None: DEFAULT_CONTEXT, clamped to the model's maximum
+    hosts: int = 1  # --fit plans one host's share of a model split across this many
     verify: bool = True
     calib: str | None = None
     force: bool = False

@@ -8,6 +8,7 @@ converted weights agree to the byte.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 from mlx.utils import tree_flatten
 
@@ -15,7 +16,14 @@ from mlxrun.convert.recipes import QUALITY_LADDER, QuantParams, Recipe, get_reci
 from mlxrun.errors import InsufficientMemoryError, format_size
 from mlxrun.memory import device_memory, kv_cache_bytes, runtime_margin_bytes
 
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+    from mlxrun.models import ModelProtocol
+
 COMPONENTS = ("embeddings", "attention", "mlp", "experts", "lm_head", "norms/other")
+# What tensor parallel splits across hosts (mlx-lm's shard()); the rest every host holds whole.
+SPLIT_COMPONENTS = frozenset({"attention", "mlp", "experts"})
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class ConvertPlan:
     components: tuple[ComponentRow, ...]
     fits: bool
     dtype_bytes: int = 2
+    hosts: int = 1  # > 1: every figure is one host's share under tensor parallel
 
     @property
     def label(self) -> str:
@@ -56,9 +65,10 @@ class ConvertPlan:
 _Params = list[tuple[str, str, int]]
 
 
-def _parameters(model) -> _Params:
+def _parameters(model: ModelProtocol) -> _Params:
     out = []
-    for path, arr in tree_flatten(model.parameters()):
+    # tree_flatten without a destination returns a list (mlx types it as list or dict).
+    for path, arr in cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters())):
         module, _, name = path.rpartition(".")
         out.append((module, name, int(arr.size)))
     return out
@@ -92,7 +102,7 @@ def parameter_bytes(numel: int, params: QuantParams | None, dtype_bytes: int) ->
 
 
 def _weights(
-    params: _Params, qmap: dict[str, QuantParams], dtype_bytes: int
+    params: _Params, qmap: dict[str, QuantParams], dtype_bytes: int, hosts: int = 1
 ) -> tuple[ComponentRow, ...]:
     counts = {c: [0, 0] for c in COMPONENTS}
     for module, name, numel in params:
@@ -100,23 +110,28 @@ def _weights(
         row = counts[component_of(module)]
         row[0] += numel
         row[1] += parameter_bytes(numel, q, dtype_bytes)
-    return tuple(ComponentRow(c, n, b) for c, (n, b) in counts.items() if n)
+    return tuple(
+        ComponentRow(c, -(-n // hosts), -(-b // hosts)) if c in SPLIT_COMPONENTS else
+        ComponentRow(c, n, b)
+        for c, (n, b) in counts.items() if n
+    )  # fmt: skip
 
 
 def _plan(
     params: _Params,
-    model,
-    config: dict,
+    model: ModelProtocol,
+    config: dict[str, Any],
     recipe: Recipe | None,
     context: int,
     dtype_bytes: int,
     budget_bytes: int,
+    hosts: int = 1,
 ) -> ConvertPlan:
     qmap = quantization_map(model, recipe) if recipe is not None else {}
-    rows = _weights(params, qmap, dtype_bytes)
+    rows = _weights(params, qmap, dtype_bytes, hosts)
     weights = sum(r.nbytes for r in rows)
     n_params = sum(r.params for r in rows)
-    kv = kv_cache_bytes(config, context, dtype_bytes)
+    kv = -(-kv_cache_bytes(config, context, dtype_bytes) // hosts)  # heads split too
     margin = runtime_margin_bytes(config, context, dtype_bytes)
     total = weights + kv + margin
     return ConvertPlan(
@@ -131,34 +146,39 @@ def _plan(
         components=rows,
         fits=total <= budget_bytes,
         dtype_bytes=dtype_bytes,
+        hosts=hosts,
     )
 
 
 def estimate(
-    model,
-    config: dict,
+    model: ModelProtocol,
+    config: dict[str, Any],
     recipe: Recipe | None,
     context: int,
     dtype_bytes: int = 2,
     *,
     budget_bytes: int | None = None,
+    hosts: int = 1,
 ) -> ConvertPlan:
     """The plan for one recipe (None: no quantization). `model` is built lazily from `config`
-    and never evaluated. Without `budget_bytes`, this machine's budget (`device_memory()`)."""
+    and never evaluated. Without `budget_bytes`, this machine's budget (`device_memory()`).
+    With `hosts` > 1, one host's share when the model is split across them."""
     if budget_bytes is None:
         budget_bytes = device_memory().budget_bytes
-    return _plan(_parameters(model), model, config, recipe, context, dtype_bytes, budget_bytes)
+    return _plan(_parameters(model), model, config, recipe, context, dtype_bytes, budget_bytes,
+                 hosts)  # fmt: skip
 
 
 def choose_plan(
-    model,
-    config: dict,
+    model: ModelProtocol,
+    config: dict[str, Any],
     budget_bytes: int,
     context: int,
     *,
     group_size: int = 64,
     dtype_bytes: int = 2,
     ladder: tuple[str, ...] = QUALITY_LADDER,
+    hosts: int = 1,
 ) -> ConvertPlan:
     """The best-quality recipe on `ladder` whose weights + KV + margin fit `budget_bytes`.
 
@@ -167,7 +187,7 @@ def choose_plan(
     params = _parameters(model)
     tried = [
         _plan(params, model, config, get_recipe(n, group_size=group_size), context, dtype_bytes,
-              budget_bytes)
+              budget_bytes, hosts)
         for n in ladder
     ]  # fmt: skip
     # More stored bits is the quality proxy; per model the ladder is not always in size order
@@ -189,7 +209,8 @@ def choose_plan(
 
 def format_plan_table(plan: ConvertPlan) -> str:
     """The table `mlxrun convert --plan` prints."""
-    lines = [f"plan: {plan.label}, context {plan.context} tokens", ""]
+    where = f", per rank, {plan.hosts} hosts (tensor parallel)" if plan.hosts > 1 else ""
+    lines = [f"plan: {plan.label}, context {plan.context} tokens{where}", ""]
     lines.append(f"{'component':<24}{'params':>12}{'size':>12}{'bits/weight':>14}")
     for row in plan.components:
         lines.append(

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -20,6 +21,9 @@ from mlxrun.convert.recipes import QuantParams
 from mlxrun.convert.writer import DEFAULT_MAX_SHARD_BYTES, Entry, ShardedWriter
 from mlxrun.errors import CorruptCheckpointError
 from mlxrun.models import sanitize
+
+if TYPE_CHECKING:
+    from mlxrun.models import ModelProtocol
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -38,18 +42,18 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def load_lazy(ckpt: SourceCheckpoint, model) -> dict[str, mx.array]:
+def load_lazy(ckpt: SourceCheckpoint, model: ModelProtocol) -> dict[str, mx.array]:
     """All source tensors as lazy arrays, passed through the architecture's sanitize."""
     raw: dict[str, mx.array] = {}
     for file in ckpt.shard_files:
         try:
-            raw.update(mx.load(str(file)))
+            raw.update(cast("dict[str, mx.array]", mx.load(str(file))))  # safetensors: a dict
         except (RuntimeError, ValueError) as e:
             raise CorruptCheckpointError(f"cannot read {file.name}: {e}") from None
     return sanitize(model, raw)
 
 
-def check_against_model(weights: dict[str, mx.array], model) -> None:
+def check_against_model(weights: dict[str, mx.array], model: ModelProtocol) -> None:
     """Names and shapes must be exactly what the architecture expects (shapes are known lazily)."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights), key=_natural_key)

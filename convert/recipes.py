@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from mlxrun.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from mlxrun.models import ModelProtocol
 
 VALID_BITS = (2, 3, 4, 5, 6, 8)
 VALID_GROUP_SIZES = (32, 64, 128)
@@ -24,7 +28,7 @@ class QuantParams:
     bits: int
     group_size: int
 
-    def as_config(self) -> dict:
+    def as_config(self) -> dict[str, Any]:
         return {"group_size": self.group_size, "bits": self.bits, "mode": MODE}
 
 
@@ -111,7 +115,7 @@ def get_recipe(name: str | None = None, *, bits: int = 4, group_size: int = 64) 
     )
 
 
-def quantization_map(model, recipe: Recipe) -> dict[str, QuantParams]:
+def quantization_map(model: ModelProtocol, recipe: Recipe) -> dict[str, QuantParams]:
     """Module path -> params, for every layer this recipe quantizes in `model`.
 
     A layer is quantized when it can be (`to_quantized`), its input dim divides the group size,
@@ -137,10 +141,10 @@ def quantization_map(model, recipe: Recipe) -> dict[str, QuantParams]:
     return out
 
 
-def config_section(recipe: Recipe, qmap: dict[str, QuantParams]) -> dict:
+def config_section(recipe: Recipe, qmap: dict[str, QuantParams]) -> dict[str, Any]:
     """The config.json `quantization` block as mlx-lm writes it: defaults plus per-layer overrides."""
     default = QuantParams(recipe.bits, recipe.group_size)
-    section: dict = default.as_config()
+    section: dict[str, Any] = default.as_config()
     for path, params in sorted(qmap.items()):
         if params != default:
             section[path] = params.as_config()

@@ -13,10 +13,14 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import mlx.core as mx
 
 from mlxrun.errors import InvalidRequestError, UnsupportedModelError, format_size
+
+if TYPE_CHECKING:
+    from mlxrun.models import ModelProtocol
 
 METHODS = ("auto", "end-to-end", "per-tensor")
 DEFAULT_MAX_TOKENS = 256
@@ -186,12 +190,12 @@ def check_calib(source_dir: str | Path, calib: str | Path) -> None:
     _tokenize(Path(source_dir), text, DEFAULT_MAX_TOKENS, str(calib))
 
 
-def _log_probs(model, tokens: mx.array) -> mx.array:
+def _log_probs(model: ModelProtocol, tokens: mx.array) -> mx.array:
     """(T, V) log-probs, a batch of tokens per evaluation over a KV cache: each step is short,
     so Ctrl-C is seen between steps instead of after one long forward pass."""
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlxrun.models import make_cache  # mlx-lm's make_prompt_cache
 
-    cache = make_prompt_cache(model)
+    cache = make_cache(model)
     parts = []
     for i in range(0, tokens.size, _STEP_TOKENS):
         logits = model(tokens[None, i : i + _STEP_TOKENS], cache=cache)[0].astype(mx.float32)
@@ -245,15 +249,16 @@ def _end_to_end(
     nll_ref = -mx.take_along_axis(ref[:-1], targets, axis=-1).mean()
     nll_out = -mx.take_along_axis(out[:-1], targets, axis=-1).mean()
     mx.eval(kl, top1, nll_ref, nll_out)
-    ppl_ref, ppl_out = _exp(nll_ref.item()), _exp(nll_out.item())
-    kl_mean = kl.mean().item()
+    # item() of a real scalar array is a float (mlx types it as any scalar).
+    ppl_ref, ppl_out = _exp(cast(float, nll_ref.item())), _exp(cast(float, nll_out.item()))
+    kl_mean = cast(float, kl.mean().item())
     return QualityReport(
         method="end-to-end",
         tokens=int(tokens.size),
         calib=label,
         # Rounding can dip a hair below zero; a NaN (a broken model) must stay visible.
         kl_divergence=0.0 if kl_mean < 0 else kl_mean,
-        top1_agreement=top1.mean().item(),
+        top1_agreement=cast(float, top1.mean().item()),
         ppl_source=ppl_ref,
         ppl_converted=ppl_out,
         ppl_ratio=ppl_out / ppl_ref,
@@ -273,7 +278,9 @@ def _exp(x: float) -> float:
 def _converted_weights(converted_dir: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for f in sorted(converted_dir.glob("*.safetensors")):
-        weights.update(mx.load(str(f)))  # lazy: a tensor is read when evaluated
+        weights.update(
+            cast("dict[str, mx.array]", mx.load(str(f)))
+        )  # lazy: a tensor is read when evaluated
     return weights
 
 
@@ -349,7 +356,7 @@ def _relative_error(name: str, shape: tuple, rows, ref: mx.array) -> float:
         r = ref[i : i + step].astype(mx.float32)
         d2, r2 = mx.square(rows(i, i + step) - r).sum(), mx.square(r).sum()
         mx.eval(d2, r2)
-        num, den = num + d2.item(), den + r2.item()
+        num, den = num + cast(float, d2.item()), den + cast(float, r2.item())
     return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 

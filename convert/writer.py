@@ -104,7 +104,8 @@ class ShardedWriter:
         if self._file is None or self._remaining == 0:
             self._open_next_shard()
         assert self._file is not None
-        self._file.write(memoryview(mx.contiguous(array)))
+        # mx.array has the buffer protocol; its stub does not declare it.
+        self._file.write(memoryview(mx.contiguous(array)))  # type: ignore[arg-type]
         self._remaining -= 1
         self._next += 1
 

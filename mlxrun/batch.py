@@ -19,12 +19,13 @@ import asyncio
 import logging
 import queue
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from mlxrun.distributed import broadcast
 from mlxrun.sampling import (
     Sampler,
     SamplingParams,
@@ -34,6 +35,11 @@ from mlxrun.sampling import (
     token_logprobs,
     top_logprobs,
 )
+
+if TYPE_CHECKING:
+    from mlxrun.constrain import Constraint
+    from mlxrun.engine import Request
+    from mlxrun.models import ModelProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +69,9 @@ class GroupedMaskBatchKVCache(BatchKVCache):
         return out
 
 
-def _batched_error(model: Any, make_cache: Any, merge: Any) -> float:
+def _batched_error(
+    model: ModelProtocol, make_cache: Callable[[], list[Any]], merge: Callable[[list[Any]], Any]
+) -> float:
     """Prompts of different lengths (left-padded by up to 15) decoded one step as a batch of 3
     (a size unlikely to broadcast by accident against head counts) vs each alone: the largest
     relative L2 error of a row's logits."""
@@ -78,7 +86,7 @@ def _batched_error(model: Any, make_cache: Any, merge: Any) -> float:
     together = model(mx.array([[7]] * len(prompts)), cache=batch)[:, -1].astype(mx.float32)
     ref = mx.concatenate(alone).astype(mx.float32)
     err = mx.sqrt(((together - ref) ** 2).sum(-1)) / mx.sqrt((ref**2).sum(-1))
-    return float(mx.max(err).item())
+    return float(mx.max(err).item())  # type: ignore[arg-type]  # item() of a real array
 
 
 # bf16 noise across kernels is ~1e-2; a row reading another's positions or garbage is ~1. The
@@ -86,12 +94,14 @@ def _batched_error(model: Any, make_cache: Any, merge: Any) -> float:
 BATCH_TOLERANCE = 0.5
 
 
-def batch_merge(model: Any, make_cache: Any) -> Any:
+def batch_merge(
+    model: ModelProtocol, make_cache: Callable[[], list[Any]]
+) -> Callable[[list[Any]], Any] | None:
     """How this architecture's per-request caches merge into a batch cache that decodes
     correctly: mlx-lm's own `merge`, the grouped-mask variant, or None (decode one at a time).
     Found by trying them on two tiny prompts, so new architectures need no list here."""
     cache = make_cache()
-    candidates = []
+    candidates: list[Callable[[list[Any]], Any]] = []
     if can_merge(cache):
         candidates.append(_merge_layer)
     if all(type(c) is KVCache for c in cache):
@@ -114,7 +124,7 @@ class RowSampler:
 
     __slots__ = ("params", "sampler", "history", "constraint")
 
-    def __init__(self, params: SamplingParams, constraint: Any = None):
+    def __init__(self, params: SamplingParams, constraint: Constraint | None = None):
         self.params = params
         self.sampler = Sampler(params)
         self.history: mx.array | None = None  # (n,) generated ids, kept only for penalties
@@ -183,7 +193,7 @@ def _constrain(
     if inputs is not None and generated and any(generated):
         fed = np.array(inputs)  # waits for the last step's sampling
     for i, r in enumerate(rows):
-        if r.constraint is not None and fed is not None and generated[i]:
+        if r.constraint is not None and fed is not None and generated is not None and generated[i]:
             r.constraint.advance(int(fed[i]))
     mask = allowed_mask([r.constraint for r in rows], logits.shape[-1])
     return mx.where(mx.array(mask), logits, mx.array(-mx.inf, dtype=logits.dtype))
@@ -193,7 +203,7 @@ class RequestState:
     """The engine thread's state of one request (a `mlxrun.engine.Request`)."""
 
     def __init__(
-        self, request: Any, sink: Any, stop_ids: frozenset[int], budget: int, namespace: tuple
+        self, request: Request, sink: Any, stop_ids: frozenset[int], budget: int, namespace: tuple
     ):
         self.sink, self.stop_ids, self.budget = sink, stop_ids, budget
         self.id, self.namespace = request.id, namespace
@@ -203,7 +213,7 @@ class RequestState:
         self.pin = min(getattr(request, "pin_prefix", 0), len(self.prompt))
         self.row: RowSampler  # made at admission, on the engine thread (MLX streams are per thread)
         self.generated: list[int] = []  # every sampled token read back, a final stop token too
-        self.cache: list | None = None  # its own KV cache while prefilling
+        self.cache: Any = None  # its own KV cache (one entry a layer) while prefilling, then None
         self.computed = 0  # prompt tokens the scheduler counts as computed
         self.kv = 0  # tokens of prompt + generated whose KV exists
         self.cached = 0
@@ -234,7 +244,7 @@ class DecodeBatch:
 
     def join(
         self,
-        model: Any,
+        model: ModelProtocol,
         ids: list[str],
         caches: list[list],
         rests: list[list[int]],
@@ -293,12 +303,13 @@ class DecodeBatch:
         self.extras = [self.extras[i] for i in indices]
         self.generated = [self.generated[i] for i in indices]
 
-    def step(self, model: Any, rows: Sequence[RowSampler]) -> tuple:
+    def step(self, model: ModelProtocol, rows: Sequence[RowSampler]) -> tuple:
         """One decode step for every row, queued on the device. Returns what the rows fed in, to
         be read back now while it runs: (ids, tokens (B,), extras, generated flags)."""
         assert self.tokens is not None
         logits = model(self.tokens[:, None], cache=self.caches)[:, -1, :]  # (B, V)
         new, extras = sample_rows(logits, rows, self.tokens, self.generated)
+        new = broadcast(new)  # distributed: every rank feeds rank 0's tokens (identity alone)
         mx.async_eval(new, [e for e in extras if e is not None])
         fed = (list(self.ids), self.tokens, self.extras, self.generated)
         self.tokens, self.extras, self.generated = new, extras, [True] * len(self.ids)

@@ -89,7 +89,7 @@ def output_budget(
         wanted = default if default is not None else ceiling
         wanted = FALLBACK_MAX_TOKENS if wanted is None else wanted
         return Budget(wanted if ceiling is None else min(wanted, ceiling), None)
-    if strict and room is not None and requested > room:
+    if strict and context_length is not None and room is not None and requested > room:
         raise ContextLengthExceededError(prompt_tokens, context_length, param, requested)
     if strict and cap is not None and requested > cap:
         raise InvalidRequestError(

@@ -13,7 +13,7 @@ would pin the batch's memory.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
@@ -80,7 +80,7 @@ def _first_leaf(x: Any) -> mx.array:
 
 
 def _leaves(layers: Any) -> list[mx.array]:
-    return [leaf for _, leaf in tree_flatten(list(layers))]
+    return [leaf for _, leaf in cast("list[tuple[str, mx.array]]", tree_flatten(list(layers)))]
 
 
 def block_nbytes(block: KVBlock) -> int:

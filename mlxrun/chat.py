@@ -31,12 +31,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlxrun.budget import output_budget
 from mlxrun.errors import ContextLengthExceededError, InvalidRequestError
 from mlxrun.generate import local_engine, stream_request
 from mlxrun.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from mlxrun.constrain import Constraint
+    from mlxrun.engine import Engine
+    from mlxrun.models import ModelProtocol
+    from mlxrun.tokenizer import Tokenizer
 
 # Settings `/set` may change, by how their value is read.
 _FLOAT_FIELDS = frozenset(
@@ -83,14 +89,14 @@ class ChatSession:
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
+        model: ModelProtocol,
+        tokenizer: Tokenizer,
         params: SamplingParams | None = None,
         *,
         system: str | None = None,
         context_length: int | None = None,
-        engine: Any = None,
-        constraint: Any = None,
+        engine: Engine | None = None,
+        constraint: Constraint | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.params = params or SamplingParams()

@@ -19,11 +19,14 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mlxrun.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from mlxrun.tokenizer import Tokenizer
 
 # Compact JSON, as OpenAI's structured outputs write it: free whitespace would let a model loop
 # on blanks until max_tokens.
@@ -104,7 +107,7 @@ class GrammarCompiler:
     """Turns grammars into Constraints for one tokenizer. Thread-safe; the token trie is built
     on first use (tens of milliseconds for a 150k vocabulary)."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self._lltok: Any = None
         self._lock = threading.Lock()

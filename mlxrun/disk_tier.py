@@ -43,12 +43,16 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from mlxrun import kv_files
 from mlxrun.kv_files import FORMAT, BadSegment
+
+if TYPE_CHECKING:
+    from mlxrun.kv_quant import KVQuant
+    from mlxrun.models import ModelProtocol
 
 CHUNK_TOKENS = 256
 MAX_PENDING_BYTES = 512 << 20
@@ -65,7 +69,7 @@ def chain_key(parent: str, tokens: Sequence[int]) -> str:
     return _hash(parent.encode(), np.asarray(tokens, dtype=np.int64).tobytes())
 
 
-def model_fingerprint(model: Any, layout: list) -> str:
+def model_fingerprint(model: ModelProtocol, layout: list) -> str:
     """Weights (names, shapes, dtypes and a strided sample of each tensor) and the KV layout:
     a re-conversion or another fine-tune changes it; a reload of the same files does not."""
     import mlx.core as mx
@@ -74,7 +78,7 @@ def model_fingerprint(model: Any, layout: list) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([FORMAT, layout]).encode())
     samples = []
-    for name, p in tree_flatten(model.parameters()):
+    for name, p in cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters())):
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
         flat = p.reshape(-1)
         samples.append(mx.contiguous(flat[:: max(1, flat.size // 64)][:64]).view(mx.uint8))
@@ -159,7 +163,7 @@ class DiskTier:
             ("writes", "dropped", "evicted", "bad_files", "hits", "hit_tokens", "write_errors"), 0
         )
         self._scan()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Segment | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="mlxrun-disk-write")
         self._writer.daemon = True
         self._writer.start()
@@ -283,7 +287,7 @@ class DiskTier:
         return chain
 
     def fetch(
-        self, namespace: tuple, tokens: Sequence[int], have: int, quant: Any = None
+        self, namespace: tuple, tokens: Sequence[int], have: int, quant: KVQuant | None = None
     ) -> Prefetch | None:
         """Start reading what the disk holds beyond the first `have` tokens for an engine whose
         KV precision is `quant` (a KVQuant; None = full); None if nothing."""

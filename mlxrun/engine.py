@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
@@ -68,6 +68,11 @@ from mlxrun.sampling import SamplingParams
 from mlxrun.scheduler import Scheduler, SchedulerConfig, SeqState
 from mlxrun.spec_step import SpecConfig, Speculator
 
+if TYPE_CHECKING:
+    from mlxrun.constrain import Constraint
+    from mlxrun.models import ModelProtocol
+    from mlxrun.scheduler import StepPlan
+
 RATE_WINDOW_S = 10.0  # tokens/s in stats() covers this recent window
 
 
@@ -79,7 +84,7 @@ class Request:
     priority: int = 0  # higher first (interactive requests, e.g. autocomplete: 1)
     group: str | None = None  # a new request aborts older unfinished ones of its group
     namespace: str | None = None  # prefix-cache key beside the model's (e.g. an adapter)
-    constraint: Any = None  # a mlxrun.constrain.Constraint: sampling follows its grammar
+    constraint: Constraint | None = None  # sampling follows its grammar
     pin_prefix: int = 0  # keep this many prompt tokens' KV in the prefix cache (cache_control)
     prediction: Sequence[int] | None = None  # expected output (token ids): proposals to verify
 
@@ -135,7 +140,7 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, model: Any, config: EngineConfig | None = None):
+    def __init__(self, model: ModelProtocol, config: EngineConfig | None = None):
         self.model = model
         self.config = config or EngineConfig()
         self._spec = Speculator(self.config.speculate)
@@ -404,7 +409,7 @@ class Engine:
         if self._step_no % 256 == 0:  # the allocator's free buffers pile up over a long run
             mx.clear_cache()
 
-    def _plan(self) -> Any:
+    def _plan(self) -> StepPlan:
         """schedule(); admitted requests get their KV (prefix hits move their starting point, so
         the plan is made again when there were any)."""
         assert self._scheduler is not None
@@ -478,7 +483,7 @@ class Engine:
             self._use_prefix(seq, blocks, hit)
         self._publish_cache_stats()
 
-    def _wait_for_disk(self, plan: Any) -> None:
+    def _wait_for_disk(self, plan: StepPlan) -> None:
         """Nothing but disk reads to wait for: wait a little for one (not a busy loop)."""
         if self._batch.ids or any(rid not in self._disk_reads for rid, _ in plan.prefill):
             return

@@ -111,6 +111,22 @@ class EngineOverloadedError(MlxrunError):
         self.retry_after = retry_after
 
 
+class DistributedError(MlxrunError):
+    """A distributed run (mlx.launch) that cannot start or go on: bad setup, hosts that differ."""
+
+    hint = "Check the hosts, the backend and that every host holds the same model."
+
+
+class RankFailedError(DistributedError):
+    """A peer rank died or stopped answering; the step cannot complete without it."""
+
+    hint = "Restart the launch; check the failed host's log and its network link."
+
+    def __init__(self, message: str, rank: int | None = None, hint: str | None = None):
+        super().__init__(message, hint)
+        self.rank = rank
+
+
 class ConversionInterruptedError(MlxrunError):
     """A conversion stopped by Ctrl-C or SIGTERM; nothing was left at the output."""
 

@@ -18,15 +18,22 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
-from mlxrun.engine import Engine, EngineConfig, Event, Request
+from mlxrun.engine import Engine, EngineConfig, Event, Request, TokenLogprob
 from mlxrun.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from mlxrun.batch import SyncStream
+    from mlxrun.constrain import Constraint
+    from mlxrun.models import ModelProtocol
+    from mlxrun.output import TextOutput
+    from mlxrun.tokenizer import Tokenizer
 
 _ids = itertools.count()
 
@@ -55,7 +62,7 @@ class GenerationChunk:
 
 
 def engine_config(
-    tokenizer: Any, namespace: str, context_length: int | None, **overrides: Any
+    tokenizer: Tokenizer, namespace: str, context_length: int | None, **overrides: Any
 ) -> EngineConfig:
     """The EngineConfig of a loaded model: its EOS ids (the tokenizer's set adds the chat
     template's end-of-turn tokens to config.json's), its name as the cache namespace."""
@@ -69,16 +76,18 @@ def engine_config(
 
 @contextmanager
 def local_engine(
-    model: Any,
-    tokenizer: Any,
+    model: ModelProtocol,
+    tokenizer: Tokenizer,
     context_length: int | None = None,
     namespace: str = "local",
     **overrides: Any,
 ) -> Iterator[Engine]:
     """A started Engine for one caller (overrides: EngineConfig fields); shut down on exit,
     which writes the prefix cache to the disk tier when there is one."""
+    from mlxrun.engine_mirror import make_engine
+
     config = engine_config(tokenizer, namespace, context_length, **overrides)
-    engine = Engine(model, config).start()
+    engine = make_engine(model, config).start()  # mirrored across ranks under mlx.launch
     try:
         yield engine
     finally:
@@ -118,12 +127,12 @@ class _Timer:
 
 def stream_request(
     engine: Engine,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     prompt_ids: Sequence[int],
     params: SamplingParams,
     *,
-    constraint: Any = None,
-) -> Iterator[GenerationChunk]:
+    constraint: Constraint | None = None,
+) -> Generator[GenerationChunk, None, None]:
     """One request on a running engine, chunk by chunk. Raises before any work for bad input
     (ContextLengthExceededError, InvalidRequestError): the request is submitted at the call."""
     ids = [int(t) for t in prompt_ids]
@@ -135,8 +144,8 @@ def stream_request(
 
 
 def _chunks(
-    events: Any, tokenizer: Any, params: SamplingParams, timer: _Timer
-) -> Iterator[GenerationChunk]:
+    events: SyncStream, tokenizer: Tokenizer, params: SamplingParams, timer: _Timer
+) -> Generator[GenerationChunk, None, None]:
     from mlxrun.output import TextOutput
 
     out = TextOutput(tokenizer, params.stop)
@@ -153,8 +162,8 @@ def _chunks(
                 pass  # the engine's last event for it: its KV is in the prefix cache now
 
 
-def _event_chunks(event: Event, timer: _Timer, out: Any) -> Iterator[GenerationChunk]:
-    lps = event.logprobs or [None] * len(event.new_token_ids)
+def _event_chunks(event: Event, timer: _Timer, out: TextOutput) -> Iterator[GenerationChunk]:
+    lps: Sequence[TokenLogprob | None] = event.logprobs or [None] * len(event.new_token_ids)
     last = len(event.new_token_ids) - 1
     for i, (token, lp) in enumerate(zip(event.new_token_ids, lps, strict=True)):
         timer.generated += 1
@@ -174,16 +183,16 @@ def _event_chunks(event: Event, timer: _Timer, out: Any) -> Iterator[GenerationC
 
 
 def generate_stream(
-    model: Any,
-    tokenizer: Any,
+    model: ModelProtocol,
+    tokenizer: Tokenizer,
     prompt_ids: Sequence[int],
     params: SamplingParams,
     *,
     engine: Engine | None = None,
     context_length: int | None = None,
     prefill_step_size: int = 512,
-    constraint: Any = None,
-) -> Iterator[GenerationChunk]:
+    constraint: Constraint | None = None,
+) -> Generator[GenerationChunk, None, None]:
     """Stream the completion of `prompt_ids` (see GenerationChunk) on `engine`, or on an engine
     of its own for this one request (`context_length` bounds it; prompts are computed
     `prefill_step_size` tokens a step). Raises ContextLengthExceededError when prompt +
@@ -199,8 +208,8 @@ def generate_stream(
 
 
 def generate(
-    model: Any,
-    tokenizer: Any,
+    model: ModelProtocol,
+    tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     params: SamplingParams | None = None,
     **kwargs: Any,

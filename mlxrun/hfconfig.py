@@ -190,7 +190,7 @@ def _refuse(model_type: str, what: str) -> UnsupportedModelError:
 
 
 def _check_scaling(config: dict, model_type: str, fields: set[str], module: ModuleType) -> None:
-    scaling = config.get("rope_scaling")
+    scaling: Any = config.get("rope_scaling")  # JSON
     kind = rope_type(scaling)
     if kind == "default":
         return

@@ -11,6 +11,7 @@ import re
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mlxrun.errors import (
     CorruptCheckpointError,
@@ -194,7 +195,7 @@ def _download(
     from huggingface_hub import snapshot_download
 
     patterns = list(allow_patterns) if allow_patterns is not None else list(DEFAULT_ALLOW_PATTERNS)
-    kwargs = {} if progress else {"tqdm_class": _silent_tqdm()}
+    kwargs: dict[str, Any] = {} if progress else {"tqdm_class": _silent_tqdm()}
     try:
         path = snapshot_download(
             repo_id,

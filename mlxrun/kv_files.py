@@ -21,9 +21,12 @@ import struct
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mlxrun.kv_quant import KVQuant
 
 FORMAT = "mlxrun-kv-2"
 _MAX_HEADER = 1 << 24  # a header past 16 MiB is not ours
@@ -50,12 +53,12 @@ class BadSegment(Exception):
 _PARTS = ("", ".scales", ".biases")  # a quantized triple's names after the layer's own
 
 
-def quant_text(quant: Any) -> str:
+def quant_text(quant: KVQuant | None) -> str:
     """A KVQuant as the metadata writes it ("bits:group"); "" for full precision."""
     return "" if quant is None else f"{quant.bits}:{quant.group_size}"
 
 
-def parse_quant(text: str) -> Any:
+def parse_quant(text: str) -> KVQuant | None:
     """The inverse of `quant_text`."""
     if not text:
         return None
@@ -84,7 +87,7 @@ def block_arrays(block: Any) -> dict[str, tuple[str, np.ndarray]]:
     return out
 
 
-def arrays_block(arrays: dict[str, tuple[str, np.ndarray]], quant: Any = None) -> Any:
+def arrays_block(arrays: dict[str, tuple[str, np.ndarray]], quant: KVQuant | None = None) -> Any:
     """The inverse of `block_arrays`: a stored (materialized) KVBlock at precision `quant`."""
     import mlx.core as mx
 

@@ -24,7 +24,7 @@ exact).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
@@ -43,6 +43,10 @@ from mlxrun.kv_quant import (
     quant_aware,
     quant_of,
 )
+
+if TYPE_CHECKING:
+    from mlxrun.batch import DecodeBatch
+    from mlxrun.models import ModelProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +77,9 @@ class KVPrecision:
                 param="kv_group_size",
             )
         self.group_size = group_size
-        fixed = isinstance(self.mode, int)
-        self.quant: KVQuant | None = KVQuant(self.mode, group_size) if fixed else None
+        self.quant: KVQuant | None = (
+            KVQuant(self.mode, group_size) if isinstance(self.mode, int) else None
+        )
         self.full_per_token = self.smallest_per_token = 0
         self.full_bits = 16
         self.full_capacity: int | None = None  # auto: tokens the budget holds at full precision
@@ -88,7 +93,7 @@ class KVPrecision:
             return KVQuant(AUTO_BITS, self.group_size)
         return self.quant
 
-    def setup(self, model: Any, cache: list, merge: Any) -> Any:
+    def setup(self, model: ModelProtocol, cache: list, merge: Any) -> Any:
         """Measure per-token bytes on `cache` (holding one token) and check the model runs
         quantized batches; returns the batch merge to use. Falls back to full precision, with
         a warning, for models whose caches or attention cannot take quantized KV."""
@@ -113,7 +118,7 @@ class KVPrecision:
         return quant_aware(merge)
 
     @staticmethod
-    def _unsupported(model: Any, cache: list, merge: Any, quant: KVQuant) -> str | None:
+    def _unsupported(model: ModelProtocol, cache: list, merge: Any, quant: KVQuant) -> str | None:
         from mlx_lm.models.cache import KVCache
 
         if not all(type(c) is KVCache for c in cache):
@@ -135,12 +140,12 @@ class KVPrecision:
         if capacity is not None and self.smallest_per_token:
             self.full_capacity = capacity * self.smallest_per_token // self.full_per_token
 
-    def make_cache(self, model: Any) -> list:
+    def make_cache(self, model: ModelProtocol) -> list:
         if self.quant is None:
             return models.make_cache(model)
         return make_quantized_cache(len(models.make_cache(model)), self.quant)
 
-    def adapt(self, reserved: int, batch: Any, prefilling: list) -> None:
+    def adapt(self, reserved: int, batch: DecodeBatch, prefilling: list[Any]) -> None:
         """Auto mode: move the batch and prefilling caches to 8-bit when the reserved KV passes
         what fits at full precision; back to full when it falls to 3/4 of that."""
         if self.mode != "auto" or self.full_capacity is None:
@@ -150,7 +155,7 @@ class KVPrecision:
         elif self.quant is not None and reserved <= self.full_capacity * 3 // 4:
             self._switch(None, batch, prefilling)
 
-    def _switch(self, quant: KVQuant | None, batch: Any, prefilling: list) -> None:
+    def _switch(self, quant: KVQuant | None, batch: DecodeBatch, prefilling: list[Any]) -> None:
         logger.info("KV precision: %s -> %s", self.quant, quant)
         self.quant = quant
         self.switches += 1

@@ -19,12 +19,15 @@ batch, the prefix cache and a request's own cache all hold the same bytes for it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 from mlx.utils import tree_map, tree_reduce
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, _BaseCache, dynamic_roll
+
+if TYPE_CHECKING:
+    from mlxrun.models import ModelProtocol
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -92,6 +95,7 @@ class BatchQuantizedKVCache(_BaseCache):
                     (self.keys, self.values),
                     (new_k, new_v),
                 )
+        assert self.keys is not None and self.values is not None  # allocated above
         for i in range(3):
             self.keys[i][..., prev : prev + n, :] = qk[i]
             self.values[i][..., prev : prev + n, :] = qv[i]
@@ -103,7 +107,8 @@ class BatchQuantizedKVCache(_BaseCache):
         return tree_map(lambda x: x[..., : self._idx, :], (self.keys, self.values))
 
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None) -> None:
-        BatchKVCache.prepare(self, left_padding=left_padding, right_padding=right_padding)
+        # Borrowed: the padding bookkeeping is the same for quantized keys.
+        BatchKVCache.prepare(self, left_padding=left_padding, right_padding=right_padding)  # type: ignore[arg-type]
 
     def finalize(self) -> None:
         if self._right_padding is not None:
@@ -131,7 +136,7 @@ class BatchQuantizedKVCache(_BaseCache):
         if self.keys is not None:
             self.keys, self.values = tree_map(lambda x: x[idx], (self.keys, self.values))
         self.offset, self.left_padding = self.offset[idx], self.left_padding[idx]
-        trim = min(self.left_padding.tolist())  # drop padding every row now has
+        trim = min(cast("list[int]", self.left_padding.tolist()))  # drop padding every row now has
         if trim > 0:
             if self.keys is not None:
                 self.keys, self.values = tree_map(
@@ -151,6 +156,8 @@ class BatchQuantizedKVCache(_BaseCache):
         like_v = self.values if self.values is not None else other.values
         idx = max(self._idx, other._idx)
         size = max(c.keys[0].shape[2] for c in (self, other) if c.keys is not None)
+
+        assert like is not None and like_v is not None  # both empty returned above
 
         def right_justify(c: BatchQuantizedKVCache) -> tuple:
             rows = c.offset.shape[0]
@@ -254,6 +261,7 @@ def convert_batch(cache: Any, quant: KVQuant | None) -> Any:
         return cache
     if quant is None:
         new: Any = BatchKVCache([0])
+        assert have is not None  # have != quant
         if cache.keys is not None:
             k, v = cache.keys_and_values()
             new.keys, new.values = have.dequantize(k), have.dequantize(v)
@@ -272,7 +280,7 @@ def convert_batch(cache: Any, quant: KVQuant | None) -> Any:
 
 
 def compare_to_full(
-    model: Any, prompt: list[int], num_tokens: int, quant: KVQuant
+    model: ModelProtocol, prompt: list[int], num_tokens: int, quant: KVQuant
 ) -> tuple[float, float]:
     """Greedy decoding with full-precision KV vs `quant` KV, teacher-forced on the full path (a
     single disagreement must not derail every later comparison). Returns (share of steps whose
@@ -291,7 +299,7 @@ def compare_to_full(
         best = mx.argmax(lf)
         same = best == mx.argmax(lq)
         mx.eval(step_kl, same)
-        agree += int(same.item())
-        kl += float(step_kl.item())
+        agree += int(same.item())  # type: ignore[arg-type]  # item() of a bool array
+        kl += float(step_kl.item())  # type: ignore[arg-type]  # item() of a real array
         tokens = best.reshape(1, 1)
     return agree / num_tokens, kl / num_tokens

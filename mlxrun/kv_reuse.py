@@ -26,12 +26,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlxrun.cache import KVBlock, concat_blocks
+
+if TYPE_CHECKING:
+    from mlxrun.batch import RequestState
+    from mlxrun.models import ModelProtocol
+    from mlxrun.prefix_cache import RadixCache
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +165,7 @@ class ReusePlan:
         start = self.next_start()
         return stop if start is None else min(stop, start)
 
-    def splice(self, seq: Any) -> int:
+    def splice(self, seq: RequestState) -> int:
         """Append the runs that start where `seq` (a batch.RequestState) has prefilled to its
         cache, and move it past them; returns the tokens added."""
         added = 0
@@ -181,12 +186,14 @@ class ReusePlan:
 class ChunkReuse:
     """Finds reusable runs for a model that allows it; see the module docstring."""
 
-    def __init__(self, rotations: list[Rotate], min_len: int, radix: Any = None):
+    def __init__(self, rotations: list[Rotate], min_len: int, radix: RadixCache | None = None):
         self.rotations, self.min_len, self.radix = rotations, min_len, radix
         self.counts = dict.fromkeys(("reuse_chunks", "reuse_chunk_tokens", "reuse_misses"), 0)
 
     @classmethod
-    def for_model(cls, model: Any, min_len: int, radix: Any) -> ChunkReuse | None:
+    def for_model(
+        cls, model: ModelProtocol, min_len: int, radix: RadixCache | None
+    ) -> ChunkReuse | None:
         """A ChunkReuse over `radix` (the engine's RadixCache), or None (and why, in the log)."""
         reuse, why = cls.check(model, min_len)
         if radix is None:
@@ -198,7 +205,7 @@ class ChunkReuse:
         return reuse
 
     @classmethod
-    def check(cls, model: Any, min_len: int) -> tuple[ChunkReuse | None, str]:
+    def check(cls, model: ModelProtocol, min_len: int) -> tuple[ChunkReuse | None, str]:
         """(a ChunkReuse, '') or (None, why this model cannot reuse chunks)."""
         layers = getattr(model, "layers", None)
         if not layers:
@@ -216,7 +223,7 @@ class ChunkReuse:
         why = reuse._probe(model)
         return (None, why) if why else (reuse, "")
 
-    def _probe(self, model: Any) -> str:
+    def _probe(self, model: ModelProtocol) -> str:
         """Layer 0's keys depend on the token and its position only: the keys of tokens at 8..11
         must equal those at 0..3 turned by 8, or the cache's layout is not what we rotate."""
         from mlxrun import models
@@ -230,18 +237,19 @@ class ChunkReuse:
             k8 = later[0].keys[:, :, 8:12].astype(mx.float32)
         except (AttributeError, TypeError, IndexError):
             return f"the cache ({type(first[0]).__name__}) holds no plain keys array"
-        err = mx.abs(rerotate(k0, 8, self.rotations[0]) - k8).max().item()
-        scale = max(mx.abs(k8).max().item(), 1e-6)
+        err = cast(float, mx.abs(rerotate(k0, 8, self.rotations[0]) - k8).max().item())
+        scale = max(cast(float, mx.abs(k8).max().item()), 1e-6)
         if err > PROBE_TOLERANCE * scale:
             return f"re-rotated layer-0 keys are off by {err / scale:.2g} (relative)"
         return ""
 
-    def plan_for(self, seq: Any, hit: int) -> ReusePlan | None:
+    def plan_for(self, seq: RequestState, hit: int) -> ReusePlan | None:
         """The plan for a request just admitted with a `hit`-token prefix (a batch.RequestState);
         None, and why in the debug log, when nothing past the prefix can be reused."""
         tokens = seq.prompt[:-1]  # the last token is always computed
         if hit >= len(tokens):
             return None
+        assert self.radix is not None  # for_model gives it one
         length, paths = self.radix.continuations(seq.namespace, tokens)
         if length != hit:
             plan, why = None, "the prefix came from the disk tier"

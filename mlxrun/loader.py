@@ -10,12 +10,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxrun import hfconfig, hub, memory, models, safety, store
+from mlxrun import hfconfig, hub, memory, models, safety, sharding, store
+from mlxrun.distributed import World
 from mlxrun.errors import (
     CorruptCheckpointError,
     InsufficientMemoryError,
@@ -24,6 +25,10 @@ from mlxrun.errors import (
     UnsupportedModelError,
     format_size,
 )
+
+if TYPE_CHECKING:
+    from mlxrun.models import ModelProtocol
+    from mlxrun.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
 
@@ -76,14 +81,15 @@ def _kv_dtype_bytes(config: dict) -> int:
 
 
 def check_memory(
-    weights_bytes: int, config: dict, context: int, *, force: bool = False
+    weights_bytes: int, config: dict, context: int, *, force: bool = False, ranks: int = 1
 ) -> tuple[int, int]:
-    """(needed, budget) bytes; InsufficientMemoryError when needed > budget, unless force."""
+    """(needed, budget) bytes; InsufficientMemoryError when needed > budget, unless force.
+    With `ranks` > 1, `weights_bytes` is this rank's share and the KV cache splits too."""
     kv_bytes = _kv_dtype_bytes(config)
-    needed = memory.footprint(weights_bytes, config, context, kv_bytes)
+    needed = memory.footprint(weights_bytes, config, context, kv_bytes, ranks=ranks)
     budget = memory.device_memory().budget_bytes
     if needed > budget and not force:
-        kv = memory.kv_cache_bytes(config, context, kv_bytes)
+        kv = -(-memory.kv_cache_bytes(config, context, kv_bytes) // ranks)
         raise InsufficientMemoryError(
             f"this model needs {format_size(needed)} (weights {format_size(weights_bytes)}, "
             f"KV cache for {context} tokens {format_size(kv)}, runtime margin) but the memory "
@@ -110,7 +116,7 @@ def load_weight_files(path: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file in files:
         try:
-            weights.update(mx.load(str(file)))
+            weights.update(cast("dict[str, mx.array]", mx.load(str(file))))  # safetensors: a dict
         except (ValueError, RuntimeError, OSError) as e:
             raise CorruptCheckpointError(f"cannot read {file}: {e}") from None
     return weights
@@ -146,8 +152,9 @@ def quantize_like_weights(model: nn.Module, weights: dict, quant: dict) -> None:
     )
 
 
-def build_and_load(path: Path, config: dict) -> Any:
-    """The architecture with this directory's weights attached (lazily); model.eval() done."""
+def build_and_load(path: Path, config: dict[str, Any], world: World | None = None) -> ModelProtocol:
+    """The architecture with this directory's weights attached (lazily); model.eval() done.
+    With a `world`, only this rank's shard is kept, and it is materialised (see sharding)."""
     if "quantization" not in config and isinstance(config.get("quantization_config"), dict):
         method = config["quantization_config"].get("quant_method", "unknown")
         raise UnsupportedModelError(
@@ -155,13 +162,17 @@ def build_and_load(path: Path, config: dict) -> Any:
             hint="Convert the original (unquantized) checkpoint with `mlxrun convert`.",
         )
     model = models.build_model(config)
+    if world is not None:
+        sharding.before_weights(model, world)
     weights = load_weight_files(path)
     # Idempotent on MLX checkpoints (mlx-lm saves sanitized names and re-sanitizes on load too).
     weights = models.sanitize(model, weights)
+    if world is not None:
+        weights = sharding.local_weights(model, world, weights)
     quant = config.get("quantization")
     if isinstance(quant, dict):
         try:
-            quantize_like_weights(model, weights, quant)
+            quantize_like_weights(cast(nn.Module, model), weights, quant)
         except (ValueError, KeyError) as e:
             raise CorruptCheckpointError(f"{path}: quantized weights do not fit: {e}") from None
     try:
@@ -170,6 +181,8 @@ def build_and_load(path: Path, config: dict) -> Any:
         raise CorruptCheckpointError(
             f"{path}: weights do not match the {config.get('model_type')} architecture: {e}"
         ) from None
+    if world is not None:
+        sharding.after_weights(model, world)
     model.eval()
     return model
 
@@ -218,13 +231,18 @@ def _exact_limit(config: dict, context: int | None) -> int:
 
 
 def load(
-    name_or_path: str | Path, *, context: int | None = None, force: bool = False
-) -> tuple[Any, Any, ModelInfo]:
+    name_or_path: str | Path,
+    *,
+    context: int | None = None,
+    force: bool = False,
+    world: World | None = None,
+) -> tuple[ModelProtocol, Tokenizer, ModelInfo]:
     """(model, tokenizer, info) for a store name, a local model directory or a Hub repo id.
 
     `context` is the longest sequence to plan (and allow) for; default: the model's own length.
     Refuses with InsufficientMemoryError when weights + KV + margin exceed the memory budget,
-    unless `force`.
+    unless `force`. With a `world` (mlx.launch), every rank loads and checks only its shard;
+    the mode it settled on is in `distributed.current()`.
     """
     from mlxrun.tokenizer import load_tokenizer
 
@@ -239,7 +257,11 @@ def load(
         raise InvalidRequestError(f"context must be >= 1, got {context}", param="context")
     limit = _exact_limit(config, context)
     info = model_info(store.default_name(text), path, config, limit)
-    check_memory(info.weights_bytes, config, limit, force=force)
-    model = build_and_load(path, config)
+    weights_bytes, ranks = info.weights_bytes, 1
+    if world is not None:
+        world = sharding.plan_world(path, config, world)
+        weights_bytes, ranks = sharding.rank_weight_bytes(path, config, world), world.size
+    check_memory(weights_bytes, config, limit, force=force, ranks=ranks)
+    model = build_and_load(path, config, world)
     tokenizer = load_tokenizer(path, info.eos_token_ids)
     return model, tokenizer, info

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import psutil
@@ -48,7 +49,7 @@ class DeviceMemory:
     source: str  # "metal", "ram-fraction" or "env"
 
 
-def _metal_device_info() -> dict | None:
+def _metal_device_info() -> dict[str, Any] | None:
     """Metal's device info, or None when Metal is absent or the call fails (the tested seam)."""
     try:
         metal = getattr(mx, "metal", None)
@@ -80,8 +81,9 @@ def device_memory() -> DeviceMemory:
     info = _metal_device_info()
     if info is not None:
         total = int(info.get("memory_size", total))
-        recommended: int | None = int(info["max_recommended_working_set_size"])
-        budget, source = recommended, "metal"
+        working_set = int(info["max_recommended_working_set_size"])
+        recommended: int | None = working_set
+        budget, source = working_set, "metal"
     else:
         recommended = None
         budget, source = int(total * RAM_FRACTION), "ram-fraction"
@@ -136,14 +138,14 @@ class KVLayout:
         return len(self.windows)
 
 
-def _first(cfg: dict, *names: str):
+def _first(cfg: dict[str, Any], *names: str) -> Any:
     for name in names:
         if cfg.get(name) is not None:
             return cfg[name]
     return None
 
 
-def _with_arch_defaults(cfg: dict) -> dict:
+def _with_arch_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
     """Fill fields the config leaves out with the defaults of mlx-lm's ModelArgs for its
     architecture (e.g. gemma3's head_dim 256), so we count what the runtime will build."""
     try:
@@ -157,7 +159,7 @@ def _with_arch_defaults(cfg: dict) -> dict:
     return {**cfg, **filled}
 
 
-def text_config(config: dict) -> dict:
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
     """The language model's config with defaults resolved; `text_config` (multimodal) wins over
     the outer keys. The input is never modified."""
     cfg = _with_arch_defaults(copy.deepcopy(config))
@@ -169,7 +171,7 @@ def text_config(config: dict) -> dict:
     return cfg
 
 
-def _layer_windows(cfg: dict, num_layers: int) -> tuple[int | None, ...]:
+def _layer_windows(cfg: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
     """Which layers hold only a sliding window of tokens, mirroring mlx-lm's make_cache."""
     full: tuple[int | None, ...] = (None,) * num_layers
     window = cfg.get("sliding_window")
@@ -187,7 +189,7 @@ def _layer_windows(cfg: dict, num_layers: int) -> tuple[int | None, ...]:
     return full
 
 
-def kv_layout(config: dict) -> KVLayout:
+def kv_layout(config: dict[str, Any]) -> KVLayout:
     """KV geometry from a Hub config.json dict (pure; raises UnsupportedModelError if unreadable)."""
     cfg = text_config(config)
     layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
@@ -206,7 +208,7 @@ def kv_layout(config: dict) -> KVLayout:
     return KVLayout(int(kv_heads), int(head_dim), _layer_windows(cfg, int(layers)))
 
 
-def kv_cache_bytes(config: dict, context: int, dtype_bytes: int = 2) -> int:
+def kv_cache_bytes(config: dict[str, Any], context: int, dtype_bytes: int = 2) -> int:
     """Bytes of keys + values for one sequence of `context` tokens:
     per layer 2 × n_kv_heads × head_dim × min(context, window) × dtype_bytes."""
     layout = kv_layout(config)
@@ -214,7 +216,7 @@ def kv_cache_bytes(config: dict, context: int, dtype_bytes: int = 2) -> int:
     return sum(per_token * (context if w is None else min(context, w)) for w in layout.windows)
 
 
-def runtime_margin_bytes(config: dict, context: int, dtype_bytes: int = 2) -> int:
+def runtime_margin_bytes(config: dict[str, Any], context: int, dtype_bytes: int = 2) -> int:
     """RUNTIME_MARGIN_BYTES, plus prefill activations (chunk × hidden × bytes per unit), plus the
     sliding-window overshoot: during a prefill chunk a window layer briefly holds
     window - 1 + chunk tokens (mlx-lm's RotatingKVCache keeps every token of the chunk in view)."""
@@ -231,11 +233,20 @@ def runtime_margin_bytes(config: dict, context: int, dtype_bytes: int = 2) -> in
     return RUNTIME_MARGIN_BYTES + chunk * hidden * ACTIVATION_BYTES_PER_TOKEN_HIDDEN + overshoot
 
 
-def footprint(weights_bytes: int, config: dict, context: int, dtype_bytes: int = 2) -> int:
-    """Everything one sequence of `context` tokens needs resident: weights + KV + margin."""
+def footprint(
+    weights_bytes: int,
+    config: dict[str, Any],
+    context: int,
+    dtype_bytes: int = 2,
+    *,
+    ranks: int = 1,
+) -> int:
+    """Everything one sequence of `context` tokens needs resident: weights + KV + margin.
+    Across `ranks` machines each holds its share of the KV cache (by heads or by layers) and
+    the whole activation margin; `weights_bytes` is then that rank's share."""
     return (
         weights_bytes
-        + kv_cache_bytes(config, context, dtype_bytes)
+        + -(-kv_cache_bytes(config, context, dtype_bytes) // ranks)
         + runtime_margin_bytes(config, context, dtype_bytes)
     )
 

@@ -10,7 +10,10 @@ delta = out.finish()          # at eos / max_tokens: what was held back
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlxrun.tokenizer import Tokenizer
 
 
 class StopMatcher:
@@ -83,7 +86,7 @@ class TextOutput:
     """
 
     def __init__(
-        self, tokenizer: Any, stops: Sequence[str] = (), *, skip_special_tokens: bool = True
+        self, tokenizer: Tokenizer, stops: Sequence[str] = (), *, skip_special_tokens: bool = True
     ):
         self._detok = tokenizer.detokenizer(skip_special_tokens=skip_special_tokens)
         self._hidden = frozenset(getattr(tokenizer, "eos_token_ids", ()))

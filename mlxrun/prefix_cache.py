@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-OnEvict = Callable[[tuple, tuple[int, ...], list[Any]], None]
+# (model, adapter, ...): the cache never looks inside it.
+Namespace = tuple[Hashable, ...]
+OnEvict = Callable[[Namespace, tuple[int, ...], list[Any]], object]  # the result is unused
 
 
 class _Node:
@@ -48,7 +50,7 @@ class _Node:
         value: Any,
         nbytes: int,
         parent: _Node | None,
-        namespace: tuple,
+        namespace: Namespace,
         uid: int,
     ):
         self.key = key
@@ -97,7 +99,7 @@ class RadixCache:
         self._nbytes = nbytes
         self._split_value = split
         self._on_evict = on_evict
-        self._roots: dict[tuple, _Node] = {}
+        self._roots: dict[Namespace, _Node] = {}
         self._uids = itertools.count()
         self._clock = 0
         self._bytes = 0
@@ -117,7 +119,7 @@ class RadixCache:
     def num_tokens(self) -> int:
         return self._tokens
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         return {
             **self._counts,
             "bytes": self._bytes,
@@ -129,7 +131,7 @@ class RadixCache:
 
     # -- match and insert ------------------------------------------------------------------------
 
-    def match_prefix(self, namespace: tuple, token_ids: Sequence[int]) -> MatchResult:
+    def match_prefix(self, namespace: Namespace, token_ids: Sequence[int]) -> MatchResult:
         """Longest stored prefix of `token_ids` in `namespace`; refreshes its LRU time."""
         tokens = tuple(token_ids)
         self._counts["query_tokens"] += len(tokens)
@@ -145,7 +147,7 @@ class RadixCache:
             self._counts["misses"] += 1
         return MatchResult(length, values, node)
 
-    def insert(self, namespace: tuple, token_ids: Sequence[int], value: Any) -> int:
+    def insert(self, namespace: Namespace, token_ids: Sequence[int], value: Any) -> int:
         """Store `value` (covering all of `token_ids`); keep only the part not already stored.
 
         Returns how many new tokens were stored, then evicts LRU leaves while over the budget.
@@ -279,7 +281,7 @@ class RadixCache:
     # -- beyond the prefix (chunk reuse) -----------------------------------------------------------
 
     def continuations(
-        self, namespace: tuple, token_ids: Sequence[int], limit: int = 4
+        self, namespace: Namespace, token_ids: Sequence[int], limit: int = 4
     ) -> tuple[int, list[tuple[tuple[int, ...], list[Any]]]]:
         """The cached paths that go on past the longest stored prefix of `token_ids`, for reusing
         chunks after the point where the tokens diverge (mlxrun.kv_reuse).

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlxrun.errors import CorruptCheckpointError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from mlxrun.tokenizer import Tokenizer
 
 
 class ImplausibleConfigError(CorruptCheckpointError):
@@ -98,7 +101,7 @@ def _is_unsafe(exc: BaseException) -> bool:
     return False
 
 
-def check_chat_template(tokenizer: Any) -> str | None:
+def check_chat_template(tokenizer: Tokenizer) -> str | None:
     """One line describing an unsafe or broken chat template, or None when it renders a sample
     conversation (or the model has none). Templates that reject a system turn are tried on
     the user/assistant turns alone: that is a rule of the model, not a broken file."""

@@ -22,6 +22,7 @@ import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 
@@ -32,7 +33,7 @@ MAX_TOP_LOGPROBS = 20
 LOGIT_BIAS_LIMIT = 100.0
 PENALTY_LIMIT = 2.0  # OpenAI's range for presence/frequency penalties
 
-LogitsProcessor = Callable[[object, mx.array], mx.array]
+LogitsProcessor = Callable[[Sequence[int] | mx.array, mx.array], mx.array]
 
 
 def _bad(param: str, message: str) -> InvalidRequestError:
@@ -162,7 +163,7 @@ class SamplingParams:
                 )
         return self
 
-    def replace(self, **changes: object) -> SamplingParams:
+    def replace(self, **changes: Any) -> SamplingParams:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Any
 
 from mlxrun.errors import EngineOverloadedError, InvalidRequestError
 
@@ -138,7 +139,7 @@ class Scheduler:
             return seq
         return next((s for s in self._waiting if s.request_id == request_id), None)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return {
             "running": len(self._running),
             "waiting": len(self._waiting),

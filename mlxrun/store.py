@@ -19,6 +19,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from mlxrun import hub
 from mlxrun.errors import (
@@ -161,7 +162,7 @@ def quantization_label(config: dict, by_dtype: dict[str, int], recipe: str | Non
             return "unknown"
         return _FLOAT_LABELS[max(floats, key=lambda k: floats[k])]
     mode = quant.get("mode", "affine")
-    bits = {quant.get("bits")} | {
+    bits: set[Any] = {quant.get("bits")} | {
         v["bits"] for v in quant.values() if isinstance(v, dict) and "bits" in v
     }
     bits.discard(None)

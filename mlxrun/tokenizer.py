@@ -120,7 +120,7 @@ def detect_fim_tokens(vocab: Mapping[str, int]) -> FimTokens | None:
     for style, roles in _FIM_STYLES.items():
         found = {role: _find(vocab, roles.get(role, ())) for role in _FIM_ROLES}
         if all(found[role][0] is not None for role in ("prefix", "suffix", "middle")):
-            fields = {}
+            fields: dict[str, Any] = {}
             for role, (text, token_id) in found.items():
                 fields[role], fields[f"{role}_id"] = text, token_id
             return FimTokens(style=style, **fields)
@@ -295,7 +295,7 @@ class Tokenizer:
     def _dummy_prefix(self) -> bool:
         ids = self.encode("a", add_special_tokens=False)
         token = self.id_to_token(ids[0]) if ids else None
-        return bool(token) and token.startswith("▁")
+        return token is not None and token.startswith("▁")
 
     # --- chat templates -------------------------------------------------------------------------
 
@@ -424,7 +424,8 @@ class Tokenizer:
                 param="suffix",
                 hint="Use a code model trained for FIM (Qwen2.5-Coder, StarCoder2, CodeLlama…).",
             )
-        ids = [self.bos_token_id] if self._adds_bos else []
+        bos = self.bos_token_id
+        ids = [bos] if self._adds_bos and bos is not None else []  # _adds_bos implies a bos
         ids.append(fim.prefix_id)
         space = " " if fim.style in _SPACE_AFTER_PREFIX else ""
         ids += self._encode_continuation(space + prefix)
@@ -443,7 +444,7 @@ def _fast_decode(backend: Any) -> Callable[[list[int], bool], str]:
     try:
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
     except ImportError:  # pragma: no cover - older transformers
-        TokenizersBackend = None  # noqa: N806
+        TokenizersBackend = None  # type: ignore[misc,assignment]  # noqa: N806
     if TokenizersBackend is not None and type(backend)._decode is TokenizersBackend._decode:
         rust = backend.backend_tokenizer
         return lambda ids, skip: rust.decode(ids, skip_special_tokens=skip)
@@ -510,7 +511,7 @@ def load_tokenizer(path: Path, eos_token_ids: Iterable[int] | None = None) -> To
     return Tokenizer(backend, path, eos_token_ids or ())
 
 
-def _text_arguments(messages: Sequence[Mapping[str, Any]]) -> list[dict] | None:
+def _text_arguments(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]] | None:
     """`messages` with tool-call arguments given as JSON text instead of objects; None when no
     call has object arguments."""
     out, changed = [], False

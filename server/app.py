@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
@@ -28,6 +28,12 @@ from .errors import APIError
 from .metrics import Metrics
 from .routes import routes
 from .state import OPEN_PATHS, ServerConfig, ServerState
+
+if TYPE_CHECKING:
+    from mlxrun.engine import Engine
+    from mlxrun.tokenizer import Tokenizer
+
+    from .models_pool import ModelPool
 
 CLAMP_HEADER = "X-Mlxrun-Max-Tokens-Clamped"
 # Answered before the engine is ready: health and metrics, Ollama's "is it running?" probes, and
@@ -239,6 +245,7 @@ async def _start_pool(state: ServerState) -> None:
     """Several models: load the default one now when asked to (`mlxrun serve A B`), the rest on
     first use; ready either way once that is done."""
     pool = state.pool
+    assert pool is not None
     try:
         if pool.preload_default and pool.default is not None:
             await pool.preload(pool.default)
@@ -262,6 +269,7 @@ def _pool_lifespan(state: ServerState):
         finally:
             state.ready = False
             await asyncio.gather(starting, return_exceptions=True)
+            assert state.pool is not None
             await state.pool.close()
 
     return lifespan
@@ -286,13 +294,13 @@ def _lifespan(state: ServerState):
 
 
 def create_app(
-    engine: Any,
+    engine: Engine | None,
     config: ServerConfig,
     *,
-    tokenizer: Any,
+    tokenizer: Tokenizer | None,
     on_fatal: Callable[[BaseException], None] | None = None,
     on_ready: Callable[[], Awaitable[None]] | None = None,
-    pool: Any = None,
+    pool: ModelPool | None = None,
 ) -> Starlette:
     """An ASGI app serving `engine`, which its lifespan starts (in the background) and shuts down.
 
@@ -301,7 +309,9 @@ def create_app(
     prints its banner then). With `pool` (server/models_pool.ModelPool) `engine` and `tokenizer`
     are None: each request's model is loaded from the pool on first use.
     """
-    state = ServerState(engine, tokenizer, config)
+    # With a pool this is the hub's state, which has no engine of its own: routes serve through
+    # the state use_model() hands them (ServerState.for_model).
+    state = ServerState(engine, tokenizer, config)  # type: ignore[arg-type]
     if pool is not None:
         state.pool, pool.hub = pool, state
     state.on_fatal = on_fatal

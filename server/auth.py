@@ -17,11 +17,14 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mlxrun.errors import InvalidRequestError
 
 from .errors import APIError
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 log = logging.getLogger("mlxrun.server")
 
@@ -38,18 +41,18 @@ class Principal:
 ANONYMOUS = Principal("anonymous")  # no key is configured: everyone is the same caller
 
 
-def principal(request: Any) -> Principal:
+def principal(request: Request) -> Principal:
     """The request's principal, as the auth middleware set it (ANONYMOUS without auth)."""
     found = request.scope.get("state", {}).get("principal")
     return found if isinstance(found, Principal) else ANONYMOUS
 
 
-def owner(request: Any) -> str:
+def owner(request: Request) -> str:
     """The owner tag for state a request creates: equal only for requests of the same key."""
     return "key:" + principal(request).name
 
 
-def cache_scope(request: Any) -> str | None:
+def cache_scope(request: Request) -> str | None:
     """The prefix-cache namespace for state a request pins: the key's own with API keys (another
     key neither reads nor renews it, nor learns from cached-token counts that it exists)."""
     return None if principal(request) is ANONYMOUS else owner(request)

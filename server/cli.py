@@ -9,13 +9,19 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from mlxrun.cli.common import friendly_errors
 from mlxrun.cli.engine_options import cache_overrides
 from mlxrun.cli.speculation import speculation_options, speculation_overrides
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from mlxrun.server.models_pool import ModelPool
+    from mlxrun.server.state import ServerConfig
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long to finish; the rest are aborted
@@ -200,6 +206,12 @@ def _setup_logging(level: str) -> None:
               help="Keep stored /v1/responses responses here across restarts (memory only by "
               "default).")  # fmt: skip
 @speculation_options
+@click.option("--parallel", type=click.Choice(["tensor", "pipeline"]), default=None,
+              help="Under mlx.launch: split the model by tensor or pipeline [default: tensor if "
+              "the architecture can].")  # fmt: skip
+@click.option("--step-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Under mlx.launch: seconds one engine step may wait on the other ranks "
+              "before requests fail with 503.")  # fmt: skip
 @friendly_errors
 def serve_cmd(
     models: tuple[str, ...],
@@ -231,13 +243,15 @@ def serve_cmd(
     speculate: str,
     draft: str | None,
     num_speculative_tokens: int,
+    parallel: str | None,
+    step_timeout: float,
 ) -> None:
     """Serve MODELS over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions…),
     and Anthropic's and Ollama's. The first model is the default and loads at once; a request's
     "model" picks another, loaded on first use. With no MODELS, every stored model is servable."""
     _setup_logging("warning" if quiet else log_level)
     _check_exposure(host, bool(api_key), api_key_file, no_auth)
-    kv = {"kv_bits": kv_bits, "kv_group_size": int(kv_group_size)}
+    kv: dict[str, Any] = {"kv_bits": kv_bits, "kv_group_size": int(kv_group_size)}
     caches = cache_overrides(cache_memory, cache_dir, cache_disk_size)
     if tool_parser is not None:
         from mlxrun.parsing.tools import tool_format_by_name
@@ -245,10 +259,25 @@ def serve_cmd(
         tool_format_by_name(tool_parser)  # an unknown name fails before the model loads
     if responses_dir is not None:
         _private_dir(responses_dir)
+    from mlxrun import distributed
     from mlxrun.engine import EngineConfig
     from mlxrun.server import cli_pool
     from mlxrun.server.app import ServerConfig
     from mlxrun.server.models_pool import ModelPool
+
+    world = distributed.init_world(parallel)
+    if world is not None:  # one model across machines (mlx.launch): no pool
+        from mlxrun.server.cli_distributed import serve_distributed
+
+        serve_distributed(
+            world, models, host, port, context, step_timeout,
+            dict(max_running=max_running, cache_reuse=cache_reuse, **kv, **caches),
+            dict(aliases=aliases, api_key=api_key or None, api_key_file=api_key_file,
+                 max_concurrent_per_key=max_concurrent_per_key,
+                 max_queued_per_key=max_queued_per_key, cors_origins=cors_origins,
+                 tool_parser=tool_parser, strict=strict, responses_dir=responses_dir),
+        )  # fmt: skip
+        return
 
     names, preload = cli_pool.pick_models(models)
     specs = cli_pool.build_specs(names, aliases, context)
@@ -288,7 +317,7 @@ def _check_draft(target: str, draft: str, context: int | None) -> None:
     load_draft(draft, load_tokenizer(Path(target)), context=context)
 
 
-def _run(pool: Any, config: Any, host: str, sock: socket.socket) -> None:
+def _run(pool: ModelPool, config: ServerConfig, host: str, sock: socket.socket) -> None:
     """uvicorn serving the app on `sock` until Ctrl-C / SIGTERM; the banner once it answers."""
     import uvicorn
 
@@ -296,7 +325,7 @@ def _run(pool: Any, config: Any, host: str, sock: socket.socket) -> None:
     from mlxrun.server.cli_pool import banner
 
     uv_config = uvicorn.Config(
-        None,  # set below: the app needs on_fatal, which needs the server
+        None,  # type: ignore[arg-type]  # set below: the app needs on_fatal, which needs the server
         log_level="warning",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
@@ -325,7 +354,7 @@ def _run(pool: Any, config: Any, host: str, sock: socket.socket) -> None:
         raise failed[0]
 
 
-def _serve(server: Any, sock: socket.socket, keys: Any = None) -> None:
+def _serve(server: uvicorn.Server, sock: socket.socket, keys: Any = None) -> None:
     # uvicorn replays the signal that stopped it once it has shut down; with no-op handlers that
     # replay does nothing, so Ctrl-C / SIGTERM end in "Stopped." and exit status 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -28,6 +28,7 @@ from .protocol_tools import OutputFormat, ToolChoice
 from .state import ServerState
 
 if TYPE_CHECKING:
+    from mlxrun.constrain import Constraint
     from mlxrun.parsing.reasoning import ReasoningFormat
     from mlxrun.parsing.tools import ToolCall, ToolCallDelta, ToolFormat
 
@@ -136,7 +137,7 @@ def _constraint(
     choice: ToolChoice,
     output: OutputFormat | None,
     reasoning: ReasoningFormat | None,
-) -> Any:
+) -> Constraint | None:
     forced = fmt is not None and choice.mode in ("required", "named")
     if forced and output is not None:
         raise invalid(
@@ -152,7 +153,7 @@ def _constraint(
     return format_constraint(state, output)
 
 
-def format_constraint(state: ServerState, output: OutputFormat | None) -> Any:
+def format_constraint(state: ServerState, output: OutputFormat | None) -> Constraint | None:
     """The Constraint for a response format or grammar (None: free text). Blocking; raises
     InvalidRequestError naming what the grammar engine cannot enforce."""
     if output is None:

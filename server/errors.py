@@ -24,6 +24,7 @@ from mlxrun.errors import (
     InvalidRequestError,
     MlxrunError,
     ModelNotFoundError,
+    RankFailedError,
 )
 
 from . import access
@@ -137,6 +138,8 @@ def from_mlxrun(exc: MlxrunError) -> APIError:
         return APIError(
             503, exc.message, type=SERVER, code="insufficient_memory", headers={"Retry-After": "5"}
         )
+    if isinstance(exc, RankFailedError):  # a machine of a distributed run is gone
+        return APIError(503, exc.message, type=SERVER, code="rank_failed")
     return APIError(500, exc.message, type=SERVER, code="internal_error")
 
 

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mlxrun.engine import Event, Request, TokenLogprob
 from mlxrun.output import TextOutput
@@ -19,6 +19,12 @@ from mlxrun.sampling import SamplingParams
 
 from . import access
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from mlxrun.batch import RequestStream
+    from mlxrun.constrain import Constraint
+    from mlxrun.engine import Engine
+    from mlxrun.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,7 @@ class ChoiceSpec:
     stops: tuple[str, ...] = ()
     priority: int = 0  # higher first: interactive requests (autocomplete) use 1
     group: str | None = None  # a new request cancels unfinished older ones of its group
-    constraint: Any = None  # a mlxrun.constrain.Constraint: decoding follows its grammar
+    constraint: Constraint | None = None  # decoding follows its grammar
     pin_prefix: int = 0  # prompt tokens to keep in the prefix cache (Anthropic cache_control)
     keep_special: bool = False  # special tokens stay in the text (tool-call / reasoning markers)
     namespace: str | None = None  # prefix-cache scope (an API key's: its pins are its own)
@@ -47,10 +53,10 @@ class Delta:
 
 
 class _Choice:
-    def __init__(self, index: int, request_id: str, spec: ChoiceSpec, tokenizer: Any):
+    def __init__(self, index: int, request_id: str, spec: ChoiceSpec, tokenizer: Tokenizer):
         self.index, self.request_id, self.spec = index, request_id, spec
         self.output = TextOutput(tokenizer, spec.stops, skip_special_tokens=not spec.keep_special)
-        self.stream: Any = None
+        self.stream: RequestStream | None = None
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.cached_tokens = 0
@@ -65,8 +71,8 @@ class Generation:
 
     def __init__(
         self,
-        engine: Any,
-        tokenizer: Any,
+        engine: Engine,
+        tokenizer: Tokenizer,
         specs: Sequence[ChoiceSpec],
         request_id: str,
         metrics: Metrics | None = None,
@@ -145,6 +151,7 @@ class Generation:
         self._pumps = [asyncio.ensure_future(self._pump(c)) for c in self.choices]
 
     async def _pump(self, choice: _Choice) -> None:
+        assert choice.stream is not None  # submitted before the pumps start
         try:
             async for event in choice.stream:
                 self._queue.put_nowait((choice, event))

@@ -121,7 +121,7 @@ class Metrics:
                       f"# TYPE {name} counter"]  # fmt: skip
             for (key, status), count in sorted(self.by_key.items()):
                 lines.append(f'{name}{{key="{_escape(key)}",status="{status}"}} {count}')
-        counters = {
+        counters: dict[str, tuple[str, float]] = {
             "prompt_tokens_total": ("Prompt tokens processed.", self.prompt_tokens),
             "cached_prompt_tokens_total": ("Prompt tokens served from the prefix cache.", self.cached_tokens),
             "generation_tokens_total": ("Tokens generated.", self.generation_tokens),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fnmatch
+import functools
 import gc
 import logging
 import time
@@ -158,9 +159,12 @@ class ModelPool:
             if task is None:
                 task = asyncio.ensure_future(self._load(spec))
                 self._loading[spec.name] = task
-                task.add_done_callback(lambda _t, n=spec.name: self._loading.pop(n, None))
+                task.add_done_callback(functools.partial(self._load_done, spec.name))
             # Shielded: a client that leaves does not cancel a load others may be waiting on.
             await asyncio.shield(task)
+
+    def _load_done(self, name: str, _task: object) -> None:
+        self._loading.pop(name, None)
 
     def release(self, name: str, keep_alive_s: float | None = None) -> None:
         self.governor.release(name, time.monotonic(), keep_alive_s)

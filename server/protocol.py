@@ -233,6 +233,7 @@ def parse_logit_bias(body: Mapping[str, Any], llama: bool = False) -> dict[int, 
     if llama and isinstance(bias, list):
         out: dict[int, Any] = {}
         for pair in bias:
+            token: Any
             token, value = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, 0)
             token = int(token) if isinstance(token, str) and token.isdigit() else token
             if not is_kind(token, "integer"):
@@ -281,7 +282,7 @@ def _stream(body: Mapping[str, Any], extras: Extras) -> tuple[bool, bool]:
 
 def _sampling(body: Mapping[str, Any], **extra: Any) -> SamplingParams:
     given = {name: body[name] for name in _SAMPLING if body.get(name) is not None}
-    temperature = given.get("temperature")
+    temperature: Any = given.get("temperature")
     if is_kind(temperature, "number") and temperature > MAX_TEMPERATURE:
         raise invalid(
             f"'temperature' must be between 0 and {MAX_TEMPERATURE}, got {temperature}.",

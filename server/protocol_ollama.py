@@ -193,6 +193,7 @@ def _options(body: Mapping[str, Any], context_length: int, extras: Extras) -> Sa
                 check_kind(s, "string", "options.stop")
             given["stop"] = tuple(stops)
             continue
+        assert kind is not None  # only "stop" has none, and it is handled above
         check_kind(value, kind, f"options.{key}")
         if key in _USED:
             given[_RENAMED.get(key, key)] = value
@@ -312,7 +313,7 @@ def _answer(
         open_calls.remove(match)
     msg["tool_call_id"] = call_id or (match[0] if match else fallback)
     if name or match:
-        msg["name"] = name or match[1]
+        msg["name"] = name or (match[1] if match else None)
 
 
 def _call(call: Any, at: str, default_id: str) -> dict[str, Any]:

@@ -38,7 +38,7 @@ class OutputFormat:
     param: str = "response_format"
 
 
-def function_tool(name: str, description: str | None, parameters: Any, where: str) -> dict:
+def function_tool(name: Any, description: Any, parameters: Any, where: str) -> dict[str, Any]:
     """One tool in the neutral shape, validated (every dialect's tools end up here)."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise invalid(
@@ -220,7 +220,7 @@ def parse_openai_calls(raw: Any, where: str) -> list[dict[str, Any]]:
         name = function.get("name")
         if not isinstance(name, str) or not name:
             raise invalid(f"Missing required parameter: '{at}.function.name'.", f"{at}.function")
-        call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{j}"
+        call_id = call["id"] if isinstance(call.get("id"), str) else f"call_{j}"
         calls.append(
             assistant_call(call_id, name, function.get("arguments"), f"{at}.function.arguments")
         )

@@ -9,6 +9,7 @@ and read back on start, so a restarted server still continues a conversation.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
@@ -112,7 +113,7 @@ class ResponseStore:
                 (self.directory / f"{response_id}.json").unlink()
         return True
 
-    def _write(self, response_id: str, data: bytes) -> None:
+    def _write(self, response_id: str, data: builtins.bytes) -> None:
         """Atomically: a reader (or a crash) never sees half a file."""
         if self.directory is None:
             return

@@ -8,8 +8,9 @@ from __future__ import annotations
 import fnmatch
 import functools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
@@ -18,6 +19,16 @@ from .errors import APIError
 from .metrics import Metrics
 from .protocol import parse_json
 from .tokens import TokenTexts
+
+if TYPE_CHECKING:
+    from mlxrun.constrain import GrammarCompiler
+    from mlxrun.engine import Engine
+    from mlxrun.parsing.reasoning import ReasoningFormat
+    from mlxrun.parsing.tools import ToolFormat
+    from mlxrun.tokenizer import Tokenizer
+
+    from .models_pool import ModelPool
+    from .responses_store import ResponseStore
 
 DEFAULT_MAX_BODY = 32 << 20  # 32 MiB: a 128k-token prompt as JSON token ids is ~1 MB
 # Probes that must work without the key: health checks, and Ollama clients asking "is it running?".
@@ -66,7 +77,7 @@ class ServerConfig:
 class ServerState:
     """The engine, tokenizer, config and counters one app serves with."""
 
-    def __init__(self, engine: Any, tokenizer: Any, config: ServerConfig):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, config: ServerConfig):
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
@@ -74,13 +85,16 @@ class ServerState:
         self.token_texts = TokenTexts(tokenizer)
         self.ready = False
         self.load_error: BaseException | None = None
-        self.on_fatal: Any = None  # called with the error if the engine fails to start
-        self.on_ready: Any = None  # awaited once the engine has started
+        # Called with the error if the engine fails to start.
+        self.on_fatal: Callable[[BaseException], None] | None = None
+        self.on_ready: Callable[[], Awaitable[None]] | None = None  # awaited once it started
         self._ids = 0
-        self._grammars: Any = None
-        self.pool: Any = None  # a server/models_pool.ModelPool when serving several models
+        self._grammars: GrammarCompiler | None = None
+        self.pool: ModelPool | None = (
+            None  # a server/models_pool.ModelPool when serving several models
+        )
 
-    def for_model(self, engine: Any, tokenizer: Any, config: ServerConfig) -> ServerState:
+    def for_model(self, engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> ServerState:
         """The state one of the pool's models serves with: its engine, tokenizer and config;
         the counters and stored responses are the app's."""
         state = ServerState(engine, tokenizer, config)
@@ -90,7 +104,7 @@ class ServerState:
         return state
 
     @property
-    def grammars(self) -> Any:
+    def grammars(self) -> GrammarCompiler:
         """The model's mlxrun.constrain.GrammarCompiler (its token trie is built on first use)."""
         if self._grammars is None:
             from mlxrun.constrain import GrammarCompiler
@@ -99,7 +113,7 @@ class ServerState:
         return self._grammars
 
     @functools.cached_property
-    def tool_format(self) -> Any:
+    def tool_format(self) -> ToolFormat | None:
         """How this model writes tool calls (mlxrun.parsing.tools.ToolFormat), or None."""
         from mlxrun.parsing import tools
 
@@ -108,14 +122,14 @@ class ServerState:
         return tools.detect_tool_format(self.tokenizer)
 
     @functools.cached_property
-    def responses(self) -> Any:
+    def responses(self) -> ResponseStore:
         """Stored /v1/responses responses (server/responses_store.py)."""
         from .responses_store import ResponseStore
 
         return ResponseStore(self.config.responses_dir)
 
     @functools.cached_property
-    def reasoning_format(self) -> Any:
+    def reasoning_format(self) -> ReasoningFormat | None:
         """How this model marks reasoning (mlxrun.parsing.reasoning.ReasoningFormat), or None."""
         from mlxrun.parsing.reasoning import detect_reasoning
 

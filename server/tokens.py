@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlxrun.tokenizer import Tokenizer
 
 
 @functools.cache
@@ -20,7 +23,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(keep, chars, strict=True)}
 
 
-def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
     """A token's own bytes, also for tokens that are a fragment of a UTF-8 character."""
     text = tokenizer.decode([token_id])
     if "\ufffd" not in text:
@@ -40,7 +43,7 @@ def token_bytes(tokenizer: Any, token_id: int) -> bytes:
 class TokenTexts:
     """Cached (text, bytes) per token id for logprob reports."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
         self.get = functools.lru_cache(maxsize=1 << 16)(self._compute)
 

@@ -1,5 +1,8 @@
 """Shared pytest fixtures: hermetic environment and cached tiny checkpoints.
 
+Every test carries exactly one tier marker (pure, model, server; see tests/tiers.py): collection
+stops if one has none or two, and a pure test fails if it builds a model or a server.
+
 Every test runs offline (HF_HUB_OFFLINE=1, no telemetry) with MLXRUN_HOME pointing at a fresh
 temporary directory, so nothing reads or writes ~/.mlxrun or reaches the network.
 
@@ -38,6 +41,9 @@ os.environ.update(HERMETIC_ENV)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixtures import build_checkpoint  # noqa: E402
+
+# tiers: the tier check and the pure guard. pytester: tests/test_tiers.py runs small sessions.
+pytest_plugins = ["tiers", "pytester"]
 
 _BUILD_PARAMS = inspect.signature(build_checkpoint).parameters
 

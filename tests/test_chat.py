@@ -15,6 +15,8 @@ from mlxrun.errors import ContextLengthExceededError, InvalidRequestError
 from mlxrun.generate import generate_stream
 from mlxrun.sampling import SamplingParams
 
+pytestmark = pytest.mark.model
+
 MESSAGES = [
     "def add(a, b): return a + b",
     "class Stack: pass",

@@ -11,6 +11,8 @@ from fixtures import build_tokenizer
 from mlxrun.chat_turns import fold_system, late_system
 from mlxrun.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.pure
+
 CLAUDE_CODE = [
     {"role": "user", "content": "hi"},
     {"role": "system", "content": "Be brief."},

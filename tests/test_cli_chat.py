@@ -70,6 +70,7 @@ def _stats_numbers(out: str) -> tuple[int, int, int]:
     return int(m[1]), int(m[2]), int(m[3])
 
 
+@pytest.mark.model
 def test_a_session_end_to_end(model_dir, first_reply, tmp_path):
     child = spawn(model_dir, "--temperature", "0", "--max-tokens", "8")
     assert on_tty(first_reply) in say(child, FIRST)
@@ -162,6 +163,7 @@ SCHEMA = {
 }
 
 
+@pytest.mark.model
 def test_disk_tier_and_json_schema_across_two_chats(model_dir, tmp_path):
     """--cache-dir: a second chat process starts with the first one's KV (same system prompt
     and message); --json-schema: every reply is JSON that follows the schema."""
@@ -186,6 +188,7 @@ def test_disk_tier_and_json_schema_across_two_chats(model_dir, tmp_path):
     assert _stats_numbers(runs[1])[2] >= prompt - 1  # all but the token that samples the reply
 
 
+@pytest.mark.model
 def test_load_restores_settings_only_when_asked(model_dir, tmp_path, capsys):
     """/load FILE keeps the current settings and names the file's that differ; /load FILE
     --settings restores them and says which changed."""
@@ -227,6 +230,7 @@ def _settings_shown(*args: str) -> tuple[dict[str, str], str]:
     return dict(pairs), result.stderr
 
 
+@pytest.mark.model
 def test_a_reply_has_a_default_cap(model_dir):
     """The same default as generate; half the context at most; --max-tokens sets it."""
     assert _settings_shown(str(model_dir))[0]["max_tokens"] == str(DEFAULT_MAX_TOKENS)
@@ -234,6 +238,7 @@ def test_a_reply_has_a_default_cap(model_dir):
     assert _settings_shown(str(model_dir), "--max-tokens", "10")[0]["max_tokens"] == "10"
 
 
+@pytest.mark.model
 def test_a_model_without_a_chat_template_is_announced_once(model_dir, checkpoint_factory, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(checkpoint_factory("llama", tokenizer="spm"), base)
@@ -243,6 +248,7 @@ def test_a_model_without_a_chat_template_is_announced_once(model_dir, checkpoint
     assert FALLBACK_NOTICE not in _settings_shown(str(model_dir))[1]
 
 
+@pytest.mark.model
 def test_context_overflow_asks_what_to_do(model_dir):
     child = spawn(model_dir, "--temperature", "0", "--max-tokens", "8", "--context", "120")
     for i in range(30):
@@ -286,6 +292,7 @@ def test_context_overflow_asks_what_to_do(model_dir):
     assert child.exitstatus == 0
 
 
+@pytest.mark.model
 def test_piped_input_without_a_terminal(model_dir):
     proc = subprocess.run(
         [sys.executable, *CHAT, str(model_dir), "--temperature", "0", "--max-tokens", "4"],
@@ -296,6 +303,7 @@ def test_piped_input_without_a_terminal(model_dir):
     assert "prefilled" in out and "turns: 1" in out
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -328,6 +336,7 @@ def _reader(lines: list[str]):
     return read_line, prompts
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize(
     "lines, message, reads",
     [
@@ -345,12 +354,14 @@ def test_read_message(lines, message, reads):
     assert prompts == [">>> "] + ["... "] * (reads - 1)
 
 
+@pytest.mark.pure
 def test_read_message_eof_inside_a_block():
     read_line, _ = _reader(['"""', "never closed"])
     with pytest.raises(EOFError):
         read_message(read_line)
 
 
+@pytest.mark.pure
 def test_engine_stats_line_shows_rates_cache_and_speculation_figures():
     """/stats prints what Engine.stats() reports, including figures the engine grows later
     (speculation's acceptance)."""

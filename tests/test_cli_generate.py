@@ -59,6 +59,7 @@ def _expected(lm, ids: list[int], max_tokens: int, **kw) -> str:
     return "".join(c.text for c in generate_stream(model, tokenizer, ids, params))
 
 
+@pytest.mark.model
 def test_streams_completion_and_stats(model_dir, lm):
     proc = run_cli(str(model_dir), "-p", PROMPT, "--temperature", "0", "--max-tokens", "12")
     assert proc.returncode == 0, proc.stderr.decode()
@@ -68,6 +69,7 @@ def test_streams_completion_and_stats(model_dir, lm):
     assert "tok/s" in err and "peak memory" in err
 
 
+@pytest.mark.model
 def test_stdin_prompt_and_stop_string(model_dir, lm):
     full = _expected(lm, lm[1].encode(PROMPT), 20)
     stop = full[8:11]
@@ -79,6 +81,7 @@ def test_stdin_prompt_and_stop_string(model_dir, lm):
     assert "finish: stop" in proc.stderr.decode()
 
 
+@pytest.mark.model
 def test_chat_with_system(model_dir, lm):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     ids = lm[1].apply_chat_template(messages, add_generation_prompt=True)
@@ -89,6 +92,7 @@ def test_chat_with_system(model_dir, lm):
     assert f"prompt: {len(ids)} tokens" in proc.stderr.decode()
 
 
+@pytest.mark.model
 def test_output_is_streamed_before_the_end(model_dir):
     proc = subprocess.Popen(
         [*CLI, str(model_dir), "-p", PROMPT, "--max-tokens", "1900", "--seed", "1"],
@@ -105,6 +109,7 @@ def test_output_is_streamed_before_the_end(model_dir):
         proc.wait()
 
 
+@pytest.mark.model
 def test_store_name_and_sampling_flags(model_dir):
     from mlxrun.store import models_dir
 
@@ -118,23 +123,27 @@ def test_store_name_and_sampling_flags(model_dir):
     assert "generation: 10 tokens" in proc.stderr.decode()
 
 
+@pytest.mark.pure
 def test_unknown_model_suggests_list():
     line = _one_error_line(run_cli("no-such-model", "-p", "hi"))
     assert "no-such-model" in line and "mlxrun list" in line
 
 
+@pytest.mark.pure
 def test_directory_that_is_not_a_model(tmp_path):
     (tmp_path / "readme.txt").write_text("not a model")
     line = _one_error_line(run_cli(str(tmp_path), "-p", "hi"))
     assert "config.json" in line
 
 
+@pytest.mark.model
 def test_prompt_longer_than_context(model_dir, lm):
     n = len(lm[1].encode(PROMPT))
     line = _one_error_line(run_cli(str(model_dir), "-p", PROMPT, "--context", "5"))
     assert f"{n} tokens" in line and "context length is 5" in line
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "flag,value", [("--temperature", "-1"), ("--top-p", "1.5"), ("--presence-penalty", "3")]
 )
@@ -143,11 +152,13 @@ def test_invalid_sampling_value_names_the_flag(model_dir, flag, value):
     assert flag in line
 
 
+@pytest.mark.model
 def test_binary_stdin_is_rejected(model_dir):
     line = _one_error_line(run_cli(str(model_dir), "-p", "-", stdin=b"\xff\xfe\x00\x9c binary"))
     assert "UTF-8" in line
 
 
+@pytest.mark.model
 def test_memory_check_and_force(model_dir):
     env = {"MLXRUN_MEMORY_BUDGET": "50MB"}
     line = _one_error_line(run_cli(str(model_dir), "-p", "hi", env=env))
@@ -156,12 +167,14 @@ def test_memory_check_and_force(model_dir):
     assert proc.returncode == 0, proc.stderr.decode()
 
 
+@pytest.mark.pure
 def test_debug_shows_traceback():
     proc = run_cli("no-such-model", "-p", "hi", env={"MLXRUN_DEBUG": "1"})
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr.decode()
 
 
+@pytest.mark.model
 def test_without_max_tokens_a_base_model_stops_at_the_default(model_dir, lm):
     """Greedy, this random model never emits EOS: it used to run to the end of the context."""
     assert DEFAULT_MAX_TOKENS == 256 and lm[2].context_length > 2 * DEFAULT_MAX_TOKENS
@@ -187,6 +200,7 @@ SCHEMA = {
 }
 
 
+@pytest.mark.model
 def test_json_schema_and_grammar_constrain_the_output(model_dir, lm, tmp_path):
     """The engine's constrained path, from the terminal: greedy random weights write no JSON
     by themselves; with --json-schema the output parses and follows the schema."""
@@ -214,6 +228,7 @@ def test_json_schema_and_grammar_constrain_the_output(model_dir, lm, tmp_path):
     )
 
 
+@pytest.mark.model
 def test_cache_dir_serves_the_next_run_from_disk(model_dir, lm, tmp_path):
     """--cache-dir (the server's disk tier): the second run reads the prompt's KV the first
     one wrote, and says so; the text is the same."""
@@ -242,6 +257,7 @@ def no_template_dir(checkpoint_factory, tmp_path_factory):
     return path
 
 
+@pytest.mark.model
 def test_chat_on_a_model_without_a_template_says_so_once(no_template_dir, model_dir):
     args = ["-p", "hi", "--chat", "--max-tokens", "3"]
     proc = run_cli(str(no_template_dir), *args)

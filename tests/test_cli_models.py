@@ -38,6 +38,7 @@ def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           env={**os.environ})  # fmt: skip
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("command", [["serve"], ["chat"]])
 def test_no_model_and_an_empty_store_is_one_line_saying_how_to_get_one(home, command):
     proc = _run(*command, "--port", "0") if command == ["serve"] else _run(*command)
@@ -46,6 +47,7 @@ def test_no_model_and_an_empty_store_is_one_line_saying_how_to_get_one(home, com
     assert len(lines) == 1 and "none in the store" in lines[0] and "mlxrun pull" in lines[0]
 
 
+@pytest.mark.model
 def test_show_prints_models_toml_settings(home, tiny_llama):
     _store(home, tiny_llama, "coder")
     (home / "models.toml").write_text(
@@ -62,6 +64,7 @@ def test_show_prints_models_toml_settings(home, tiny_llama):
     assert proc.returncode != 0 and "models.toml" in proc.stderr and "context" in proc.stderr
 
 
+@pytest.mark.model
 def test_run_with_a_prompt_prints_one_reply(home, tiny_llama):
     _store(home, tiny_llama, "tiny")
     (home / "models.toml").write_text("[models.tiny.sampling]\ntemperature = 0\nmax_tokens = 5\n")
@@ -86,6 +89,7 @@ def _serve(*args: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("".join(lines) + proc.stderr.read())
 
 
+@pytest.mark.server
 def test_serve_several_models_then_ps(home, checkpoint_factory):
     for i in range(2):
         _store(home, checkpoint_factory("llama", num_shards=1, seed=i), f"m{i}")
@@ -122,6 +126,7 @@ def test_serve_several_models_then_ps(home, checkpoint_factory):
     assert result.exit_code != 0 and "no mlxrun server" in result.output
 
 
+@pytest.mark.server
 def test_serve_with_names_preloads_the_first_and_checks_flags(home, checkpoint_factory):
     a, b = (checkpoint_factory("llama", num_shards=1, seed=i) for i in range(2))
     proc = _run("serve", str(a), "--memory-budget", "lots", "--port", "0")

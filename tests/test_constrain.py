@@ -16,6 +16,8 @@ from mlxrun.engine import Engine, EngineConfig, Request
 from mlxrun.errors import InvalidRequestError
 from mlxrun.sampling import SamplingParams
 
+pytestmark = pytest.mark.model
+
 SCHEMA = {
     "type": "object",
     "properties": {

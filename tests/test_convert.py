@@ -13,6 +13,8 @@ from mlx.utils import tree_flatten
 from fixtures.builder import ARCHS
 from mlxrun.convert.api import convert_model
 
+pytestmark = pytest.mark.model
+
 
 def _load_all(path: Path) -> dict[str, mx.array]:
     out: dict[str, mx.array] = {}

@@ -9,9 +9,11 @@ import subprocess
 import sys
 
 import pexpect
+import pytest
 from test_convert_errors import assert_one_line_error, run_cli
 
 
+@pytest.mark.pure
 def test_help_is_fast_and_lists_commands():
     proc = run_cli("--help")
     assert proc.returncode == 0
@@ -26,6 +28,7 @@ def test_help_is_fast_and_lists_commands():
     assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
 
 
+@pytest.mark.model
 def test_plan_prints_table_and_writes_nothing(tiny_llama, tmp_path):
     proc = run_cli(
         "convert", str(tiny_llama), "--plan", "--bits", "4", env={"MLXRUN_HOME": str(tmp_path)}
@@ -38,6 +41,7 @@ def test_plan_prints_table_and_writes_nothing(tiny_llama, tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+@pytest.mark.model
 def test_fit_picks_by_budget(tiny_llama, tmp_path):
     """A roomy budget gets 8-bit; a budget just above the 4-bit plan's total gets a <=4-bit recipe."""
     big = run_cli("convert", str(tiny_llama), "--plan", "--fit", "64GB", "--context", "256")
@@ -58,6 +62,7 @@ def test_fit_picks_by_budget(tiny_llama, tmp_path):
     assert "8-bit" not in first and "fits" in mid.stdout
 
 
+@pytest.mark.model
 def test_fit_too_small_says_how_much_is_missing(tiny_llama, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("convert", str(tiny_llama), "-o", str(out), "--fit", "10MB", "--no-verify")
@@ -65,6 +70,7 @@ def test_fit_too_small_says_how_much_is_missing(tiny_llama, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.model
 def test_fit_auto_uses_budget_and_records_recipe(tiny_llama, tmp_path):
     out = tmp_path / "out"
     env = {"MLXRUN_MEMORY_BUDGET": "64GB"}
@@ -74,6 +80,7 @@ def test_fit_auto_uses_budget_and_records_recipe(tiny_llama, tmp_path):
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
 
 
+@pytest.mark.model
 def test_default_output_goes_to_store(tiny_llama, tmp_path):
     home = tmp_path / "home"
     proc = run_cli("convert", str(tiny_llama), "--no-verify", "-q", env={"MLXRUN_HOME": str(home)})
@@ -84,6 +91,7 @@ def test_default_output_goes_to_store(tiny_llama, tmp_path):
     assert models[0].name in listing.stdout
 
 
+@pytest.mark.model
 def test_progress_bar_on_tty_and_quiet(tiny_llama, tmp_path):
     env = {**os.environ, "COLUMNS": "120"}
     args = ["-m", "mlxrun.cli", "convert", str(tiny_llama), "--no-verify"]
@@ -108,6 +116,7 @@ def test_progress_bar_on_tty_and_quiet(tiny_llama, tmp_path):
     assert child.exitstatus == 0 and child.before.strip() == ""
 
 
+@pytest.mark.model
 def test_convert_from_hub_repo_and_unknown_repo(tiny_llama, tmp_path):
     """A repo id is downloaded with huggingface_hub from a local Hub, then converted; an unknown repo
     is a one-line error that names it."""

@@ -53,6 +53,7 @@ def _convert(src: Path, out: Path, *extra: str, env: dict | None = None):
     return run_cli("convert", str(src), "-o", str(out), "--no-verify", "-q", *extra, env=env)
 
 
+@pytest.mark.model
 def test_success_prints_nothing_on_quiet_and_writes_model(src, tmp_path):
     out = tmp_path / "out"
     proc = _convert(src, out)
@@ -61,6 +62,7 @@ def test_success_prints_nothing_on_quiet_and_writes_model(src, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.model
 def test_missing_config(src, tmp_path):
     (src / "config.json").unlink()
     out = tmp_path / "out"
@@ -68,6 +70,7 @@ def test_missing_config(src, tmp_path):
     assert_nothing_left(out)
 
 
+@pytest.mark.model
 def test_unsupported_model_type(src, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "definitely_not_an_arch"
@@ -78,6 +81,7 @@ def test_unsupported_model_type(src, tmp_path):
     assert_nothing_left(out)
 
 
+@pytest.mark.model
 def test_truncated_shard(src, tmp_path):
     shard = sorted(src.glob("model-*.safetensors"))[-1]
     data = shard.read_bytes()
@@ -87,6 +91,7 @@ def test_truncated_shard(src, tmp_path):
     assert_nothing_left(out)
 
 
+@pytest.mark.model
 def test_short_file_without_header(src, tmp_path):
     shard = sorted(src.glob("model-*.safetensors"))[0]
     shard.write_bytes(b"\x01\x02")
@@ -95,6 +100,7 @@ def test_short_file_without_header(src, tmp_path):
     assert_nothing_left(out)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("kind", ["huge-length", "garbage-json"])
 def test_corrupted_header(src, tmp_path, kind):
     shard = sorted(src.glob("model-*.safetensors"))[0]
@@ -110,6 +116,7 @@ def test_corrupted_header(src, tmp_path, kind):
     assert_nothing_left(out)
 
 
+@pytest.mark.model
 def test_shard_named_in_index_missing(src, tmp_path):
     shard = sorted(src.glob("model-*.safetensors"))[1]
     shard.unlink()
@@ -118,6 +125,7 @@ def test_shard_named_in_index_missing(src, tmp_path):
     assert_nothing_left(out)
 
 
+@pytest.mark.pure
 def test_offline_without_cache(tmp_path):
     out = tmp_path / "out"
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -126,6 +134,7 @@ def test_offline_without_cache(tmp_path):
     assert_nothing_left(out)
 
 
+@pytest.mark.model
 def test_output_exists_needs_force(src, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -137,6 +146,7 @@ def test_output_exists_needs_force(src, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
 
 
+@pytest.mark.model
 def test_traceback_only_with_debug(src, tmp_path):
     (src / "config.json").unlink()
     proc = _convert(src, tmp_path / "out", env={"MLXRUN_DEBUG": "1"})
@@ -155,6 +165,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
+@pytest.mark.model
 def test_disk_full_mid_write(src, tiny_disk):
     out = tiny_disk / "out"
     assert_one_line_error(_convert(src, out), "no space")
@@ -183,6 +194,7 @@ def _start_convert_blocked_on_calib(src: Path, out: Path, tmp_path: Path):
     raise AssertionError("conversion never reached the quality step")
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_mid_convert_leaves_nothing(src, tmp_path, sig):
     out = tmp_path / "out"
@@ -196,6 +208,7 @@ def test_interrupt_mid_convert_leaves_nothing(src, tmp_path, sig):
     assert_nothing_left(out)
 
 
+@pytest.mark.model
 def test_sigkill_leftover_is_cleaned_by_next_run(src, tmp_path):
     out = tmp_path / "out"
     proc, partial = _start_convert_blocked_on_calib(src, out, tmp_path)
@@ -207,6 +220,7 @@ def test_sigkill_leftover_is_cleaned_by_next_run(src, tmp_path):
     assert not partial.exists() and (out / "config.json").exists()
 
 
+@pytest.mark.model
 def test_missing_calib_fails_before_converting(src, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("convert", str(src), "-o", str(out), "--calib", str(tmp_path / "nope.txt"))

@@ -31,6 +31,7 @@ def _one_error_line(stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "flags",
     [
@@ -59,12 +60,14 @@ def test_conflicting_flags_are_refused_naming_both(tiny_llama, tmp_path, flags):
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "notes.txt"]
 
 
+@pytest.mark.pure
 def test_pull_refuses_conflicting_flags_before_downloading(tmp_path):
     code, err = _invoke("pull", "acme/tiny", "--recipe", "mixed_4_6", "--bits", "3")
     line = _one_error_line(err)
     assert code != 0 and "--recipe and --bits cannot be used together" in line, line
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "flags",
     [["-o", "OUT"], ["--no-quantize"], ["--calib", "notes.txt"], ["--no-verify"], ["--force"],
@@ -79,6 +82,7 @@ def test_plan_refuses_flags_it_would_ignore(tiny_llama, tmp_path, flags):
     assert code != 0 and "--plan" in line and flags[0].split("/")[0] in line, line
 
 
+@pytest.mark.model
 def test_compatible_flags_still_work(tiny_llama, tmp_path):
     """--recipe with --group-size, --fit with --group-size: nothing is overridden, so no error."""
     code, err = _invoke("convert", str(tiny_llama), "--plan", "--recipe", "mixed_4_6",
@@ -97,6 +101,7 @@ def test_compatible_flags_still_work(tiny_llama, tmp_path):
 # --- context past the model's maximum ---------------------------------------------------------
 
 
+@pytest.mark.model
 def test_context_without_fit_is_refused(tiny_llama, tmp_path):
     """Only the --fit planner reads --context: a plain conversion would drop it silently."""
     out = tmp_path / "out"
@@ -105,6 +110,7 @@ def test_context_without_fit_is_refused(tiny_llama, tmp_path):
     assert code != 0 and "--context" in line and "--fit" in line and not out.exists()
 
 
+@pytest.mark.model
 def test_plan_context_beyond_the_model_is_clamped_with_a_warning(tiny_llama):
     code, err = _invoke("convert", str(tiny_llama), "--plan", "--context", "100000")
     assert code == 0
@@ -113,6 +119,7 @@ def test_plan_context_beyond_the_model_is_clamped_with_a_warning(tiny_llama):
     assert f"context {MAX_CONTEXT} tokens" in proc.stdout.splitlines()[0], proc.stdout
 
 
+@pytest.mark.model
 def test_default_plan_context_stays_within_the_model(tiny_llama):
     """The planner's default (8192) on a 2048-token model plans for 2048, silently."""
     proc = run_cli("convert", str(tiny_llama), "--plan")
@@ -121,6 +128,7 @@ def test_default_plan_context_stays_within_the_model(tiny_llama):
     assert "Warning" not in proc.stderr
 
 
+@pytest.mark.model
 def test_fit_context_beyond_the_model_warns(tiny_llama):
     proc = run_cli("convert", str(tiny_llama), "--plan", "--fit", "64GB", "--context", "100000")
     assert proc.returncode == 0, proc.stderr
@@ -128,6 +136,7 @@ def test_fit_context_beyond_the_model_warns(tiny_llama):
     assert f"context {MAX_CONTEXT} tokens" in proc.stdout.splitlines()[0]
 
 
+@pytest.mark.model
 def test_load_warns_about_context_beyond_the_model(tiny_llama, caplog):
     from mlxrun.loader import load
 
@@ -144,6 +153,7 @@ def test_load_warns_about_context_beyond_the_model(tiny_llama, caplog):
 # --- calibration sample -----------------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_short_calib_is_refused_before_converting(tiny_llama, tmp_path):
     out = tmp_path / "out"
     short = tmp_path / "short.txt"
@@ -167,6 +177,7 @@ def converted(tiny_llama, tmp_path_factory):
     return home, out, proc.stderr
 
 
+@pytest.mark.model
 def test_quality_check_announces_itself_and_is_timed(converted):
     _, _, err = converted
     lines = err.splitlines()
@@ -181,6 +192,7 @@ def test_quality_check_announces_itself_and_is_timed(converted):
     assert "--no-verify skips it" in done
 
 
+@pytest.mark.model
 def test_one_size_and_one_tensor_count_everywhere(converted):
     home, out, err = converted
     from mlxrun.store import weight_bytes
@@ -204,6 +216,7 @@ def test_one_size_and_one_tensor_count_everywhere(converted):
     assert re.search(rf"^tensors\s+{count}$", shown, re.M), shown
 
 
+@pytest.mark.model
 def test_show_prints_the_quality_metrics(converted):
     home, out, _ = converted
     q = json.loads((out / "quality.json").read_text())["quality"]
@@ -215,6 +228,7 @@ def test_show_prints_the_quality_metrics(converted):
     assert data["quality"] == q and data["tensors"] > 0
 
 
+@pytest.mark.model
 def test_show_says_when_quality_was_not_measured(tiny_llama, tmp_path):
     home = tmp_path / "home"
     env = {"MLXRUN_HOME": str(home)}

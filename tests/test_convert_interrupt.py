@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from test_convert_errors import assert_nothing_left
 
+pytestmark = pytest.mark.model
+
 # Runs `mlxrun convert` with a long MLX evaluation at the start of one phase.
 _DRIVER = r"""
 import sys

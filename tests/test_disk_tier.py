@@ -83,6 +83,7 @@ B = A[:48] + list(range(500, 516))  # shares 3 chunks with A
 # ------------------------------------------------------------------------------ sharing, lookup
 
 
+@pytest.mark.pure
 def test_siblings_store_the_shared_prefix_once(tmp_path):
     tier = _tier(tmp_path)
     _save(tier, A, pieces=(40,))  # the radix path came as two blocks: cuts need not be aligned
@@ -95,6 +96,7 @@ def test_siblings_store_the_shared_prefix_once(tmp_path):
     tier.close()
 
 
+@pytest.mark.pure
 def test_lookup_walks_chained_keys_and_ends_inside_a_chunk(tmp_path):
     tier = _tier(tmp_path)
     _save(tier, A[:40])  # two chunks and an 8-token tail
@@ -110,6 +112,7 @@ def test_lookup_walks_chained_keys_and_ends_inside_a_chunk(tmp_path):
     tier.close()
 
 
+@pytest.mark.pure
 def test_a_longer_tail_replaces_the_shorter_one_it_covers(tmp_path):
     tier = _tier(tmp_path)
     _save(tier, A[:20])
@@ -123,6 +126,7 @@ def test_a_longer_tail_replaces_the_shorter_one_it_covers(tmp_path):
 # ------------------------------------------------------------------------------ restarts, files
 
 
+@pytest.mark.pure
 def test_segments_survive_a_restart_with_safe_permissions(tmp_path):
     first = _tier(tmp_path)
     _save(first, A)
@@ -136,6 +140,7 @@ def test_segments_survive_a_restart_with_safe_permissions(tmp_path):
     again.close()
 
 
+@pytest.mark.pure
 def test_files_stay_private_under_a_permissive_umask(tmp_path):
     old = os.umask(0)
     try:
@@ -152,6 +157,7 @@ def _chain_files(tier: DiskTier, tokens: list[int]) -> list:
     return [tier.dir / f"{k}.safetensors" for k, _ in tier.lookup(NS, tokens)]
 
 
+@pytest.mark.pure
 def test_torn_foreign_and_orphaned_files_are_deleted_never_loaded(tmp_path):
     first = _tier(tmp_path)
     _save(first, A)
@@ -176,6 +182,7 @@ def test_torn_foreign_and_orphaned_files_are_deleted_never_loaded(tmp_path):
     third.close()
 
 
+@pytest.mark.pure
 def test_wrong_shapes_or_a_bad_checksum_are_caught(tmp_path):
     first = _tier(tmp_path)
     _save(first, A[:32])
@@ -199,6 +206,7 @@ def test_wrong_shapes_or_a_bad_checksum_are_caught(tmp_path):
     third.close()
 
 
+@pytest.mark.pure
 def test_other_weights_invalidate_and_other_models_keep_their_files(tmp_path):
     first = _tier(tmp_path)
     _save(first, A)
@@ -222,6 +230,7 @@ def _consistent(tier: DiskTier) -> bool:
     return all(s.parent in roots or s.parent in tier._index for s in tier._index.values())
 
 
+@pytest.mark.pure
 def test_the_budget_drops_least_recently_used_leaves_never_a_parent_first(tmp_path):
     tier = _tier(tmp_path)
     _save(tier, A)  # 4 segments
@@ -241,6 +250,7 @@ def test_the_budget_drops_least_recently_used_leaves_never_a_parent_first(tmp_pa
     tier.close()
 
 
+@pytest.mark.pure
 def test_a_full_write_queue_drops_segments_instead_of_waiting(tmp_path, monkeypatch):
     def slow_write(self, path, arrays, meta):
         time.sleep(1.0)
@@ -295,6 +305,7 @@ def _disk_bytes(root) -> int:
 SYSTEM = [(7 * i) % 390 + 10 for i in range(64)]  # a shared "system prompt" of 4 chunks
 
 
+@pytest.mark.model
 def test_sibling_conversations_share_the_disk_and_both_hit_after_a_restart(lm, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     conv = [SYSTEM + [11, 12, 13, 14, 15], SYSTEM + [21, 22, 23, 24, 25, 26]]
@@ -314,6 +325,7 @@ def test_sibling_conversations_share_the_disk_and_both_hit_after_a_restart(lm, t
         assert _tokens(events) == _reference(lm, follow[i])
 
 
+@pytest.mark.model
 def test_other_weights_under_the_same_name_never_hit(lm, checkpoint_factory, tmp_path):
     from mlxrun.loader import load
 
@@ -382,6 +394,7 @@ def _kv_per_token(lm) -> int:
     return kv_bytes_per_token(cache)
 
 
+@pytest.mark.model
 def test_slow_disk_writes_never_stall_the_decode_step(lm, tmp_path, monkeypatch):
     write_s, slow = 0.4, threading.Event()
 
@@ -404,6 +417,7 @@ def test_slow_disk_writes_never_stall_the_decode_step(lm, tmp_path, monkeypatch)
     assert len(list((tmp_path / "on").glob("*/*.safetensors"))) == after["cache_disk_segments"]
 
 
+@pytest.mark.model
 def test_a_slow_disk_read_never_stalls_running_streams(lm, tmp_path, monkeypatch):
     read_s = 0.5
     prompt = SYSTEM + [40, 41, 42]
@@ -458,6 +472,7 @@ def _serve_once(model_dir, cache_dir, messages) -> int:
         proc.communicate(timeout=60)
 
 
+@pytest.mark.server
 def test_serve_keeps_the_disk_tier_under_its_size_across_restarts(tiny_llama, tmp_path):
     messages = [{"role": "system", "content": "You review Python code. " * 8},
                 {"role": "user", "content": "hello"}]  # fmt: skip
@@ -467,6 +482,7 @@ def test_serve_keeps_the_disk_tier_under_its_size_across_restarts(tiny_llama, tm
     assert _serve_once(tiny_llama, tmp_path, messages) > 0  # a new process: hit from disk
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -484,6 +500,7 @@ def test_bad_disk_size_flags_are_one_line(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith(f"Error: {message}"), proc.stderr
 
 
+@pytest.mark.pure
 def test_at_shutdown_a_full_queue_waits_instead_of_dropping(tmp_path, monkeypatch):
     def slow_write(self, path, arrays, meta):
         time.sleep(0.05)
@@ -498,6 +515,7 @@ def test_at_shutdown_a_full_queue_waits_instead_of_dropping(tmp_path, monkeypatc
     assert tier.stats()["dropped"] == 0 and len(_files(tier)) == 6
 
 
+@pytest.mark.pure
 def test_a_smaller_budget_applies_at_start(tmp_path):
     first = _tier(tmp_path)
     _save(first, A)

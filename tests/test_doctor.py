@@ -37,6 +37,7 @@ def base_url(tiny_llama):
         yield url
 
 
+@pytest.mark.server
 def test_every_client_passes_on_the_tiny_model(base_url):
     result = doctor(base_url, "--json")
     report = _report(result)
@@ -79,6 +80,7 @@ def _continue_entries(text: str) -> list[list[str]]:
     return entries
 
 
+@pytest.mark.server
 def test_human_report_one_line_per_check_and_snippets(base_url):
     result = doctor(base_url.removeprefix("http://") + "/v1/", "--client", "Aider")
     assert result.exit_code == 0, result.output
@@ -102,6 +104,7 @@ def _one_error_line(stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.server
 def test_api_key_missing_wrong_and_given(keyed_url):
     result = doctor(keyed_url, env={"MLXRUN_API_KEY": ""})
     assert result.exit_code == 1 and result.stdout == ""
@@ -122,6 +125,7 @@ def test_api_key_missing_wrong_and_given(keyed_url):
     assert 'ANTHROPIC_AUTH_TOKEN="$MLXRUN_API_KEY"' in result.stdout
 
 
+@pytest.mark.pure
 def test_closed_port_is_one_line_and_exit_2():
     with socket.socket() as sock:  # bound, never listening: connections are refused
         sock.bind(("127.0.0.1", 0))
@@ -142,6 +146,7 @@ def no_tools_url(checkpoint_factory):
         yield url
 
 
+@pytest.mark.server
 def test_a_model_without_fim_or_tools_is_not_a_server_failure(no_tools_url):
     """What the model lacks is "unsupported" with the server's whole message (its fix
     included); nothing fails, the exit status is 0, and no snippet claims tools or FIM."""
@@ -171,6 +176,7 @@ def test_a_model_without_fim_or_tools_is_not_a_server_failure(no_tools_url):
     assert "no tool calling" in report["claude-code"]["snippet"]["text"]
 
 
+@pytest.mark.server
 def test_human_report_tells_a_lacking_model_from_a_failure(no_tools_url):
     result = doctor(no_tools_url, "--client", "zed", "--client", "aider")
     assert result.exit_code == 0, result.output
@@ -218,6 +224,7 @@ async def _chat(request: Request) -> StreamingResponse:
     return StreamingResponse(chunks(), media_type="text/event-stream")
 
 
+@pytest.mark.server
 def test_a_broken_stream_fails_the_client_and_names_the_check():
     app = Starlette(routes=[Route("/v1/models", _models),
                             Route("/v1/chat/completions", _chat, methods=["POST"])])  # fmt: skip
@@ -247,6 +254,7 @@ async def _crash(request: Request) -> JSONResponse:
     return JSONResponse({"error": {"message": "Internal error", "type": "server_error"}}, 500)
 
 
+@pytest.mark.server
 def test_a_server_error_is_a_failure_even_where_the_model_lacks_the_capability():
     """A model without tools excuses a clean 4xx refusal, never a 500."""
     app = Starlette(routes=[Route("/v1/models", _models_without_tools),
@@ -259,6 +267,7 @@ def test_a_server_error_is_a_failure_even_where_the_model_lacks_the_capability()
     assert "HTTP 500: Internal error" in report["zed"]["checks"][0]["detail"]
 
 
+@pytest.mark.server
 def test_codex_check_and_config(base_url):
     """Codex CLI: the Responses stream as Codex reads it, and a config.toml provider on the
     Responses wire API."""
@@ -290,6 +299,7 @@ async def _responses(request: Request) -> StreamingResponse:
     return StreamingResponse(frames(), media_type="text/event-stream")
 
 
+@pytest.mark.server
 def test_a_responses_stream_without_completed_fails_codex():
     app = Starlette(routes=[Route("/v1/models", _models),
                             Route("/v1/responses", _responses, methods=["POST"])])  # fmt: skip

@@ -17,6 +17,8 @@ from mlxrun.engine import Engine, EngineConfig, Event, Request
 from mlxrun.errors import ContextLengthExceededError, EngineOverloadedError, InvalidRequestError
 from mlxrun.sampling import SamplingParams
 
+pytestmark = pytest.mark.model
+
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 

@@ -10,6 +10,8 @@ import pytest
 from mlxrun.engine import Engine, EngineConfig, Request
 from mlxrun.sampling import SamplingParams
 
+pytestmark = pytest.mark.model
+
 PARAMS = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
 
 

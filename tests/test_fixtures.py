@@ -45,6 +45,7 @@ def _file_dtypes(path: Path) -> set[torch.dtype]:
     return dtypes
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("arch", ARCHS)
 def test_checkpoint_layout(checkpoint_factory, arch):
     path = checkpoint_factory(arch)
@@ -79,6 +80,7 @@ def test_checkpoint_layout(checkpoint_factory, arch):
     assert gen["eos_token_id"] == list(spec.stop_token_ids)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("arch", ARCHS)
 def test_transformers4_layout(checkpoint_factory, arch):
     """The 4.x layout: top-level rope_theta and torch_dtype, 4.x key names, no rope_parameters."""
@@ -91,6 +93,7 @@ def test_transformers4_layout(checkpoint_factory, arch):
     assert ("num_experts" in config) == (arch == "qwen3_moe")
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("arch", ARCHS)
 def test_transformers_and_mlx_lm_agree(checkpoint_factory, arch):
     """Plain mlx-lm reads the 4.x layout right (the 5.x one needs mlxrun's normalizer)."""
@@ -110,6 +113,7 @@ def test_transformers_and_mlx_lm_agree(checkpoint_factory, arch):
     np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     ("arch", "num_shards", "dtype"),
     [("llama", 1, "bfloat16"), ("mixtral", 3, "float16"), ("qwen2", 5, "bfloat16")],
@@ -131,6 +135,7 @@ def test_shards_and_dtypes(checkpoint_factory, arch, num_shards, dtype):
     assert mlx_model.model.embed_tokens.weight.dtype == getattr(mx, dtype)
 
 
+@pytest.mark.model
 def test_spm_checkpoint_loads_everywhere(checkpoint_factory):
     path = checkpoint_factory("mistral", tokenizer="spm")
     assert not (path / "tokenizer.json").exists()
@@ -145,6 +150,7 @@ def test_spm_checkpoint_loads_everywhere(checkpoint_factory):
     assert np.isfinite(np.array(model(mx.array([ids])))).all()
 
 
+@pytest.mark.model
 def test_builds_are_deterministic(tmp_path):
     def digest(path: Path) -> str:
         h = hashlib.sha256()
@@ -158,6 +164,7 @@ def test_builds_are_deterministic(tmp_path):
     assert digest(first) == digest(again) != digest(other)
 
 
+@pytest.mark.model
 def test_build_refuses_bad_requests(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
@@ -178,6 +185,7 @@ def tokenizer_dir(request, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.pure
 def test_tokenizer_files(tokenizer_dir):
     names = {p.name for p in tokenizer_dir.iterdir()}
     config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
@@ -194,6 +202,7 @@ def test_tokenizer_files(tokenizer_dir):
         assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["chat_template"]
 
 
+@pytest.mark.pure
 def test_tokenizer_round_trips(tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     wrapper = mlx_load_tokenizer(tokenizer_dir)
@@ -217,6 +226,7 @@ def test_tokenizer_round_trips(tokenizer_dir):
         assert detok.text == text
 
 
+@pytest.mark.pure
 def test_spm_matches_sentencepiece():
     import sentencepiece
 
@@ -229,6 +239,7 @@ def test_spm_matches_sentencepiece():
     assert sp.decode(sp.encode("😀 你好 \x07")) == "😀 你好 \x07"  # byte fallback
 
 
+@pytest.mark.pure
 def test_bpe_special_tokens_are_single_ids(tmp_path):
     build_tokenizer(tmp_path, "bpe")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
@@ -247,6 +258,7 @@ def test_bpe_special_tokens_are_single_ids(tmp_path):
     assert tokenizer.eos_token == "<|endoftext|>"
 
 
+@pytest.mark.pure
 def test_chatml_template(tmp_path):
     build_tokenizer(tmp_path, "bpe")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
@@ -277,6 +289,7 @@ def test_chatml_template(tmp_path):
     assert mlx_load_tokenizer(tmp_path).has_tool_calling  # mlx-lm recognises the template
 
 
+@pytest.mark.pure
 def test_llama2_template(tmp_path):
     build_tokenizer(tmp_path, "spm")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
@@ -293,6 +306,7 @@ def test_llama2_template(tmp_path):
     assert mlx_load_tokenizer(tmp_path).chat_template == tokenizer.chat_template
 
 
+@pytest.mark.pure
 def test_environment_is_hermetic():
     import huggingface_hub.constants
 

@@ -13,6 +13,8 @@ from mlxrun.errors import ContextLengthExceededError, InvalidRequestError
 from mlxrun.generate import GenerationChunk, generate, generate_stream, local_engine
 from mlxrun.sampling import SamplingParams, compute_logprobs
 
+pytestmark = pytest.mark.model
+
 PROMPT = "def add(a, b):\n    return a + b\n\nclass Point:"
 WORDS = (" return", " self", " def", " value", " None", " print")
 

@@ -15,6 +15,8 @@ from mlxrun.model_settings import load_settings
 
 MB = 10**6
 
+pytestmark = pytest.mark.pure
+
 
 def test_governor_does_not_import_mlx():
     code = "import sys, mlxrun.governor; assert 'mlx' not in sys.modules"

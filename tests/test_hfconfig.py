@@ -9,6 +9,8 @@ import pytest
 from mlxrun.errors import UnsupportedModelError
 from mlxrun.hfconfig import normalize, to_legacy, unhonoured_window
 
+pytestmark = pytest.mark.pure
+
 BASE = {
     "hidden_size": 128,
     "intermediate_size": 256,

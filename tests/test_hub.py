@@ -18,6 +18,8 @@ from mlxrun.errors import (
     RepoNotFoundError,
 )
 
+pytestmark = pytest.mark.pure
+
 # What the local "Hub" holds besides the files mlxrun needs: none of these may be fetched.
 UNWANTED = ("pytorch_model.bin", "model.gguf", "modeling_custom.py", "onnx/model.onnx")
 WANTED = {"config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json",

@@ -16,6 +16,8 @@ import pytest
 from fixtures import ARCHS
 from mlxrun.errors import UnsupportedModelError
 
+pytestmark = pytest.mark.model
+
 ATOL = 1e-4
 RTOL = 1e-4
 # Past the (short) pretraining length of the dynamic and longrope fixtures, so they switch on.

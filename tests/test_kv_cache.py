@@ -35,6 +35,7 @@ def _positions(block: KVBlock, layer: int = 0) -> list[float]:
     return block.layers[layer][0][0, 0, :, 0].tolist()
 
 
+@pytest.mark.pure
 def test_nbytes_counts_every_layer_keys_and_values():
     block = _block(0, 5)
     assert block.length == 5
@@ -42,6 +43,7 @@ def test_nbytes_counts_every_layer_keys_and_values():
     assert _block(0, 5, mx.bfloat16).nbytes == block.nbytes // 2
 
 
+@pytest.mark.pure
 def test_split_then_concat_is_the_identity():
     block = _block(10, 7)
     first, rest = split_block(block, 3)
@@ -55,6 +57,7 @@ def test_split_then_concat_is_the_identity():
     assert whole.nbytes == block.nbytes
 
 
+@pytest.mark.pure
 def test_split_of_a_lazy_block_keeps_only_the_rest_and_frees_the_source():
     mx.synchronize()
     base = mx.get_active_memory()
@@ -70,6 +73,7 @@ def test_split_of_a_lazy_block_keeps_only_the_rest_and_frees_the_source():
     assert held <= 2 * rest.layers[0][0].nbytes + 64 * 1024
 
 
+@pytest.mark.pure
 def test_radix_cache_stores_blocks_and_returns_them_in_order():
     radix = RadixCache(1 << 20, nbytes=block_nbytes, split=split_block)
     tokens = list(range(100, 120))
@@ -95,6 +99,7 @@ def tiny(checkpoint_factory):
     return model
 
 
+@pytest.mark.model
 def test_a_cache_built_from_segments_continues_like_the_original(tiny):
     ids = [5, 17, 99, 3, 42, 8, 61, 7, 23, 11]
     cache, _ = _prefill(tiny, ids[:-1])
@@ -112,6 +117,7 @@ def test_a_cache_built_from_segments_continues_like_the_original(tiny):
     assert mx.allclose(got[:, -1], full[:, -1], atol=1e-4).item()
 
 
+@pytest.mark.model
 def test_block_from_a_batch_row_skips_the_left_padding(tiny):
     short, long = [4, 5, 6], [9, 8, 7, 6, 5, 4, 3]
     c_short, _ = _prefill(tiny, short)

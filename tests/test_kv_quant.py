@@ -49,6 +49,7 @@ def _run_all(engine: Engine, requests: list[Request]) -> dict[str, list[int]]:
 # ------------------------------------------------------------------ quality
 
 
+@pytest.mark.model
 def test_quality_gate_top1_agreement_and_kl(lm):
     prompt = _prompts(1, seed=3, lo=20, hi=21)[0]
     top1_8, kl_8 = compare_to_full(lm[0], prompt, 96, KVQuant(8))
@@ -62,6 +63,7 @@ def test_quality_gate_top1_agreement_and_kl(lm):
 # ------------------------------------------------------------------ batching
 
 
+@pytest.mark.model
 def test_batched_equals_one_at_a_time_at_8_bits(lm):
     # One prompt spans several 64-token chunks: prefill runs into its own quantized cache.
     prompts = _prompts(5) + _prompts(1, seed=2, lo=150, hi=151)
@@ -77,6 +79,7 @@ def test_batched_equals_one_at_a_time_at_8_bits(lm):
     assert stats["kv_bits"] == 8 and stats["kv_bits_now"] == 8
 
 
+@pytest.mark.model
 def test_8_bit_engine_tokens_differ_little_from_full(lm):
     """The engine really runs quantized (its tokens are not the full-precision ones by
     accident of an unused flag) yet stays close: compared over 6 prompts x 12 tokens."""
@@ -94,6 +97,7 @@ def test_8_bit_engine_tokens_differ_little_from_full(lm):
 # ------------------------------------------------------------------ prefix cache
 
 
+@pytest.mark.model
 def test_prefix_hit_with_quantized_blocks_gives_the_same_tokens(lm):
     base = _prompts(1, seed=5, lo=40, hi=41)[0]
     follow = base + [77, 78, 79]
@@ -108,6 +112,7 @@ def test_prefix_hit_with_quantized_blocks_gives_the_same_tokens(lm):
     assert stats["cache_memory_bytes"] > 0
 
 
+@pytest.mark.model
 def test_quantized_blocks_are_smaller_per_token(lm):
     """bytes/token of the engine and of the prefix cache shrink ~1.9x at 8 bits, ~3.6x at 4
     (fp16 KV: 2 bytes per channel vs 1 or 0.5 plus a scale and bias per 64 channels)."""
@@ -132,6 +137,7 @@ def _block(quant: KVQuant | None, length: int = 10) -> KVBlock:
     return KVBlock(layers).to_precision(quant)
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_block_split_concat_slice(bits):
     block = _block(KVQuant(bits)).materialize()
@@ -158,6 +164,7 @@ def _disk_files(root) -> list:
     return sorted(root.glob("*/*.safetensors"))
 
 
+@pytest.mark.model
 def test_disk_tier_stores_quantized_segments_and_reads_what_is_exact(lm, tmp_path):
     """An 8-bit engine writes its KV to disk at 8 bits (smaller files, the precision named in
     each file) and hits it after a restart with the tokens of a cold run; a full-precision engine
@@ -194,6 +201,7 @@ def test_disk_tier_stores_quantized_segments_and_reads_what_is_exact(lm, tmp_pat
 # ------------------------------------------------------------------ adaptive
 
 
+@pytest.mark.model
 def test_auto_keeps_full_precision_while_memory_is_plentiful(lm):
     prompts = _prompts(3, seed=11)
     requests = [Request(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
@@ -206,6 +214,7 @@ def test_auto_keeps_full_precision_while_memory_is_plentiful(lm):
     assert stats["kv_precision_switches"] == 0 and stats["kv_bits_now"] == 16
 
 
+@pytest.mark.model
 def test_auto_moves_the_batch_to_8_bit_as_the_budget_fills(lm):
     """A KV budget of 110 full-precision tokens (~207 at 8 bits): one 70-token request runs at
     full precision; a second one joining converts the batch to 8 bits instead of waiting; a
@@ -240,6 +249,7 @@ def test_auto_moves_the_batch_to_8_bit_as_the_budget_fills(lm):
         assert after == _tokens(engine.generate_sync(Request("ref", list(range(10, 40)), params)))
 
 
+@pytest.mark.model
 def test_bad_kv_settings_are_typed_errors(lm):
     with pytest.raises(InvalidRequestError, match="kv_bits"):
         Engine(lm[0], EngineConfig(kv_bits=3))
@@ -247,6 +257,7 @@ def test_bad_kv_settings_are_typed_errors(lm):
         Engine(lm[0], EngineConfig(kv_bits=8, kv_group_size=48))
 
 
+@pytest.mark.model
 def test_models_that_cannot_quantize_fall_back_to_full_precision(checkpoint_factory):
     """head_dim 32 does not divide into groups of 64: the engine warns and runs full precision
     rather than failing every request."""
@@ -271,6 +282,7 @@ def _gauge(base_url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+@pytest.mark.server
 def test_serve_kv_bits_flag_reaches_the_engine(checkpoint_factory):
     """`mlxrun serve --kv-bits 4` as users run it: the openai client gets its completion and
     /metrics reports the KV precision; a bad value is a one-line usage error."""
@@ -299,6 +311,7 @@ def test_serve_kv_bits_flag_reaches_the_engine(checkpoint_factory):
 # ------------------------------------------------------------------ the batch cache itself
 
 
+@pytest.mark.pure
 def test_quantized_batch_cache_tracks_the_full_batch_cache():
     """merge, extend, filter, right-padded prepare/finalize: the quantized batch holds exactly
     the quantized form of what BatchKVCache holds (quantization is per token, so a row's
@@ -341,6 +354,7 @@ def test_quantized_batch_cache_tracks_the_full_batch_cache():
     assert qb.nbytes < fb.nbytes / 1.8  # float32 keys: 4 bytes vs ~1.1
 
 
+@pytest.mark.pure
 def test_a_quantized_segment_file_round_trips_and_its_shapes_are_checked(tmp_path):
     from mlxrun import kv_files
 

@@ -23,6 +23,7 @@ MIN_RUN = 8
 # ------------------------------------------------------------------ matching (pure)
 
 
+@pytest.mark.pure
 def test_runs_after_an_insertion_a_deletion_and_a_replacement_are_found():
     cached = list(range(100, 160))  # a cached path that went on from position 40
     prefix = list(range(40))
@@ -44,6 +45,7 @@ def test_runs_after_an_insertion_a_deletion_and_a_replacement_are_found():
     assert [s.delta for s in find_segments(cached, 40, deleted, 40, MIN_RUN)] == [0, -20]
 
 
+@pytest.mark.pure
 def test_runs_shorter_than_the_minimum_are_not_reused_and_runs_never_overlap():
     cached = [5, 6, 7, 8, 9, 10, 11] + list(range(200, 230))
     prompt = [5, 6, 7, 0, 0] + list(range(200, 230)) + list(range(200, 230))
@@ -57,6 +59,7 @@ def _fake_cache() -> RadixCache:
     return RadixCache(10**9, nbytes=len, split=lambda v, k: (v[:k], v[k:]))
 
 
+@pytest.mark.pure
 def test_the_radix_cache_lists_the_paths_that_go_on_past_a_prefix():
     c = _fake_cache()
     c.insert(("m",), [1, 2, 3, 4, 5], "abcde")
@@ -93,6 +96,7 @@ def _ropes() -> dict:
     return ropes
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("kind", list(_ropes()))
 @pytest.mark.parametrize(("p", "delta"), [(0, 64), (7, -5), (300, 1000), (2000, -1500)])
 def test_keys_turned_by_delta_equal_keys_computed_at_the_new_position(kind, p, delta):
@@ -109,6 +113,7 @@ def test_keys_turned_by_delta_equal_keys_computed_at_the_new_position(kind, p, d
     assert mx.abs(at_p - at_moved).max().item() > 0.1  # the test would notice no rotation
 
 
+@pytest.mark.model
 def test_rope_kinds_that_are_not_a_pure_offset_are_refused():
     from mlx_lm.models.rope_utils import initialize_rope
 
@@ -120,6 +125,7 @@ def test_rope_kinds_that_are_not_a_pure_offset_are_refused():
 # ------------------------------------------------------------------ models refused
 
 
+@pytest.mark.model
 def test_a_dynamic_rope_model_and_a_model_without_rope_are_refused(checkpoint_factory):
     from mlxrun.loader import load
 
@@ -131,6 +137,7 @@ def test_a_dynamic_rope_model_and_a_model_without_rope_are_refused(checkpoint_fa
     assert ChunkReuse.check(model, MIN_RUN) == (None, "layer 0 has no rope module (self_attn.rope)")
 
 
+@pytest.mark.model
 def test_the_layout_probe_refuses_keys_that_the_rope_module_did_not_rotate():
     """GPT-2 has learned absolute positions: a rope module hung on its attention is not what
     shaped its cached keys, and the probe on layer 0 notices."""
@@ -183,6 +190,7 @@ def _prefilled(engine: Engine, request: Request) -> tuple[list, int]:
     return events, engine.stats()["prompt_tokens"] - before
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_one_layer_reuse_is_exact_and_only_the_gap_is_prefilled(checkpoint_factory, arch):
     """With one layer, a token's KV depends on itself and its position only, so a reused run,
@@ -201,6 +209,7 @@ def test_one_layer_reuse_is_exact_and_only_the_gap_is_prefilled(checkpoint_facto
     assert _gap(model, events, edited) < 1e-5  # measured ~5e-7 (fp32 rounding)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_deeper_models_reuse_within_the_stated_tolerance(checkpoint_factory, arch):
     """Past layer 0 a reused token's KV saw the old left context (without the 6 inserted
@@ -217,6 +226,7 @@ def test_deeper_models_reuse_within_the_stated_tolerance(checkpoint_factory, arc
     assert _gap(model, events, edited) < 0.15
 
 
+@pytest.mark.model
 def test_a_run_turned_by_the_wrong_delta_is_caught(checkpoint_factory, monkeypatch):
     """The one-layer tolerance means something: with the run left unrotated (delta forced to
     0), the logits leave fp32 accuracy by far (measured ~3e-3 against ~5e-7)."""
@@ -229,6 +239,7 @@ def test_a_run_turned_by_the_wrong_delta_is_caught(checkpoint_factory, monkeypat
     assert events[0].reused_chunk_tokens > 0 and _gap(model, events, edited) > 1e-3
 
 
+@pytest.mark.model
 def test_several_runs_a_deletion_and_a_long_prompt_in_chunks(checkpoint_factory):
     """Runs on both sides of two edits are spliced between chunked prefill steps (a 16-token
     step budget), and the one-layer logits still agree to fp32 accuracy."""
@@ -245,6 +256,7 @@ def test_several_runs_a_deletion_and_a_long_prompt_in_chunks(checkpoint_factory)
     assert _gap(model, events, edited) < 1e-5
 
 
+@pytest.mark.model
 def test_the_flag_off_changes_nothing(checkpoint_factory):
     model = _load(checkpoint_factory, "llama")[0]
     base, edited = _edit(seed=2)
@@ -257,6 +269,7 @@ def test_the_flag_off_changes_nothing(checkpoint_factory):
     assert _gap(model, events, edited) < 1e-4  # a plain prefix hit: exact
 
 
+@pytest.mark.model
 def test_misses_are_counted_and_explained_in_the_debug_log(checkpoint_factory, caplog):
     model = _load(checkpoint_factory, "llama")[0]
     base, _ = _edit(seed=4)
@@ -270,6 +283,7 @@ def test_misses_are_counted_and_explained_in_the_debug_log(checkpoint_factory, c
     assert "b: no KV reuse past the 0-token prefix: no run of >= 8 cached tokens" in caplog.text
 
 
+@pytest.mark.model
 def test_a_refused_model_serves_without_reuse_and_says_why(checkpoint_factory, caplog):
     model = _load(checkpoint_factory, "llama", rope_scaling="dynamic")[0]
     base, edited = _edit(seed=5)
@@ -284,6 +298,7 @@ def test_a_refused_model_serves_without_reuse_and_says_why(checkpoint_factory, c
 # ------------------------------------------------------------------ the server
 
 
+@pytest.mark.server
 def test_the_server_flag_reports_reused_tokens_in_usage_and_metrics(tiny_llama):
     """`mlxrun serve --cache-reuse 8`, the official openai client: cached_tokens counts the
     prefix and the reused runs, reused_chunk_tokens the runs; /metrics counts them too."""

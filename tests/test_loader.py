@@ -43,6 +43,7 @@ def _ours_stream(model, tokenizer, prompt: list[int], n: int = 16) -> list[int]:
     return [c.token_id for c in generate_stream(model, tokenizer, prompt, params)]
 
 
+@pytest.mark.model
 def test_weights_load_lazily(checkpoint_factory):
     path = checkpoint_factory("llama", hidden_size=256, intermediate_size=512, num_layers=4)
     mx.clear_cache()
@@ -57,6 +58,7 @@ def test_weights_load_lazily(checkpoint_factory):
     assert after_forward > 0.9 * info.weights_bytes
 
 
+@pytest.mark.model
 def test_float_checkpoint_info(checkpoint_factory):
     path = checkpoint_factory("llama")
     model, tokenizer, info = load(str(path))
@@ -71,6 +73,7 @@ def test_float_checkpoint_info(checkpoint_factory):
     assert not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
 def test_converted_4bit_matches_mlx_lm_load(arch, checkpoint_factory, tmp_path):
     from mlx_lm import load as mlx_lm_load
@@ -90,6 +93,7 @@ def test_converted_4bit_matches_mlx_lm_load(arch, checkpoint_factory, tmp_path):
     assert _ours_stream(ours, tokenizer, PROMPT) == expected
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("recipe", [None, "mixed_3_6"])
 def test_mlx_lm_convert_output_loads(recipe, checkpoint_factory, tmp_path):
     """mlx_lm.convert's output (uniform, and mixed with per-layer overrides) through our loader."""
@@ -115,6 +119,7 @@ def test_mlx_lm_convert_output_loads(recipe, checkpoint_factory, tmp_path):
     assert _ours_stream(ours, tokenizer, PROMPT) == expected
 
 
+@pytest.mark.model
 def test_store_name_and_suggestions(checkpoint_factory, tmp_path):
     from mlxrun.store import models_dir
 
@@ -132,12 +137,14 @@ def test_store_name_and_suggestions(checkpoint_factory, tmp_path):
     assert "mlxrun list" in exc.value.hint
 
 
+@pytest.mark.model
 def test_local_path_name(checkpoint_factory):
     path = checkpoint_factory("qwen2")
     _, _, info = load(path)
     assert info.path == path and info.name == path.name and info.architecture == "qwen2"
 
 
+@pytest.mark.pure
 def test_directory_that_is_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(NotAModelError):
@@ -152,6 +159,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.model
 def test_unsupported_architecture(checkpoint_factory, tmp_path):
     path = _copy(checkpoint_factory("llama"), tmp_path / "m")
     config = json.loads((path / "config.json").read_text())
@@ -161,6 +169,7 @@ def test_unsupported_architecture(checkpoint_factory, tmp_path):
         load(str(path))
 
 
+@pytest.mark.model
 def test_truncated_weights_are_corrupt(checkpoint_factory, tmp_path):
     path = _copy(checkpoint_factory("llama"), tmp_path / "m")
     shard = sorted(path.glob("*.safetensors"))[-1]
@@ -170,6 +179,7 @@ def test_truncated_weights_are_corrupt(checkpoint_factory, tmp_path):
         load(str(path))
 
 
+@pytest.mark.model
 def test_garbage_header_is_corrupt(checkpoint_factory, tmp_path):
     path = _copy(checkpoint_factory("llama"), tmp_path / "m")
     shard = sorted(path.glob("*.safetensors"))[0]
@@ -178,6 +188,7 @@ def test_garbage_header_is_corrupt(checkpoint_factory, tmp_path):
         load(str(path))
 
 
+@pytest.mark.model
 def test_missing_tensor_is_corrupt(checkpoint_factory, tmp_path):
     path = _copy(checkpoint_factory("llama"), tmp_path / "m")
     shard = sorted(path.glob("*.safetensors"))[-1]
@@ -188,6 +199,7 @@ def test_missing_tensor_is_corrupt(checkpoint_factory, tmp_path):
         load(str(path))
 
 
+@pytest.mark.model
 def test_memory_check_refuses_then_force_passes(checkpoint_factory, monkeypatch):
     path = str(checkpoint_factory("llama"))
     monkeypatch.setenv("MLXRUN_MEMORY_BUDGET", "100MB")
@@ -202,6 +214,7 @@ def test_memory_check_refuses_then_force_passes(checkpoint_factory, monkeypatch)
     assert model(mx.array([PROMPT])).shape[-1] == 1024
 
 
+@pytest.mark.model
 def test_memory_check_counts_the_kv_cache(checkpoint_factory, monkeypatch):
     path = str(checkpoint_factory("llama"))
     monkeypatch.setenv("MLXRUN_MEMORY_BUDGET", "1GB")

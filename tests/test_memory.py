@@ -65,6 +65,7 @@ def no_env(monkeypatch):
 # --- device memory ----------------------------------------------------------------------------
 
 
+@pytest.mark.pure
 def test_fallback_is_three_quarters_of_ram_off_metal(no_env):
     assert memory._metal_device_info() is None  # this machine has no Metal
     dev = memory.device_memory()
@@ -75,6 +76,7 @@ def test_fallback_is_three_quarters_of_ram_off_metal(no_env):
     assert dev.source == "ram-fraction"
 
 
+@pytest.mark.pure
 def test_metal_branch_plans_against_recommended_working_set(monkeypatch, no_env):
     info = {"memory_size": 64 * GiB, "max_recommended_working_set_size": 48 * GiB}
     monkeypatch.setattr(memory, "_metal_device_info", lambda: info)
@@ -82,6 +84,7 @@ def test_metal_branch_plans_against_recommended_working_set(monkeypatch, no_env)
     assert dev == memory.DeviceMemory(64 * GiB, 48 * GiB, 48 * GiB, "metal")
 
 
+@pytest.mark.pure
 def test_metal_info_without_working_set_falls_back(monkeypatch, no_env):
     # Metal "available" but the real mx.device_info() of this CPU build has no working-set key.
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
@@ -90,6 +93,7 @@ def test_metal_info_without_working_set_falls_back(monkeypatch, no_env):
     assert memory.device_memory().source == "ram-fraction"
 
 
+@pytest.mark.pure
 def test_metal_info_call_that_raises_falls_back(monkeypatch, no_env):
     def broken():
         raise RuntimeError("no device")
@@ -100,6 +104,7 @@ def test_metal_info_call_that_raises_falls_back(monkeypatch, no_env):
     assert memory.device_memory().source == "ram-fraction"
 
 
+@pytest.mark.pure
 def test_older_mlx_without_top_level_device_info(monkeypatch, no_env):
     info = {"memory_size": 16 * GiB, "max_recommended_working_set_size": 11 * GiB}
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
@@ -109,6 +114,7 @@ def test_older_mlx_without_top_level_device_info(monkeypatch, no_env):
     assert (dev.budget_bytes, dev.total_bytes, dev.source) == (11 * GiB, 16 * GiB, "metal")
 
 
+@pytest.mark.pure
 def test_env_override(monkeypatch):
     monkeypatch.setenv(memory.BUDGET_ENV, "16GB")
     dev = memory.device_memory()
@@ -125,6 +131,7 @@ def test_env_override(monkeypatch):
     assert (dev.budget_bytes, dev.recommended_bytes, dev.source) == (512 << 20, 24 * GiB, "env")
 
 
+@pytest.mark.pure
 def test_env_override_unreadable(monkeypatch):
     monkeypatch.setenv(memory.BUDGET_ENV, "lots")
     with pytest.raises(InvalidRequestError) as err:
@@ -135,6 +142,7 @@ def test_env_override_unreadable(monkeypatch):
 # --- wired limit --------------------------------------------------------------------------------
 
 
+@pytest.mark.pure
 def test_wired_limit_is_a_noop_without_metal(monkeypatch):
     calls = []
     monkeypatch.setattr(memory, "_metal_set_wired_limit", lambda n: calls.append(n) or 0)
@@ -144,6 +152,7 @@ def test_wired_limit_is_a_noop_without_metal(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.pure
 def test_wired_limit_raises_then_restores_on_metal(monkeypatch):
     info = {"memory_size": 32 * GiB, "max_recommended_working_set_size": 24 * GiB}
     limits = [0]
@@ -168,12 +177,14 @@ def test_wired_limit_raises_then_restores_on_metal(monkeypatch):
 # --- KV cache ----------------------------------------------------------------------------------
 
 
+@pytest.mark.pure
 def test_llama3_8b_is_128_kib_per_token():
     assert memory.kv_cache_bytes(LLAMA3_8B, 1) == 32 * 8 * 128 * 2 * 2 == 128 * 1024
     assert memory.kv_cache_bytes(LLAMA3_8B, 8192) == 1 * GiB
     assert memory.kv_cache_bytes(LLAMA3_8B, 8192, dtype_bytes=1) == GiB // 2
 
 
+@pytest.mark.pure
 def test_mha_defaults_kv_heads_and_head_dim():
     cfg = dict(LLAMA3_8B)
     del cfg["num_key_value_heads"]  # MHA: as many KV heads as query heads
@@ -182,6 +193,7 @@ def test_mha_defaults_kv_heads_and_head_dim():
     assert memory.kv_cache_bytes(cfg, 100) == 32 * 2 * 32 * 128 * 100 * 2
 
 
+@pytest.mark.pure
 def test_explicit_head_dim_wins_over_hidden_over_heads():
     # Mistral-Nemo: hidden 5120 / 32 heads would say 160, but head_dim is 128.
     cfg = dict(LLAMA3_8B, model_type="mistral", hidden_size=5120, num_hidden_layers=40,
@@ -189,6 +201,7 @@ def test_explicit_head_dim_wins_over_hidden_over_heads():
     assert memory.kv_cache_bytes(cfg, 1) == 40 * 2 * 8 * 128 * 2
 
 
+@pytest.mark.pure
 def test_gemma3_nested_text_config_and_sliding_window():
     layout = memory.kv_layout(GEMMA3_4B)
     # The gemma3 wrapper's defaults (8 heads, 4 KV) and gemma3_text's head_dim 256.
@@ -201,6 +214,7 @@ def test_gemma3_nested_text_config_and_sliding_window():
     assert memory.kv_cache_bytes(GEMMA3_4B, 500) == per_layer_token * 34 * 500
 
 
+@pytest.mark.pure
 def test_layer_types_mark_sliding_layers():
     cfg = tiny("llama", sliding_window=8,
                layer_types=["sliding_attention", "full_attention"] * 2)  # fmt: skip
@@ -208,6 +222,7 @@ def test_layer_types_mark_sliding_layers():
     assert memory.kv_cache_bytes(cfg, 100) == per * (2 * 100 + 2 * 8)
 
 
+@pytest.mark.pure
 def test_configs_whose_window_mlx_lm_ignores_hold_full_context():
     # mistral v0.1 names a 4096 window but runs as llama with full caches; mlx-lm's gemma2 too.
     mistral = tiny("mistral", sliding_window=4096)
@@ -219,6 +234,7 @@ def test_configs_whose_window_mlx_lm_ignores_hold_full_context():
         assert memory.kv_cache_bytes(cfg, 10_000) == 4 * 2 * 2 * 16 * 10_000 * 2
 
 
+@pytest.mark.model
 def test_kv_layout_matches_mlx_lm_models():
     cases = [
         tiny("llama"),
@@ -239,6 +255,7 @@ def test_kv_layout_matches_mlx_lm_models():
         assert k_proj.shape[0] == layout.n_kv_heads * layout.head_dim, cfg["model_type"]
 
 
+@pytest.mark.model
 def test_kv_bytes_match_a_real_cache_after_prefill_and_decode():
     """Prefill 255 tokens and decode 1: full layers hold 256 tokens (mlx-lm grows caches in steps
     of 256) and window layers are trimmed back to the window."""
@@ -253,6 +270,7 @@ def test_kv_bytes_match_a_real_cache_after_prefill_and_decode():
     assert real == memory.kv_cache_bytes(cfg, 256)
 
 
+@pytest.mark.pure
 def test_unreadable_config():
     with pytest.raises(UnsupportedModelError):
         memory.kv_cache_bytes({"model_type": "mystery", "hidden_size": 64}, 10)
@@ -261,6 +279,7 @@ def test_unreadable_config():
 # --- margin and footprint ---------------------------------------------------------------------
 
 
+@pytest.mark.pure
 def test_runtime_margin_and_footprint():
     margin = memory.runtime_margin_bytes(LLAMA3_8B, 8192)
     expected = memory.RUNTIME_MARGIN_BYTES + 2048 * 4096 * memory.ACTIVATION_BYTES_PER_TOKEN_HIDDEN
@@ -273,6 +292,7 @@ def test_runtime_margin_and_footprint():
     assert memory.footprint(4 * 10**9, LLAMA3_8B, 8192) == 4 * 10**9 + GiB + margin
 
 
+@pytest.mark.pure
 def test_margin_counts_sliding_prefill_overshoot():
     per_layer_token = 2 * 4 * 256 * 2
     base = memory.RUNTIME_MARGIN_BYTES + 2048 * 2560 * memory.ACTIVATION_BYTES_PER_TOKEN_HIDDEN

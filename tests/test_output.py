@@ -10,6 +10,8 @@ from fixtures import build_tokenizer
 from mlxrun.output import StopMatcher, TextOutput
 from mlxrun.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.pure
+
 
 def _run(stops, chunks) -> tuple[str, bool, str | None]:
     m = StopMatcher(stops)

@@ -13,6 +13,8 @@ from mlxrun.convert.recipes import QUALITY_LADDER, get_recipe, quantization_map
 from mlxrun.errors import InsufficientMemoryError, format_size
 from mlxrun.models import build_model
 
+pytestmark = pytest.mark.model
+
 TINY_LLAMA = {
     "model_type": "llama",
     "hidden_size": 128,

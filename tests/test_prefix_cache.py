@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from mlxrun.prefix_cache import RadixCache
 
+pytestmark = pytest.mark.pure
+
 NS = ("model-a",)
 BYTES_PER_TOKEN = 4
 

@@ -41,6 +41,7 @@ def with_template(path: Path, template: str, added: tuple[str, ...] = ()) -> Tok
     return Tokenizer(backend, path)
 
 
+@pytest.mark.model
 def test_detection(bpe_path: Path) -> None:
     assert detect_reasoning(load_tokenizer(bpe_path)) is None  # ChatML + tools, no <think>
     by_vocab = with_template(bpe_path, "{{ messages[0].content }}", ("<think>", "</think>"))
@@ -71,6 +72,7 @@ def split(fmt: ReasoningFormat, chunks: list[str]) -> tuple[str, str]:
 CLOSED, OPEN = ReasoningFormat(), ReasoningFormat(starts_open=True)
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize(
     ("fmt", "text", "expected"),
     [
@@ -92,6 +94,7 @@ def test_examples(fmt: ReasoningFormat, text: str, expected: tuple[str, str]) ->
     assert split(fmt, list(text)) == expected
 
 
+@pytest.mark.pure
 def test_reasoning_streams_and_holds_only_marker_prefixes() -> None:
     parser = ReasoningParser(CLOSED)
     assert parser.push("<thi") == ("", "")
@@ -115,6 +118,7 @@ def cut(text: str, cuts: list[int]) -> list[str]:
     return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
+@pytest.mark.pure
 @settings(max_examples=300, deadline=None)
 @given(
     lead=st.text(WS, max_size=2),
@@ -133,6 +137,7 @@ def test_any_split_gives_the_same_parts(
     assert split(fmt, cut(text, cuts)) == expected
 
 
+@pytest.mark.pure
 @settings(max_examples=300, deadline=None)
 @given(text=TEXT, opened=st.booleans(), cuts=st.lists(st.integers(0, 10**4), max_size=10))
 def test_arbitrary_text_splits_consistently(text: str, opened: bool, cuts: list[int]) -> None:

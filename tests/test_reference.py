@@ -13,6 +13,8 @@ import pytest
 
 from fixtures import ARCHS
 
+pytestmark = pytest.mark.model
+
 ATOL = 1e-4
 RTOL = 1e-4
 PROMPT_LEN = 32

@@ -3,7 +3,11 @@ mirror (0600 files in a 0700 directory, written atomically, read back on start).
 
 from __future__ import annotations
 
+import pytest
+
 from mlxrun.server.responses_store import ResponseStore, StoredResponse
+
+pytestmark = pytest.mark.pure
 
 
 def _record(i: int, size: int = 10) -> StoredResponse:

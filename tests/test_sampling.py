@@ -24,6 +24,8 @@ from mlxrun.sampling import (
     top_logprobs,
 )
 
+pytestmark = pytest.mark.pure
+
 DRAWS = 2000  # rows drawn in one call: one categorical over (DRAWS, V)
 
 

@@ -14,6 +14,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from mlxrun.errors import EngineOverloadedError, InvalidRequestError
 from mlxrun.scheduler import Scheduler, SchedulerConfig, SeqState, StepPlan
 
+pytestmark = pytest.mark.pure
+
 
 def seq(rid: str, prompt: int = 4, max_tokens: int = 16, **kw) -> SeqState:
     return SeqState(rid, num_prompt_tokens=prompt, max_tokens=max_tokens, **kw)

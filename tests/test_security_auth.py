@@ -10,6 +10,8 @@ from mlxrun.errors import InvalidRequestError
 from mlxrun.server.auth import KeyLimits, KeyRing, Principal, parse_key_file
 from mlxrun.server.errors import APIError
 
+pytestmark = pytest.mark.pure
+
 
 def test_key_file_lines_comments_and_mistakes():
     text = "# laptops\n\nalice: key-a \nbob:key:with:colons\n"

@@ -10,9 +10,12 @@ import subprocess
 import time
 
 import httpx
+import pytest
 
 from mlxrun.server.cli import _is_loopback
 from serverutil import CLI, MODEL_ID, start_cli
+
+pytestmark = pytest.mark.server
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

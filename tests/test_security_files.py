@@ -49,6 +49,7 @@ def hostile_template(tiny_llama, tmp_path) -> tuple[Path, Path]:
     return model, marker
 
 
+@pytest.mark.server
 def test_a_sandbox_escape_is_reported_at_load_and_refused_per_request(hostile_template):
     model, marker = hostile_template
     tokenizer = load_tokenizer(model)
@@ -67,6 +68,7 @@ def test_a_sandbox_escape_is_reported_at_load_and_refused_per_request(hostile_te
     assert not marker.exists()  # the shell command never ran
 
 
+@pytest.mark.model
 def test_broken_and_fussy_templates(tiny_llama, tmp_path):
     assert safety.check_chat_template(load_tokenizer(tiny_llama)) is None
     broken = _copy(tiny_llama, tmp_path / "broken")
@@ -81,6 +83,7 @@ def test_broken_and_fussy_templates(tiny_llama, tmp_path):
     assert safety.check_chat_template(load_tokenizer(fussy)) is None
 
 
+@pytest.mark.model
 def test_code_shipped_with_a_checkpoint_never_runs(tiny_llama, tmp_path):
     model = _copy(tiny_llama, tmp_path / "model")
     marker = tmp_path / "remote-code-ran"
@@ -106,6 +109,7 @@ def test_code_shipped_with_a_checkpoint_never_runs(tiny_llama, tmp_path):
                     assert "trust_remote_code=False" in line.replace(" ", ""), (source, line)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "key, value",
     [("num_hidden_layers", 10**12), ("vocab_size", 2**40), ("hidden_size", -1),
@@ -129,6 +133,7 @@ def test_absurd_config_sizes_are_refused_before_any_allocation(
     assert isinstance(e.value, CorruptCheckpointError)  # the CLI and server map it already
 
 
+@pytest.mark.model
 def test_convert_refuses_an_absurd_config_before_planning(tiny_llama, tmp_path):
     from mlxrun.convert.api import convert_model
 
@@ -141,6 +146,7 @@ def test_convert_refuses_an_absurd_config_before_planning(tiny_llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.pure
 def test_nested_text_config_is_checked_too():
     with pytest.raises(safety.ImplausibleConfigError, match="text_config.vocab_size"):
         safety.check_config({"model_type": "x", "text_config": {"vocab_size": 2**40}})
@@ -155,6 +161,7 @@ def _lying_shard(path: Path, header_len: int | None = None, header: dict | None 
     path.write_bytes(struct.pack("<Q", header_len or len(raw)) + raw + b"\0" * 64)
 
 
+@pytest.mark.pure
 def test_a_huge_safetensors_header_length_is_refused_without_reading(tmp_path):
     shard = tmp_path / "model.safetensors"
     _lying_shard(shard, header_len=2**60)
@@ -168,6 +175,7 @@ def test_a_huge_safetensors_header_length_is_refused_without_reading(tmp_path):
     assert peak < 1 << 20  # nothing the size of the claimed header was allocated
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("kind", ["huge_header", "lying_offsets"])
 def test_a_model_with_a_lying_shard_never_reaches_mlx(tiny_llama, tmp_path, monkeypatch, kind):
     model = _copy(tiny_llama, tmp_path / "model")

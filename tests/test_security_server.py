@@ -18,6 +18,8 @@ import pytest
 
 from serverutil import MODEL_ID, make_app, serve_in_thread
 
+pytestmark = pytest.mark.server
+
 ALICE, BOB = "alice-secret-key-1", "bob-secret-key-2"
 KEYS = (("alice", ALICE), ("bob", BOB))
 USER = [{"role": "user", "content": "Say hi"}]

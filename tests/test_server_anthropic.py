@@ -16,6 +16,8 @@ import pytest
 from mlxrun.server.routes import anthropic as anthropic_routes
 from serverutil import ADD, MODEL_ID, WEATHER, make_app, serve_in_thread
 
+pytestmark = pytest.mark.server
+
 GREEDY = {"temperature": 0}  # not a keyword of this client version: sent through extra_body
 USER = [{"role": "user", "content": "Write a function that adds two numbers."}]
 TOOLS = [

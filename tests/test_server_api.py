@@ -12,6 +12,8 @@ import pytest
 
 from serverutil import MODEL_ID, make_app, serve_in_thread
 
+pytestmark = pytest.mark.server
+
 GREEDY = {"temperature": 0, "max_tokens": 8}
 MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers."}]
 

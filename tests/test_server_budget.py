@@ -34,6 +34,7 @@ GREEDY = {"temperature": 0}
 # ---------------------------------------------------------------- the rule
 
 
+@pytest.mark.pure
 def test_prompt_that_does_not_fit_is_an_error_whatever_max_tokens_says():
     for requested in (None, 1, 10**6):
         with pytest.raises(ContextLengthExceededError) as info:
@@ -41,6 +42,7 @@ def test_prompt_that_does_not_fit_is_an_error_whatever_max_tokens_says():
         assert info.value.param == "messages" and info.value.max_tokens is None
 
 
+@pytest.mark.pure
 def test_unset_max_tokens_gets_what_is_left_or_the_default():
     assert output_budget(100, None, 512) == Budget(412, None)
     assert output_budget(100, None, 512, default=16) == Budget(16, None)
@@ -49,6 +51,7 @@ def test_unset_max_tokens_gets_what_is_left_or_the_default():
     assert output_budget(100, None, 512, cap=50) == Budget(50, None)
 
 
+@pytest.mark.pure
 def test_max_tokens_past_the_context_is_clamped_and_says_so():
     budget = output_budget(100, 500, 512)
     assert budget == Budget(412, 500) and budget.clamped and budget.describe() == "500->412"
@@ -58,6 +61,7 @@ def test_max_tokens_past_the_context_is_clamped_and_says_so():
     assert capped.granted == 64 and capped.clamped
 
 
+@pytest.mark.pure
 def test_strict_keeps_the_errors():
     with pytest.raises(ContextLengthExceededError) as info:
         output_budget(100, 500, 512, strict=True, param="max_completion_tokens")
@@ -70,6 +74,7 @@ def test_strict_keeps_the_errors():
         output_budget(10, 0, 512)
 
 
+@pytest.mark.pure
 def test_advertised_maximum_is_one_a_request_can_get():
     most = max_output(512)
     assert most == 511
@@ -77,6 +82,7 @@ def test_advertised_maximum_is_one_a_request_can_get():
     assert max_output(512, cap=64) == 64
 
 
+@pytest.mark.pure
 def test_the_terminal_and_fim_defaults_live_here_too():
     assert TERMINAL_MAX_TOKENS == 256
     assert chat_reply_default(8192) == 256  # generate and chat: the terminal cap
@@ -113,6 +119,7 @@ def _near_the_end(base_url: str, leave: int) -> str:
     return " x" * (100 + (CONTEXT - leave - base) // per)
 
 
+@pytest.mark.server
 def test_models_advertise_what_a_request_can_get(strict_url):
     client = openai.OpenAI(base_url=strict_url + "/v1", api_key="x", max_retries=0)
     most = client.models.retrieve(MODEL_ID).model_extra["max_output_tokens"]
@@ -124,6 +131,7 @@ def test_models_advertise_what_a_request_can_get(strict_url):
         assert r.status_code == 200
 
 
+@pytest.mark.server
 def test_openai_clamps_with_a_header_and_a_log_line(base_url, caplog):
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0)
     content = _near_the_end(base_url, leave=12)
@@ -146,6 +154,7 @@ def test_openai_clamps_with_a_header_and_a_log_line(base_url, caplog):
     assert CLAMP not in fits.headers
 
 
+@pytest.mark.server
 def test_ollama_num_predict_is_clamped_not_refused(base_url):
     content = _near_the_end(base_url, leave=10)
     body = {"model": MODEL_ID, "messages": [{"role": "user", "content": content}],
@@ -161,6 +170,7 @@ def test_ollama_num_predict_is_clamped_not_refused(base_url):
     assert again.eval_count == reply["eval_count"]
 
 
+@pytest.mark.server
 def test_anthropic_clamps_too(base_url):
     content = _near_the_end(base_url, leave=10)
     client = anthropic.Anthropic(base_url=base_url, api_key="x", max_retries=0)
@@ -175,6 +185,7 @@ def test_anthropic_clamps_too(base_url):
     assert total + u.output_tokens == CONTEXT
 
 
+@pytest.mark.server
 def test_a_prompt_that_does_not_fit_is_a_400_in_each_dialect(base_url):
     huge = " word" * (2 * CONTEXT)
     messages = [{"role": "user", "content": huge}]
@@ -191,6 +202,7 @@ def test_a_prompt_that_does_not_fit_is_a_400_in_each_dialect(base_url):
     assert info.value.status_code == 400 and "context length" in info.value.error
 
 
+@pytest.mark.server
 def test_legacy_completions_default_is_the_budget_rules_default(strict_url):
     """/v1/completions without max_tokens gets OpenAI's 16 through mlxrun.budget's `default`,
     not as if the client had asked for 16: near the end of the context it shrinks to what is
@@ -206,6 +218,7 @@ def test_legacy_completions_default_is_the_budget_rules_default(strict_url):
     assert roomy.usage.completion_tokens == 16
 
 
+@pytest.mark.server
 def test_strict_keeps_openais_400_only_on_openais_routes(strict_url):
     client = openai.OpenAI(base_url=strict_url + "/v1", api_key="x", max_retries=0)
     ids = list(range(10, 110))  # 100 prompt tokens

@@ -27,6 +27,7 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.server
 def test_busy_port_is_one_line(tiny_llama):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -42,6 +43,7 @@ def test_busy_port_is_one_line(tiny_llama):
     assert f"127.0.0.1:{port}" in line and "--port" in line
 
 
+@pytest.mark.server
 def test_missing_model_is_one_line(tmp_path):
     proc = subprocess.run(
         [*CLI, str(tmp_path / "nothing-here"), "--port", "0"],
@@ -88,6 +90,7 @@ def _stop(proc: subprocess.Popen, sig: int) -> tuple[str, str]:
     return out, err
 
 
+@pytest.mark.server
 def test_api_key_cors_and_sigterm(tiny_llama):
     proc, base_url = start_cli(
         tiny_llama,
@@ -136,6 +139,7 @@ def test_api_key_cors_and_sigterm(tiny_llama):
             proc.wait()
 
 
+@pytest.mark.server
 def test_env_api_key_no_cors_and_ctrl_c(tiny_llama):
     proc, base_url = start_cli(
         tiny_llama, "--alias", "tiny-cli", env={"MLXRUN_API_KEY": "from-env"}
@@ -165,6 +169,7 @@ def _status(url: str) -> int | None:
         return None  # not listening yet
 
 
+@pytest.mark.server
 def test_banner_means_ready_at_a_reachable_address(tiny_llama, tmp_path):
     """`--host 0.0.0.0`: the banner shows addresses a client can use, and it is printed once the
     server answers: /health is 200 right after it, and before it no model route said 200 while
@@ -217,6 +222,7 @@ def test_banner_means_ready_at_a_reachable_address(tiny_llama, tmp_path):
             proc.wait()
 
 
+@pytest.mark.pure
 def test_wildcard_hosts_show_loopback_first_and_log_levels():
     from mlxrun.server.cli import _base_urls, _setup_logging
 

@@ -15,6 +15,8 @@ import pytest
 
 from serverutil import MODEL_ID, make_app, serve_in_thread
 
+pytestmark = pytest.mark.server
+
 KEY = "sekret"
 USER = [{"role": "user", "content": "hi"}]
 

@@ -16,6 +16,8 @@ from starlette.routing import Route
 from mlxrun.server.errors import EXCEPTION_HANDLERS, guarded
 from serverutil import MODEL_ID, make_app, serve_in_thread
 
+pytestmark = pytest.mark.server
+
 MAX_BODY = 256 << 10
 CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 

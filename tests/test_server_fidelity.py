@@ -26,6 +26,8 @@ import pytest
 from mlxrun.tokenizer import load_tokenizer
 from serverutil import MODEL_ID, WEATHER, make_app, serve_in_thread
 
+pytestmark = pytest.mark.server
+
 HEADER = "X-Mlxrun-Ignored-Fields"
 CONTEXT = 1024
 BOOK = [{"role": "system", "content": "Book"}, {"role": "user", "content": "What is the best book"}]

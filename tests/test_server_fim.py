@@ -83,6 +83,7 @@ def _error(r: httpx.Response, param: str) -> None:
 # ---------------------------------------------------------------- the three dialects
 
 
+@pytest.mark.server
 def test_one_prompt_on_all_three_dialects(client, http, tok):
     want_ids = tok.build_fim_prompt(PREFIX, SUFFIX)
     r = client.completions.create(
@@ -107,6 +108,7 @@ def test_one_prompt_on_all_three_dialects(client, http, tok):
     assert i["timings"]["predicted_n"] == 8 and i["timings"]["prompt_n"] >= 0
 
 
+@pytest.mark.server
 def test_streams_on_all_three_dialects(client, http):
     text = http.post("/v1/fim/completions", json=_mistral()).json()["choices"][0]["message"]
 
@@ -139,6 +141,7 @@ def test_streams_on_all_three_dialects(client, http):
     assert chunks[-1]["tokens_predicted"] == 8
 
 
+@pytest.mark.server
 def test_infill_extra_context_without_file_separator(http, tok):
     extra = [{"filename": "util.py", "text": "def helper():\n    return 1\n", "time": 3}]
     r = http.post("/infill", json=_infill(input_extra=extra)).json()
@@ -154,6 +157,7 @@ def test_infill_extra_context_without_file_separator(http, tok):
     )
 
 
+@pytest.mark.server
 def test_infill_extra_context_is_cut_to_fit(http, tok):
     fim = tok.build_fim_prompt(PREFIX, SUFFIX)
     huge = [{"filename": "big.py", "text": "x = 1\n" * 400}]  # > the 512-token context
@@ -162,6 +166,7 @@ def test_infill_extra_context_is_cut_to_fit(http, tok):
     assert r["prompt"].endswith(tok.decode(fim)) and r["tokens_predicted"] == 20
 
 
+@pytest.mark.model
 def test_repo_level_layout_with_file_separator(tiny_llama, tmp_path):
     ref = AutoTokenizer.from_pretrained(str(tiny_llama))
     ref.add_tokens(["<|repo_name|>", "<|file_sep|>"], special_tokens=True)
@@ -181,6 +186,7 @@ def test_repo_level_layout_with_file_separator(tiny_llama, tmp_path):
     assert infill_prompt(tok, PREFIX, SUFFIX, extra, budget=len(fim)) == fim
 
 
+@pytest.mark.server
 def test_infill_warmup_and_response_fields(http):
     # llama.vim's background request: evaluate the extra context, generate nothing.
     warm = {"input_prefix": "", "input_suffix": "", "prompt": "", "n_predict": 0,
@@ -203,6 +209,7 @@ def no_fim_url(checkpoint_factory):
         yield url
 
 
+@pytest.mark.server
 def test_model_without_fim_tokens_is_a_400_on_all_three(no_fim_url):
     client = openai.OpenAI(base_url=no_fim_url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
@@ -214,6 +221,7 @@ def test_model_without_fim_tokens_is_a_400_on_all_three(no_fim_url):
     assert client.completions.create(model=MODEL_ID, prompt="a", max_tokens=2).choices[0].text
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
@@ -247,6 +255,7 @@ def test_bad_bodies_name_the_field(http, path, body, param):
     _error(http.post(path, json=body), param)
 
 
+@pytest.mark.server
 def test_body_not_an_object(http):
     for path in ("/v1/fim/completions", "/infill"):
         r = http.post(path, content=b"[1, 2]", headers={"content-type": "application/json"})
@@ -264,6 +273,7 @@ def _first_content(events: Iterator[str], key) -> None:
     raise AssertionError("the stream ended before any text")
 
 
+@pytest.mark.server
 def test_group_header_cancels_the_stale_request_across_dialects(http, engine, served):
     before = engine.stats()["group_cancellations"]
     headers = {"X-Mlxrun-Group": "editor-1"}
@@ -281,6 +291,7 @@ def test_group_header_cancels_the_stale_request_across_dialects(http, engine, se
     assert engine.stats()["group_cancellations"] == before + 1
 
 
+@pytest.mark.server
 def test_prefix_lineage_cancels_without_a_header(client, engine, served):
     before = engine.stats()["group_cancellations"]
     kw = {"model": MODEL_ID, "suffix": SUFFIX, "temperature": 0}
@@ -296,6 +307,7 @@ def test_prefix_lineage_cancels_without_a_header(client, engine, served):
     assert served[0].state.fim_groups.in_flight() == 0  # every response released its entry
 
 
+@pytest.mark.server
 def test_infill_lineage_cancel_ends_the_stream_cleanly(http, engine):
     before = engine.stats()["group_cancellations"]
     a = _infill(input_prefix="x = 1\nfor i in ra", prompt="", n_predict=LONG, stream=True,
@@ -313,6 +325,7 @@ def test_infill_lineage_cancel_ends_the_stream_cleanly(http, engine):
     assert engine.stats()["group_cancellations"] == before + 1
 
 
+@pytest.mark.server
 def test_different_api_keys_never_cancel_each_other(http, engine):
     before = engine.stats()["group_cancellations"]
     group = {"X-Mlxrun-Group": "shared-name"}
@@ -332,6 +345,7 @@ def test_different_api_keys_never_cancel_each_other(http, engine):
     assert engine.stats()["group_cancellations"] == before
 
 
+@pytest.mark.server
 def test_fim_runs_at_interactive_priority(tiny_llama):
     """One decode slot: a FIM request queued after a plain one still runs first."""
     app = make_app(tiny_llama, max_running=1)
@@ -370,6 +384,7 @@ def test_fim_runs_at_interactive_priority(tiny_llama):
 # ---------------------------------------------------------------- the group rule itself
 
 
+@pytest.mark.pure
 def test_same_lineage():
     base = "def f(a, b):\n    ret"
     assert same_lineage(base, base + "u")  # typing on
@@ -380,6 +395,7 @@ def test_same_lineage():
     assert not same_lineage("abc", "xyz") and same_lineage("", "")
 
 
+@pytest.mark.pure
 def test_groups_registry():
     groups = FimGroups()
     a = groups.claim("k1", None, "x = 1\nfor i", "S")

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from serverutil import ADD, MODEL_ID, make_app, serve_in_thread
 
+pytestmark = pytest.mark.server
+
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 
 _scalar = (

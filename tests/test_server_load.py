@@ -12,6 +12,8 @@ import pytest
 
 from serverutil import MODEL_ID, make_app, serve_in_thread
 
+pytestmark = pytest.mark.server
+
 MESSAGES = [{"role": "user", "content": "Count to ten."}]
 
 

@@ -26,6 +26,8 @@ CONTEXT = 512
 CACHE = 8 << 20
 PROMPTS = ["Write a function that adds two numbers.", "Sort a list in Python.", "Hello there"]
 
+pytestmark = pytest.mark.server
+
 
 @pytest.fixture(scope="module")
 def models(checkpoint_factory):

@@ -21,6 +21,8 @@ from mlxrun.server.protocol_tools import function_tool
 from mlxrun.tokenizer import load_tokenizer
 from serverutil import MODEL_ID, WEATHER, make_app, serve_in_thread
 
+pytestmark = pytest.mark.server
+
 GREEDY = {"temperature": 0, "seed": 7, "num_predict": 8}
 MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers."}]
 TOOLS = [

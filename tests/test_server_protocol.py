@@ -25,6 +25,8 @@ from mlxrun.server.protocol_ollama import parse_chat as parse_ollama_chat
 from mlxrun.server.sse import DONE, event
 from mlxrun.server.tokens import _byte_decoder
 
+pytestmark = pytest.mark.pure
+
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -315,7 +317,8 @@ def test_completion_prompt_forms():
 
 def test_completion_fields():
     req = parse_completion({"model": "m", "prompt": "a", "logprobs": 2, "echo": True, "n": 3})
-    assert req.params.max_tokens == 16  # OpenAI's default for this endpoint
+    # Not sent: the budget rule applies OpenAI's default for this endpoint (16), not a client ask.
+    assert req.params.max_tokens is None and req.default_max_tokens == 16
     assert req.params.logprobs and req.params.top_logprobs == 2 and req.logprobs == 2
     assert req.echo and req.n == 3
     assert parse_completion({"model": "m", "prompt": "a", "logprobs": 0}).params.logprobs

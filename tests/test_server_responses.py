@@ -20,6 +20,8 @@ from openai.types.responses import Response, ResponseStreamEvent
 from mlxrun.server.routes import responses as responses_routes
 from serverutil import ADD, CLI, MODEL_ID, WEATHER, make_app, serve_in_thread, start_cli
 
+pytestmark = pytest.mark.server
+
 CONTEXT = 2048  # room for five turns with tools
 GREEDY = {"temperature": 0}
 TOOLS = [

@@ -65,6 +65,7 @@ def _reassemble(stream):
     return [calls[i] for i in sorted(calls)], finish
 
 
+@pytest.mark.server
 def test_required_tool_call_is_valid_and_streams_the_same(client):
     reply = _chat(client, tools=TOOLS, tool_choice="required", **GREEDY)
     choice = reply.choices[0]
@@ -80,6 +81,7 @@ def test_required_tool_call_is_valid_and_streams_the_same(client):
     assert all(c["id"].startswith("call_") for c in streamed)
 
 
+@pytest.mark.server
 def test_sampled_required_calls_always_validate(client):
     for seed in range(3):
         reply = _chat(
@@ -89,6 +91,7 @@ def test_sampled_required_calls_always_validate(client):
         _check_calls(reply.choices[0].message.tool_calls)
 
 
+@pytest.mark.server
 def test_named_tool_choice_calls_exactly_that_function(client):
     named = {"type": "function", "function": {"name": "add"}}
     for seed in range(2):
@@ -100,6 +103,7 @@ def test_named_tool_choice_calls_exactly_that_function(client):
         _check_calls(calls, names={"add"})
 
 
+@pytest.mark.server
 def test_tool_choice_none_leaves_the_tools_out(client):
     plain = _chat(client, **GREEDY)
     none = _chat(client, tools=TOOLS, tool_choice="none", **GREEDY)
@@ -110,6 +114,7 @@ def test_tool_choice_none_leaves_the_tools_out(client):
     assert auto.usage.prompt_tokens > plain.usage.prompt_tokens  # the template lists the tools
 
 
+@pytest.mark.server
 def test_tool_results_round_trip_through_the_template(server, client):
     app = server[0]
     call = {
@@ -136,6 +141,7 @@ def test_tool_results_round_trip_through_the_template(server, client):
     assert reply.usage.prompt_tokens == len(tokenizer.apply_chat_template(neutral, tools=TOOLS))
 
 
+@pytest.mark.server
 def test_json_schema_output_validates_beside_unconstrained_requests(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}}
 
@@ -156,6 +162,7 @@ def test_json_schema_output_validates_beside_unconstrained_requests(client):
     assert all(r.choices[0].message.content is not None for r in replies[3:])
 
 
+@pytest.mark.server
 def test_json_object_and_grammar_formats(client):
     reply = _chat(client, response_format={"type": "json_object"}, temperature=0, max_tokens=60)
     text = reply.choices[0].message.content
@@ -168,6 +175,7 @@ def test_json_object_and_grammar_formats(client):
         assert reply.choices[0].message.content in ("yes", "no")
 
 
+@pytest.mark.server
 def test_unsupported_schema_and_tool_errors_are_400s(client):
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"a": {"type": "string", "pattern": "(?=x)"}}}}}  # fmt: skip
@@ -189,6 +197,7 @@ def test_unsupported_schema_and_tool_errors_are_400s(client):
     assert e.value.body["param"] == "tool_choice"
 
 
+@pytest.mark.server
 def test_a_model_without_a_tool_template_refuses_tools(checkpoint_factory):
     spm = checkpoint_factory("llama", tokenizer="spm")  # [INST] template, no tools
     with serve_in_thread(make_app(spm)) as url:
@@ -204,6 +213,7 @@ def test_a_model_without_a_tool_template_refuses_tools(checkpoint_factory):
 # ---------------------------------------------------------------- reasoning
 
 
+@pytest.mark.server
 def test_reasoning_is_split_into_reasoning_content(thinking_model):
     # The grammar makes random weights think first: "<reasoning></think>\n\n<answer>".
     grammar = 'root ::= [a-z ]{3,20} "</think>" "\\n\\n" [a-z]{1,8}'
@@ -226,6 +236,7 @@ def test_reasoning_is_split_into_reasoning_content(thinking_model):
         assert parts == {"reasoning": reasoning, "content": message.content}
 
 
+@pytest.mark.server
 def test_completions_take_a_schema_or_grammar_too(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "add", "schema": ADD}}
     reply = client.completions.create(
@@ -241,6 +252,7 @@ def test_completions_take_a_schema_or_grammar_too(client):
     assert reply.choices[0].text in ("a", "b")
 
 
+@pytest.mark.pure
 def test_alias_patterns_accept_matching_names_without_listing_them():
     from mlxrun.server.state import ServerConfig
 
@@ -252,6 +264,7 @@ def test_alias_patterns_accept_matching_names_without_listing_them():
         assert not config.serves(name), name
 
 
+@pytest.mark.server
 def test_an_unknown_tool_parser_fails_before_loading(tiny_llama):
     from click.testing import CliRunner
 
@@ -290,6 +303,7 @@ def family_client(request, tiny_llama, tmp_path_factory):
         yield request.param, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
 
 
+@pytest.mark.pure
 def test_new_tool_parser_names_pass_the_early_check(tmp_path):
     from click.testing import CliRunner
 
@@ -302,6 +316,7 @@ def test_new_tool_parser_names_pass_the_early_check(tmp_path):
         assert "no-model" in result.output
 
 
+@pytest.mark.server
 def test_harmony_channels_split_into_reasoning_and_content(tiny_llama, tmp_path):
     from fixtures.tool_models import family_checkpoint
     from mlxrun.tokenizer import load_tokenizer
@@ -327,6 +342,7 @@ def test_harmony_channels_split_into_reasoning_and_content(tiny_llama, tmp_path)
         assert (content, s_reasoning, calls) == (message.content, reasoning, [])
 
 
+@pytest.mark.server
 def test_deepseek_tool_history_renders_with_text_arguments(tiny_llama, tmp_path):
     """DeepSeek's templates concatenate a past call's arguments as text: the history renders."""
     from fixtures.tool_models import family_checkpoint
@@ -362,6 +378,7 @@ def _stream_parts(stream):
     return content, reasoning, calls, finish
 
 
+@pytest.mark.server
 def test_family_forced_calls_stream_the_same_without_markup(family_client):
     family, client = family_client
     reply = _chat(client, tools=FAMILY_TOOLS, tool_choice="required", temperature=0, max_tokens=300)

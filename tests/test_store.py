@@ -31,6 +31,7 @@ def two_models(home: Path) -> Path:
     return models
 
 
+@pytest.mark.pure
 def test_home_and_models_dir(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("MLXRUN_HOME", str(tmp_path / "h"))
     assert store.mlxrun_home() == tmp_path / "h"
@@ -39,6 +40,7 @@ def test_home_and_models_dir(monkeypatch, tmp_path: Path):
     assert store.mlxrun_home() == Path.home() / ".mlxrun"
 
 
+@pytest.mark.pure
 def test_default_name(tmp_path: Path):
     assert store.default_name("Qwen/Qwen2.5-0.5B") == "Qwen2.5-0.5B"
     assert store.default_name(str(tmp_path / "my-model") + "/") == "my-model"
@@ -47,6 +49,7 @@ def test_default_name(tmp_path: Path):
     assert store.default_name(str(snap)) == "tiny-llm"
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("bad", ["", "  ", "a/b", "..", ".hidden", "a\\b", "x\ny", "c:d"])
 def test_validate_name_rejects(bad: str):
     with pytest.raises(InvalidRequestError) as exc:
@@ -54,10 +57,12 @@ def test_validate_name_rejects(bad: str):
     assert exc.value.param == "name"
 
 
+@pytest.mark.pure
 def test_validate_name_accepts():
     assert store.validate_name("Qwen2.5-0.5B-4bit_v2") == "Qwen2.5-0.5B-4bit_v2"
 
 
+@pytest.mark.pure
 def test_list_models(two_models: Path):
     models = store.list_models()
     assert [m.name for m in models] == ["tiny-4bit", "tiny-mixed"]
@@ -73,10 +78,12 @@ def test_list_models(two_models: Path):
     assert mixed.bits_per_weight > q4.bits_per_weight
 
 
+@pytest.mark.pure
 def test_list_models_empty(home: Path):
     assert store.list_models() == []
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -99,6 +106,7 @@ def test_bits_per_weight_matches_mlx_lm(tmp_path: Path, kwargs: dict):
     assert store.model_info(path).bits_per_weight == pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.pure
 def test_bits_per_weight_without_bits_in_config(tmp_path: Path):
     """Shapes alone give the bits when the config section lacks them."""
     path = write_mlx_model(tmp_path / "m", bits=3, group_size=32)
@@ -109,6 +117,7 @@ def test_bits_per_weight_without_bits_in_config(tmp_path: Path):
     assert store.model_info(path).bits_per_weight == pytest.approx(expected)
 
 
+@pytest.mark.pure
 def test_quantization_labels(tmp_path: Path):
     f16 = write_mlx_model(tmp_path / "f16", bits=None)
     assert store.model_info(f16).quantization == "f16"
@@ -118,6 +127,7 @@ def test_quantization_labels(tmp_path: Path):
     assert store.model_info(q8).quantization == "8-bit g32"
 
 
+@pytest.mark.pure
 def test_context_length_from_text_config(tmp_path: Path):
     path = write_mlx_model(tmp_path / "m")
     config = json.loads((path / "config.json").read_text())
@@ -127,6 +137,7 @@ def test_context_length_from_text_config(tmp_path: Path):
     assert store.model_info(path).context_length == 32768
 
 
+@pytest.mark.pure
 def test_get_model_suggests_a_close_name(two_models: Path):
     assert store.get_model("tiny-4bit").name == "tiny-4bit"
     with pytest.raises(ModelNotFoundError) as exc:
@@ -138,11 +149,13 @@ def test_get_model_suggests_a_close_name(two_models: Path):
     assert "Did you mean" not in exc.value.hint
 
 
+@pytest.mark.pure
 def test_get_model_validates_the_name(two_models: Path):
     with pytest.raises(InvalidRequestError):
         store.get_model("../models/tiny-4bit")
 
 
+@pytest.mark.pure
 def test_remove_model(two_models: Path):
     store.remove_model("tiny-mixed")
     assert not (two_models / "tiny-mixed").exists()
@@ -152,6 +165,7 @@ def test_remove_model(two_models: Path):
         store.remove_model("tiny-mixed")
 
 
+@pytest.mark.pure
 def test_resolve_model_order(two_models: Path, tmp_path: Path, monkeypatch):
     assert store.resolve_model("tiny-4bit") == two_models / "tiny-4bit"
     local = write_mlx_model(tmp_path / "elsewhere" / "local-model")
@@ -165,6 +179,7 @@ def test_resolve_model_order(two_models: Path, tmp_path: Path, monkeypatch):
     assert "Did you mean 'tiny-4bit'?" in exc.value.hint
 
 
+@pytest.mark.pure
 def test_resolve_model_from_the_hub(home: Path, tmp_path: Path):
     write_mlx_model(tmp_path / "repos" / "acme" / "tiny")
     with HubServer(tmp_path / "repos") as server, hub_env(server.url, tmp_path / "hf"):
@@ -174,6 +189,7 @@ def test_resolve_model_from_the_hub(home: Path, tmp_path: Path):
     assert (path / "config.json").is_file()
 
 
+@pytest.mark.pure
 def test_add_from_dir_is_atomic_and_refuses_to_overwrite(home: Path, tmp_path: Path):
     src = write_mlx_model(tmp_path / "src")
     dest = store.add_from_dir(src, "copy", {"source": "acme/src"})
@@ -193,12 +209,14 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
     return {"MLXRUN_HOME": str(home), "HF_HUB_OFFLINE": "1", **extra}
 
 
+@pytest.mark.pure
 def test_cli_list_empty(home: Path):
     r = run_cli("list", env=_env(home))
     assert r.returncode == 0, r.stderr
     assert "no models yet" in r.stdout and "mlxrun pull" in r.stdout
 
 
+@pytest.mark.pure
 def test_cli_list_show_rm(two_models: Path, home: Path):
     env = _env(home)
     r = run_cli("list", env=env)
@@ -231,6 +249,7 @@ def test_cli_list_show_rm(two_models: Path, home: Path):
     assert "no models yet" in run_cli("list", env=env).stdout
 
 
+@pytest.mark.pure
 def test_cli_unknown_model_is_one_line_with_suggestion(two_models: Path, home: Path):
     r = run_cli("show", "tiny-4bt", env=_env(home))
     assert r.returncode == 1
@@ -242,6 +261,7 @@ def test_cli_unknown_model_is_one_line_with_suggestion(two_models: Path, home: P
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 
+@pytest.mark.pure
 def test_cli_rejects_bad_names(home: Path):
     r = run_cli("pull", "acme/tiny", "--name", "../evil", env=_env(home))
     assert r.returncode == 1 and "invalid model name" in r.stderr
@@ -256,6 +276,7 @@ def hub_repos(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.pure
 def test_cli_pull_mlx_repo(hub_repos: Path, home: Path, tmp_path: Path):
     with HubServer(hub_repos) as server:
         env = _env(home, HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
@@ -279,6 +300,7 @@ def test_cli_pull_mlx_repo(hub_repos: Path, home: Path, tmp_path: Path):
     assert sorted(p.name for p in store.models_dir().iterdir()) == ["t2", "tiny-4bit"]
 
 
+@pytest.mark.pure
 def test_cli_pull_unknown_repo(hub_repos: Path, home: Path, tmp_path: Path):
     with HubServer(hub_repos) as server:
         env = _env(home, HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
@@ -289,6 +311,7 @@ def test_cli_pull_unknown_repo(hub_repos: Path, home: Path, tmp_path: Path):
     assert not store.models_dir().exists() or not list(store.models_dir().iterdir())
 
 
+@pytest.mark.model
 @pytest.mark.slow
 def test_cli_pull_converts_a_plain_checkpoint(home: Path, tmp_path: Path, tiny_llama: Path):
     (tmp_path / "repos" / "acme").mkdir(parents=True)

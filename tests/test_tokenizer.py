@@ -19,6 +19,8 @@ from fixtures import build_tokenizer
 from mlxrun.errors import CorruptCheckpointError, InvalidRequestError, NotAModelError
 from mlxrun.tokenizer import FALLBACK_STOP_STRINGS, FimTokens, Tokenizer, load_tokenizer
 
+pytestmark = pytest.mark.pure
+
 MULTIBYTE = "naïve café 😀👍🏽 你好世界 日本語 🇯🇵 ∑x²"
 
 TOOLS = [

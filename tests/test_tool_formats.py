@@ -36,6 +36,8 @@ from mlxrun.parsing.tools import (
 )
 from mlxrun.tokenizer import Tokenizer, load_tokenizer
 
+pytestmark = pytest.mark.pure
+
 FAMILY_NAMES = sorted(FAMILIES)
 
 

@@ -184,6 +184,7 @@ def mistral13_tok(bpe_path: Path) -> Tokenizer:
 # --- detection ------------------------------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_fixture_tokenizer_is_hermes_with_marker_tokens(hermes_tok: Tokenizer) -> None:
     fmt = detect_tool_format(hermes_tok)
     assert fmt is not None and fmt.name == "hermes"
@@ -191,6 +192,7 @@ def test_fixture_tokenizer_is_hermes_with_marker_tokens(hermes_tok: Tokenizer) -
     assert dict(fmt.token_ids) == {m: vocab[m] for m in ("<tool_call>", "</tool_call>")}
 
 
+@pytest.mark.model
 def test_synthetic_templates_detect_their_format(
     tmp_path: Path,
     bpe_path: Path,
@@ -222,6 +224,7 @@ def test_synthetic_templates_detect_their_format(
     assert spm is not None and (spm.name, spm.call_start, spm.token_ids) == ("json", None, ())
 
 
+@pytest.mark.model
 def test_format_by_name(hermes_tok: Tokenizer, mistral13_tok: Tokenizer) -> None:
     assert tool_format_by_name("qwen").name == "hermes"
     assert tool_format_by_name("hermes", hermes_tok) == detect_tool_format(hermes_tok)
@@ -237,6 +240,7 @@ CALLS = [
 ]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("which", ["hermes", "llama", "mistral", "mistral13"])
 def test_template_rendered_calls_parse_back(which: str, request: pytest.FixtureRequest) -> None:
     tok: Tokenizer = request.getfixturevalue(f"{which}_tok")
@@ -275,6 +279,7 @@ def pairs(calls: list[ToolCall]) -> list[tuple[str, str]]:
     return [(c.name, c.arguments) for c in calls]
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize(
     ("fmt", "text", "content", "calls"),
     [
@@ -345,11 +350,13 @@ def test_parse_examples(
     )
 
 
+@pytest.mark.pure
 def test_unknown_names_pass_without_a_tool_list() -> None:
     text = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
     assert pairs(parse_tool_calls(HERMES, text)[1]) == [("rm_rf", "{}")]
 
 
+@pytest.mark.pure
 def test_arguments_stream_before_the_call_ends() -> None:
     parser = ToolParser(HERMES)
     assert parser.push("Hi <tool_") == ("Hi", [])
@@ -365,6 +372,7 @@ def test_arguments_stream_before_the_call_ends() -> None:
     assert parser.finish() == ("", [])
 
 
+@pytest.mark.pure
 def test_a_call_cut_off_comes_back_as_content() -> None:
     parser = ToolParser(HERMES)
     text = '<tool_call>\n{"name": "add", "arguments": {"a": [1, '
@@ -460,6 +468,7 @@ def reassemble(deltas: list[ToolCallDelta]) -> list[tuple[str | None, str | None
     return [tuple(calls[k]) for k in sorted(calls)]
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("fmt", [HERMES, LLAMA, MISTRAL], ids=lambda f: f.name)
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), cuts=st.lists(st.integers(0, 10**6), max_size=12))
@@ -475,6 +484,7 @@ def test_any_split_gives_the_whole_text_result(
     assert reassemble(deltas) == [(c.id, c.name, c.arguments) for c in s_calls]
 
 
+@pytest.mark.pure
 @settings(max_examples=200, deadline=None)
 @given(
     text=st.text(TEXT_CHARS + "<tool_call>", max_size=40),
@@ -490,6 +500,7 @@ def test_text_without_calls_passes_through(text: str, cuts: list[int]) -> None:
 # --- the streaming JSON reader -------------------------------------------------------------------
 
 
+@pytest.mark.pure
 @settings(max_examples=150, deadline=None)
 @given(obj=ARGS, style=STYLES, cuts=st.lists(st.integers(0, 10**6), max_size=8))
 def test_json_reader_rewrites_an_object_fed_in_pieces(obj: dict, style: dict, cuts: list[int]):
@@ -513,6 +524,7 @@ def test_json_reader_rewrites_an_object_fed_in_pieces(obj: dict, style: dict, cu
         assert first == json.dumps(obj[key])[0] and "".join(reader.pieces[at:upto]) == value
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize(
     "text", ['[{"a": 1}]', '{"a" 1}', '{"a": tru}', '{"a": 01x}', '{"a": "\\q"}']
 )
@@ -543,6 +555,7 @@ def accepts(tok: Tokenizer, lltok: llguidance.LLTokenizer, grammar: str, text: s
     return m.consume_tokens(tok.encode(text, add_special_tokens=False)) and m.is_accepting()
 
 
+@pytest.mark.model
 def test_grammar_accepts_valid_calls_only(hermes_tok: Tokenizer) -> None:
     fmt = detect_tool_format(hermes_tok)
     assert fmt is not None
@@ -589,6 +602,7 @@ def random_walk(
     return [t for t in tokens if t not in lltok.eos_tokens]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("which", ["hermes", "llama", "mistral", "mistral13"])
 @pytest.mark.parametrize(("choice", "parallel"), [(None, True), ("add", False)])
 def test_random_walks_give_valid_calls(
@@ -617,6 +631,7 @@ def test_random_walks_give_valid_calls(
     assert names == ({choice} if choice else set(SCHEMAS))
 
 
+@pytest.mark.model
 def test_grammar_errors_name_the_problem(hermes_tok: Tokenizer) -> None:
     fmt = detect_tool_format(hermes_tok)
     assert fmt is not None
@@ -643,6 +658,7 @@ def test_grammar_errors_name_the_problem(hermes_tok: Tokenizer) -> None:
     assert not accepts(hermes_tok, lltok, no_params, call.replace("{}", '{"x": 1}'))
 
 
+@pytest.mark.model
 def test_grammar_allows_a_thinking_block_first(bpe_path: Path, hermes_tok: Tokenizer) -> None:
     call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
     thought = "<think>\nadd them\n</think>\n\n" + call
@@ -662,6 +678,7 @@ def test_grammar_allows_a_thinking_block_first(bpe_path: Path, hermes_tok: Token
         assert not accepts(t, lltok, grammar, call)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("starts_open", [False, True])
 def test_random_walks_through_thinking(
     bpe_path: Path, hermes_tok: Tokenizer, starts_open: bool

@@ -70,6 +70,7 @@ def _scales_count(out: Path) -> int:
 # --- end to end ------------------------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_end_to_end_more_bits_is_closer_to_the_source(source, converted):
     r8 = _verify(source, converted(bits=8), method="end-to-end", max_tokens=128)
     r2 = _verify(source, converted(bits=2), method="end-to-end", max_tokens=128)
@@ -86,6 +87,7 @@ def test_end_to_end_more_bits_is_closer_to_the_source(source, converted):
     assert r8.ppl_ratio == pytest.approx(1.0, abs=0.01)
 
 
+@pytest.mark.model
 def test_float32_round_trip_is_lossless(source, converted):
     r = _verify(source, converted(quantize=False), method="end-to-end")
     assert r.tokens == DEFAULT_MAX_TOKENS  # the built-in text is longer than the default cap
@@ -95,6 +97,7 @@ def test_float32_round_trip_is_lossless(source, converted):
     assert r.ppl_converted == pytest.approx(r.ppl_source, rel=1e-5)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     # bf16 runs at its own precision; MoE experts are stacked by sanitize (float32: MLX's CPU
     # backend has no bf16 gather_mm for unquantized experts).
@@ -113,6 +116,7 @@ def test_other_architectures_and_dtypes(arch, dtype, checkpoint_factory, tmp_pat
     assert per.max_rel_error < (0.01 if dtype == "float32" else 0.02)  # bf16 scales round too
 
 
+@pytest.mark.model
 def test_auto_chooses_by_the_memory_budget(source, converted, monkeypatch):
     out = converted(bits=4)
     monkeypatch.setenv(BUDGET_ENV, "1TB")
@@ -125,6 +129,7 @@ def test_auto_chooses_by_the_memory_budget(source, converted, monkeypatch):
     assert small.kl_divergence is None and small.tokens == 0
 
 
+@pytest.mark.model
 def test_auto_falls_back_to_per_tensor_when_the_source_cannot_run(source, tmp_path):
     """A checkpoint without tokenizer files still gets a report, and says why it is per-tensor."""
     bare = tmp_path / "bare"
@@ -144,6 +149,7 @@ def test_auto_falls_back_to_per_tensor_when_the_source_cannot_run(source, tmp_pa
 # --- per tensor ------------------------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_per_tensor_error_grows_as_bits_shrink(source, converted):
     reports = {b: _verify(source, converted(bits=b), method="per-tensor") for b in (8, 4, 2)}
     r8, r4, r2 = reports[8], reports[4], reports[2]
@@ -165,6 +171,7 @@ def _index(out: Path) -> dict:
     return json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
 
 
+@pytest.mark.model
 def test_per_tensor_honours_per_layer_bits(source, converted):
     """mixed_2_6 keeps embeddings and lm_head at 6 bits: they must never be the worst tensors."""
     out = converted(recipe="mixed_2_6")
@@ -177,6 +184,7 @@ def test_per_tensor_honours_per_layer_bits(source, converted):
     assert mixed.mean_rel_error < uniform.mean_rel_error
 
 
+@pytest.mark.model
 def test_unquantized_conversion_compares_every_float_tensor(source, converted):
     out = converted(quantize=False)
     r = _verify(source, out, method="per-tensor")
@@ -184,6 +192,7 @@ def test_unquantized_conversion_compares_every_float_tensor(source, converted):
     assert r.max_rel_error == 0.0
 
 
+@pytest.mark.model
 def test_per_tensor_blocks_of_rows_add_up_to_whole_tensors(
     checkpoint_factory, tmp_path, monkeypatch
 ):
@@ -200,6 +209,7 @@ def test_per_tensor_blocks_of_rows_add_up_to_whole_tensors(
     assert blocks.max_rel_error == pytest.approx(whole.max_rel_error, rel=1e-5)
 
 
+@pytest.mark.model
 def test_per_tensor_memory_stays_bounded(checkpoint_factory, tmp_path):
     """One tensor pair resident at a time: the peak stays far below the source's size."""
     src = checkpoint_factory(arch="llama", num_layers=8, hidden_size=256, intermediate_size=512)
@@ -215,6 +225,7 @@ def test_per_tensor_memory_stays_bounded(checkpoint_factory, tmp_path):
 # --- calibration text ------------------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_calib_file_is_used(source, converted, tmp_path):
     from mlx_lm.utils import load_tokenizer
 
@@ -229,6 +240,7 @@ def test_calib_file_is_used(source, converted, tmp_path):
     assert builtin.tokens == r.tokens and builtin.ppl_source != r.ppl_source
 
 
+@pytest.mark.model
 def test_calib_too_short_to_judge_is_refused(source, converted, tmp_path):
     """Three tokens can agree "100%": below MIN_CALIB_TOKENS the report would mean nothing."""
     from mlxrun.convert.verify import MIN_CALIB_TOKENS
@@ -241,6 +253,7 @@ def test_calib_too_short_to_judge_is_refused(source, converted, tmp_path):
     assert "short.txt" in info.value.message and "--calib" in info.value.hint
 
 
+@pytest.mark.model
 def test_chunked_log_probs_match_one_forward_pass(source):
     """The end-to-end run evaluates a batch of tokens at a time (so Ctrl-C is seen between
     steps); over a KV cache that gives the same log-probs as one pass over all tokens."""
@@ -259,6 +272,7 @@ def test_chunked_log_probs_match_one_forward_pass(source):
     assert mx.allclose(chunked, whole, atol=1e-4).item()
 
 
+@pytest.mark.pure
 def test_calib_text_can_come_through_a_pipe(tmp_path):
     fifo = tmp_path / "calib.fifo"
     os.mkfifo(fifo)
@@ -299,6 +313,7 @@ def _binary(tmp: Path) -> Path:
     return tmp / "weights.bin"
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("make", [_missing, _directory, _empty, _blank, _latin1, _binary])
 def test_bad_calib_files_are_rejected(make, source, converted, tmp_path):
     path = make(tmp_path)
@@ -308,6 +323,7 @@ def test_bad_calib_files_are_rejected(make, source, converted, tmp_path):
     assert str(path) in info.value.message
 
 
+@pytest.mark.model
 def test_unknown_method_is_rejected(source, converted):
     with pytest.raises(InvalidRequestError) as info:
         _verify(source, converted(bits=4), method="fast")
@@ -317,6 +333,7 @@ def test_unknown_method_is_rejected(source, converted):
 # --- progress line and report files ----------------------------------------------------------
 
 
+@pytest.mark.model
 def test_progress_line_unless_quiet(source, converted, capsys):
     out = converted(bits=4)
     r = _verify(source, out, method="end-to-end", max_tokens=32, quiet=False)
@@ -335,6 +352,7 @@ def _front_matter(card: str) -> list[str]:
     return card.split("---\n")[1].splitlines()
 
 
+@pytest.mark.model
 def test_report_files_for_an_end_to_end_run(source, converted, tmp_path):
     r = _verify(source, converted(bits=4), method="end-to-end", max_tokens=32)
     write_report(tmp_path, INFO, r)
@@ -356,6 +374,7 @@ def test_report_files_for_an_end_to_end_run(source, converted, tmp_path):
     assert f'mlx_lm.generate --model "{tmp_path}"' in card
 
 
+@pytest.mark.model
 def test_report_files_for_a_per_tensor_run(source, converted, tmp_path):
     r = _verify(source, converted(bits=4), method="per-tensor")
     info = {**INFO, "source": str(source)}  # a local path is no Hub base model
@@ -370,6 +389,7 @@ def test_report_files_for_a_per_tensor_run(source, converted, tmp_path):
     assert f"{r.mean_rel_error:.4f}" in card
 
 
+@pytest.mark.pure
 def test_report_without_quality_and_from_a_partial_dir(tmp_path):
     partial = tmp_path / f".tiny-4bit{PARTIAL_TAG}4242"
     partial.mkdir()
@@ -381,6 +401,7 @@ def test_report_without_quality_and_from_a_partial_dir(tmp_path):
     assert PARTIAL_TAG not in card
 
 
+@pytest.mark.model
 def test_a_broken_conversion_shows_as_nan_and_null(source, converted, tmp_path):
     """NaN weights give NaN metrics (never a clamped 0), written to JSON as null."""
     broken = tmp_path / "broken"
@@ -407,6 +428,7 @@ def test_a_broken_conversion_shows_as_nan_and_null(source, converted, tmp_path):
 # --- through convert_model -------------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_convert_model_writes_the_report(source, tmp_path, monkeypatch):
     monkeypatch.setenv(BUDGET_ENV, "1TB")
     out = tmp_path / "tiny-q4"

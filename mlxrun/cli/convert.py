@@ -25,6 +25,8 @@ from mlxrun.convert.recipes import recipe_names  # pure Python: keeps --help lig
               "of memory with --context tokens of KV cache; auto = this machine's budget.")  # fmt: skip
 @click.option("--context", type=click.IntRange(min=1), help="Context length the --fit planner "
               "reserves KV cache for  [default: 8192, at most the model's maximum]")  # fmt: skip
+@click.option("--hosts", type=click.IntRange(min=1), default=1, help="Plan one host's share of a "
+              "model split across this many machines (tensor parallel)  [default: 1]")  # fmt: skip
 @click.option("--plan", "plan_only", is_flag=True, help="Print the memory plan and exit.")
 @click.option("--calib", type=click.Path(dir_okay=False), help="Text file for the quality report.")
 @click.option("--no-verify", is_flag=True, help="Skip the quality report.")
@@ -32,7 +34,7 @@ from mlxrun.convert.recipes import recipe_names  # pure Python: keeps --help lig
 @click.option("--revision", help="Hub revision (branch, tag or commit).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @friendly_errors
-def convert_cmd(source, output, bits, group_size, recipe, dtype, no_quantize, fit, context,
+def convert_cmd(source, output, bits, group_size, recipe, dtype, no_quantize, fit, context, hosts,
                 plan_only, calib, no_verify, force, revision, quiet):  # fmt: skip
     """Convert a Hugging Face checkpoint (local dir or Hub repo id) to MLX weights.
 
@@ -52,12 +54,13 @@ def convert_cmd(source, output, bits, group_size, recipe, dtype, no_quantize, fi
                          "--dtype": dtype is not None, "--calib": calib is not None,
                          "--no-verify": no_verify, "--force": force})  # fmt: skip
         click.echo(plan_for(source, fit=fit, context=context, bits=bits, group_size=group_size,
-                            recipe=recipe, revision=revision))  # fmt: skip
+                            recipe=recipe, revision=revision, hosts=hosts))  # fmt: skip
         return
     from mlxrun.convert.api import convert_model
 
     convert_model(
         source, output, bits=bits, group_size=group_size, recipe=recipe,
-        quantize=not no_quantize, dtype=dtype, fit=fit, context=context, verify=not no_verify,
+        quantize=not no_quantize, dtype=dtype, fit=fit, context=context, hosts=hosts,
+        verify=not no_verify,
         calib=calib, force=force, quiet=quiet, revision=revision, exit_on_signal=report_error,
     )  # fmt: skip

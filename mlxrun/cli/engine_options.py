@@ -11,9 +11,13 @@ EngineConfig they make, and grammar flags (--json-schema, --grammar) for constra
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from mlxrun.constrain import Constraint
+    from mlxrun.tokenizer import Tokenizer
 
 
 def parse_cache_bytes(text: str | None, flag: str = "--cache-memory") -> int | None:
@@ -91,7 +95,9 @@ def _read_text(path: str, flag: str) -> str:
         raise InvalidRequestError(f"{flag} {path}: {why or e}", param=flag[2:]) from None
 
 
-def read_constraint(tokenizer: Any, json_schema: str | None, grammar: str | None) -> Any:
+def read_constraint(
+    tokenizer: Tokenizer, json_schema: str | None, grammar: str | None
+) -> Constraint | None:
     """The Constraint the flags ask for (None: neither given); InvalidRequestError naming the
     flag for an unreadable file, bad JSON or a schema the grammar engine cannot enforce."""
     import json

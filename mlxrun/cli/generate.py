@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -12,6 +12,11 @@ from mlxrun.budget import TERMINAL_MAX_TOKENS as DEFAULT_MAX_TOKENS
 from mlxrun.cli.common import friendly_errors
 from mlxrun.cli.engine_options import cache_options, grammar_options
 from mlxrun.cli.speculation import pop_speculation, speculation_for, speculation_options
+
+if TYPE_CHECKING:
+    from mlxrun.generate import GenerationChunk
+    from mlxrun.sampling import SamplingParams
+    from mlxrun.tokenizer import Tokenizer
 
 DEFAULT_TEMPERATURE = 0.7
 
@@ -61,7 +66,7 @@ def read_prompt(prompt: str) -> str:
     return text
 
 
-def sampling_params(**values: Any) -> Any:
+def sampling_params(**values: Any) -> SamplingParams:
     """SamplingParams from the flags that were given; errors name the flag."""
     from mlxrun.errors import InvalidRequestError
     from mlxrun.sampling import SamplingParams
@@ -76,7 +81,7 @@ def sampling_params(**values: Any) -> Any:
         ) from None
 
 
-def note_fallback_template(tokenizer: Any) -> None:
+def note_fallback_template(tokenizer: Tokenizer) -> None:
     """One line on stderr when the model has no chat template and the plain fallback stands in."""
     from mlxrun.tokenizer import FALLBACK_NOTICE
 
@@ -84,7 +89,7 @@ def note_fallback_template(tokenizer: Any) -> None:
         click.echo(FALLBACK_NOTICE, err=True)
 
 
-def _prompt_ids(tokenizer: Any, text: str, chat: bool, system: str | None) -> list[int]:
+def _prompt_ids(tokenizer: Tokenizer, text: str, chat: bool, system: str | None) -> list[int]:
     if not chat:
         return tokenizer.encode(text)
     messages = [{"role": "system", "content": system}] if system else []
@@ -92,7 +97,7 @@ def _prompt_ids(tokenizer: Any, text: str, chat: bool, system: str | None) -> li
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def _stats_line(chunk: Any) -> str:
+def _stats_line(chunk: GenerationChunk) -> str:
     return (
         f"prompt: {chunk.prompt_tokens} tokens ({chunk.cached_tokens} cached), "
         f"{chunk.prompt_tps:.1f} tok/s | "
@@ -134,6 +139,7 @@ def _stream(chunks: Any) -> Any:
 @click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
 @click.option("--context", type=int, default=None, help="Context length to allow and plan memory for [default: the model's].")  # fmt: skip
 @click.option("--force", is_flag=True, help="Load even if the memory check says it will not fit.")
+@click.option("--parallel", type=click.Choice(["tensor", "pipeline"]), default=None, help="Under mlx.launch: split the model by tensor or pipeline [default: tensor if the architecture can].")  # fmt: skip
 @cache_options
 @grammar_options
 @speculation_options
@@ -146,6 +152,7 @@ def generate_cmd(
     context: int | None,
     force: bool,
     stop: tuple[str, ...],
+    parallel: str | None,
     cache_dir: str | None,
     cache_disk_size: str | None,
     json_schema: str | None,
@@ -166,10 +173,15 @@ def generate_cmd(
 
     caches = cache_overrides(None, cache_dir, cache_disk_size)
 
+    from mlxrun import distributed
+    from mlxrun.engine_mirror import MirroredEngine, run_follower
     from mlxrun.generate import local_engine, stream_request
     from mlxrun.loader import load
 
-    lm, tokenizer, info = load(model, context=context, force=force)
+    world = distributed.init_world(parallel)
+    distributed.quiet_followers(world)
+    lm, tokenizer, info = load(model, context=context, force=force, world=world)
+    distributed.announce(distributed.current())
     if chat:
         note_fallback_template(tokenizer)
     constraint = read_constraint(tokenizer, json_schema, grammar)
@@ -183,6 +195,10 @@ def generate_cmd(
         lm, tokenizer, info.context_length, namespace=info.name,
         max_running=1, default_max_tokens=DEFAULT_MAX_TOKENS, **caches,
     ) as engine:  # fmt: skip
+        if world is not None and not world.leader:
+            assert isinstance(engine, MirroredEngine)  # make_engine mirrors under mlx.launch
+            run_follower(engine)  # mirror rank 0's engine until it stops
+            return
         chunks = stream_request(engine, tokenizer, ids, params, constraint=constraint)
         try:
             last = _stream(chunks)
@@ -191,5 +207,5 @@ def generate_cmd(
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             sys.exit(0)
-    if last is not None:
+    if last is not None and (world is None or world.leader):
         click.echo(_stats_line(last), err=True)

@@ -27,6 +27,7 @@ def _register() -> None:
     from mlxrun.cli.convert import convert_cmd
     from mlxrun.cli.doctor import doctor_cmd
     from mlxrun.cli.generate import generate_cmd
+    from mlxrun.cli.launch import launch_cmd
     from mlxrun.cli.run import ps_cmd, run_cmd
     from mlxrun.cli.store import list_cmd, pull_cmd, rm_cmd, show_cmd
     from mlxrun.server.cli import serve_cmd
@@ -43,6 +44,7 @@ def _register() -> None:
         serve_cmd,
         ps_cmd,
         doctor_cmd,
+        launch_cmd,
     ):
         main.add_command(cmd)
 

@@ -54,7 +54,7 @@ STOP_REASONS = {"end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_tu
 BLOCK_DELTAS = {"text": {"text_delta"}, "tool_use": {"input_json_delta"},
                 "thinking": {"thinking_delta", "signature_delta"},
                 "redacted_thinking": set()}  # fmt: skip
-EVENTS = {  # what the Anthropic SDK reads from each event Claude Code acts on
+EVENTS: dict[str, dict[str, Any]] = {  # what the Anthropic SDK reads from each event Claude Code acts on
     "message_start": {"message.type": "message", "message.role": "assistant", "message.id": str,
                       "message.content": list, "message.usage.input_tokens": int},
     "content_block_start": {"index": int, "content_block.type": set(BLOCK_DELTAS)},

@@ -29,7 +29,7 @@ ENDS = ("response.completed", "response.incomplete", "response.failed")
 CALL, SHORT = 100, 16  # max output tokens: one forced call; a plain answer
 
 
-def _body(ctx: Ctx, items: list[dict], **kw: Any) -> dict:
+def _body(ctx: Ctx, items: list[Any], **kw: Any) -> dict[str, Any]:
     """What Codex sends (codex-rs ResponsesApiRequest), with its session's cache key."""
     return {"model": ctx.model, "instructions": INSTRUCTIONS, "input": items, "tools": TOOLS,
             "tool_choice": "auto", "parallel_tool_calls": False, "store": False, "stream": True,

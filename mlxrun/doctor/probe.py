@@ -143,7 +143,9 @@ def sse_events(
     ctx: Ctx, path: str, body: Any, headers: dict | None = None
 ) -> list[tuple[str, str]]:
     """(event name, data) per server-sent event; a blank line ends each event."""
-    events, name, data = [], "", []
+    events: list[tuple[str, str]] = []
+    data: list[str] = []
+    name = ""
     with ctx.http.stream("POST", path, json=body, headers=_headers(ctx, headers)) as r:
         if r.status_code != 200:
             r.read()

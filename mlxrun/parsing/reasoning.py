@@ -12,7 +12,10 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlxrun.tokenizer import Tokenizer
 
 _WS = " \t\r\n"
 # (start, end) pairs models use, first match wins.
@@ -28,7 +31,7 @@ class ReasoningFormat:
     kind: str = "think"  # "think" (start/end markers) or "harmony" (channels)
 
 
-def template_texts(tokenizer: Any) -> list[str]:
+def template_texts(tokenizer: Tokenizer) -> list[str]:
     """Every chat template a checkpoint ships (default and named ones), as text."""
     found: list[str] = []
     raw = getattr(getattr(tokenizer, "backend", None), "chat_template", None)
@@ -45,7 +48,9 @@ def template_texts(tokenizer: Any) -> list[str]:
     return found
 
 
-def detect_reasoning(tokenizer: Any, prompt_text: str | None = None) -> ReasoningFormat | None:
+def detect_reasoning(
+    tokenizer: Tokenizer, prompt_text: str | None = None
+) -> ReasoningFormat | None:
     """A format when the vocabulary or a chat template knows both markers; `starts_open` when the
     rendered prompt ends with the start marker (plus whitespace)."""
     vocab = tokenizer.backend.get_vocab()
@@ -127,7 +132,8 @@ class ReasoningParser:
 
     def _feed(self, s: str, eof: bool) -> tuple[str, str]:
         self._held = ""
-        reasoning, content = [], []
+        reasoning: list[str] = []
+        content: list[str] = []
         while s:
             if self.state == _START:
                 s = self._opening(s, eof, content)

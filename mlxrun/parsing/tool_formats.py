@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidRequestError
 from .harmony import HARMONY_TOKENS
 from .reasoning import template_texts
+
+if TYPE_CHECKING:
+    from mlxrun.tokenizer import Tokenizer
 
 __all__ = ["ToolFormat", "detect_tool_format", "tool_format_by_name"]
 
@@ -104,7 +107,7 @@ _ALIASES = {
 }
 
 
-def _bind(fmt: ToolFormat, tokenizer: Any) -> ToolFormat:
+def _bind(fmt: ToolFormat, tokenizer: Tokenizer) -> ToolFormat:
     """`fmt` with the Mistral variant and the marker token ids of this tokenizer."""
     templates = "\n".join(template_texts(tokenizer))
     if fmt.name == "mistral":  # v7 vocabularies reserve [ARGS] but their templates write lists
@@ -139,7 +142,7 @@ _VOCAB_MARKERS = {
 }
 
 
-def detect_tool_format(tokenizer: Any) -> ToolFormat | None:
+def detect_tool_format(tokenizer: Tokenizer) -> ToolFormat | None:
     """The format the chat template asks for, else (if it mentions tools) the vocabulary's."""
     templates = "\n".join(template_texts(tokenizer))
     name = next((n for sig, n in _SIGNATURES if all(s in templates for s in sig)), None)
@@ -149,7 +152,7 @@ def detect_tool_format(tokenizer: Any) -> ToolFormat | None:
     return None if name is None else _bind(_FORMATS[name], tokenizer)
 
 
-def tool_format_by_name(name: str, tokenizer: Any = None) -> ToolFormat:
+def tool_format_by_name(name: str, tokenizer: Tokenizer | None = None) -> ToolFormat:
     """A format by name (--tool-parser), bound to `tokenizer` when given."""
     fmt = _FORMATS.get(_ALIASES.get(name, name))
     if fmt is None:

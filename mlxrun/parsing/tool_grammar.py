@@ -31,7 +31,7 @@ def _functions(tools: Sequence[Mapping]) -> list[tuple[str, dict]]:
         name = fn.get("name") if isinstance(fn, Mapping) else None
         if not isinstance(name, str) or not name:
             raise InvalidRequestError(f"tools[{k}] has no function name", param="tools")
-        params = fn.get("parameters")  # type: ignore[union-attr]
+        params = fn.get("parameters")
         if params is None:
             params = {"type": "object", "properties": {}, "additionalProperties": False}
         if not isinstance(params, Mapping) or params.get("type", "object") != "object":

@@ -137,6 +137,7 @@ def glm45(p: ToolParser) -> _Block:
     got = yield from p.until(("<arg_key>", end), _NAME_LIMIT)
     if got is None or not _named(p, got[0].strip()):
         return False
+    stop: str | None
     name, stop = got[0].strip(), got[1]
     call = p.open_call(name)
     while stop == "<arg_key>":
@@ -236,8 +237,9 @@ def _builtin_call(text: str) -> tuple[str, dict[str, Any]] | None:
         node = ast.parse(text, mode="eval").body
     except SyntaxError:
         return None
-    ok = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-    if not ok or node.func.attr != "call" or not isinstance(node.func.value, ast.Name) or node.args:
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+        return None
+    if node.func.attr != "call" or not isinstance(node.func.value, ast.Name) or node.args:
         return None
     try:
         kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg}

@@ -130,9 +130,9 @@ async def _chunks(
     content / tool-call deltas, never an empty content string; the finish_reason travels alone
     in each choice's last chunk."""
     for i in range(req.n):
-        delta = {"role": "assistant", "content": None}
+        role: dict[str, Any] = {"role": "assistant", "content": None}
         yield _chunk(
-            head, req, [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]
+            head, req, [{"index": i, "delta": role, "logprobs": None, "finish_reason": None}]
         )
     async for d in message_deltas(gen, plan):
         if d:

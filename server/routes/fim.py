@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -43,6 +43,9 @@ from ..models_pool import use_model
 from ..protocol_fim import Infill, parse_infill, parse_mistral
 from ..sse import DONE, EventStreamResponse
 from ..state import ServerState, server_state
+
+if TYPE_CHECKING:
+    from mlxrun.tokenizer import Tokenizer
 
 _SNIPPET = "\n\n--- snippet ---\n\n"  # llama.cpp's chunk separator without a file-separator token
 
@@ -112,7 +115,7 @@ async def _mistral_chunks(gen: Generation, head: dict[str, Any]) -> AsyncIterato
 
 
 def infill_prompt(
-    tokenizer: Any, prefix: str, suffix: str, extra: Sequence[tuple[str, str]], budget: int
+    tokenizer: Tokenizer, prefix: str, suffix: str, extra: Sequence[tuple[str, str]], budget: int
 ) -> list[int]:
     """[BOS] extra-context PRE prefix SUF suffix MID in at most `budget` tokens, cutting only the
     extra context (from its oldest end); the FIM part itself is never cut here."""
@@ -121,6 +124,7 @@ def infill_prompt(
     if not extra or room <= 0:
         return ids
     fim = tokenizer.fim_tokens
+    assert fim is not None  # build_fim_prompt refused a model without them
 
     def enc(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False) if text else []

@@ -41,6 +41,7 @@ def model_card(state: ServerState, model_id: str) -> dict[str, Any]:
 
 def _pool_card(hub: ServerState, model_id: str) -> dict[str, Any]:
     """A servable model of the pool: the full card while it is loaded, else the basics."""
+    assert hub.pool is not None
     spec = hub.pool.find(model_id)
     slot = hub.pool.slots.get(spec.name)
     if slot is not None:

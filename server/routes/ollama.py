@@ -72,7 +72,7 @@ async def _accept(
     while the model loads, and so do we."""
     state = server_state(request)
     body = await state.read_json(request)
-    name = body.get("model")
+    name: Any = body.get("model")  # JSON; served_model checks it is a string
     if state.pool is not None:
         return await _accept_pooled(request, state, body, parse)
     served_model(state.config.model_ids, name)
@@ -90,7 +90,8 @@ async def _accept_pooled(
 ) -> tuple[ServerState, str, R]:
     """Several models: a call with nothing to generate is a load or unload (chat and generate
     answer it with the app's state); anything else gets its model, loaded if need be."""
-    name = body.get("model")
+    name: Any = body.get("model")
+    assert hub.pool is not None
     spec = hub.pool.find(name if isinstance(name, str) else str(name))
     req = parse(body, spec.context or 1, hub.config.strict)
     note(request, req.ignored)
@@ -187,8 +188,10 @@ async def _deltas(gen: Generation, plan: ChatPlan | None) -> AsyncIterator[Messa
         async for d in message_deltas(gen, plan):
             yield d
         return
-    async for d in gen.deltas():  # raw and FIM prompts: plain text
-        yield MessageDelta(d.index, d.text, logprobs=d.logprobs, finish_reason=d.finish_reason)
+    async for raw in gen.deltas():  # raw and FIM prompts: plain text
+        yield MessageDelta(
+            raw.index, raw.text, logprobs=raw.logprobs, finish_reason=raw.finish_reason
+        )
 
 
 def _frame(name: str, chat: bool, text: str, thinking: str, calls: list, logprobs: list) -> dict:

@@ -11,6 +11,8 @@ import pytest
 from mlxrun.spec_step import SpecConfig
 from serverutil import MODEL_ID, make_app, serve_in_thread
 
+pytestmark = pytest.mark.server
+
 GREEDY = {"temperature": 0, "max_tokens": 40}
 MESSAGES = [{"role": "user", "content": "Rename the variable x to count in this file."}]
 

@@ -15,6 +15,8 @@ import pytest
 from mlxrun.sampling import SamplingParams, apply_penalties, compute_logprobs
 from mlxrun.spec_accept import position_logprobs, target_probs, verify_row
 
+pytestmark = pytest.mark.pure
+
 V, L, SAMPLES = 3, 3, 3000
 
 

@@ -19,6 +19,8 @@ from mlxrun.speculate import (
     tokens_to_propose,
 )
 
+pytestmark = pytest.mark.pure
+
 
 def test_expected_tokens_counts_the_bonus():
     assert expected_tokens(0.0, 5) == 1.0

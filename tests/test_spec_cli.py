@@ -13,6 +13,8 @@ import pytest
 
 from serverutil import CLI, MODEL_ID, make_app, serve_in_thread, start_cli
 
+pytestmark = pytest.mark.server
+
 MESSAGES = [{"role": "user", "content": "Rename the variable x to count in this file."}]
 
 

@@ -20,6 +20,8 @@ from mlxrun.sampling import SamplingParams
 from mlxrun.spec_step import RowSpec, SpecConfig, _Row
 from mlxrun.speculate import Acceptance
 
+pytestmark = pytest.mark.model
+
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
 

@@ -16,6 +16,8 @@ from mlxrun.sampling import SamplingParams
 from mlxrun.spec_step import SpecConfig, can_rollback, rollback
 from mlxrun.speculate import PROBE_EVERY
 
+pytestmark = pytest.mark.model
+
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 ALWAYS = SpecConfig(mode="ngram", adaptive=False, max_k=4)
 

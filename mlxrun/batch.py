@@ -218,6 +218,8 @@ class RequestState:
         self.kv = 0  # tokens of prompt + generated whose KV exists
         self.cached = 0
         self.reuse: Any = None  # a mlxrun.kv_reuse.ReusePlan when cache_reuse found runs
+        self.prediction = list(getattr(request, "prediction", None) or [])
+        self.spec: Any = None  # a mlxrun.spec_step.RowSpec while it speculates
         self.done = False
 
 

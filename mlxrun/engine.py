@@ -67,6 +67,7 @@ from mlxrun.kv_reuse import ChunkReuse
 from mlxrun.prefix_cache import RadixCache
 from mlxrun.sampling import SamplingParams
 from mlxrun.scheduler import Scheduler, SchedulerConfig, SeqState
+from mlxrun.spec_step import SpecConfig, Speculator
 
 if TYPE_CHECKING:
     from mlxrun.constrain import Constraint
@@ -89,6 +90,7 @@ class Request:
     namespace: str | None = None  # prefix-cache key beside the model's (e.g. an adapter)
     constraint: Constraint | None = None  # sampling follows its grammar
     pin_prefix: int = 0  # keep this many prompt tokens' KV in the prefix cache (cache_control)
+    prediction: Sequence[int] | None = None  # expected output (token ids): proposals to verify
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,8 @@ class Event:
     prompt_tokens: int = 0
     step: int = 0  # the engine step that produced it (for tests and tracing)
     reused_chunk_tokens: int = 0  # of cached_tokens, those reused past the prefix (cache_reuse)
+    accepted_prediction_tokens: int = 0  # so far: proposals from `prediction` kept (OpenAI usage)
+    rejected_prediction_tokens: int = 0  # so far: proposals from `prediction` thrown away
 
 
 @dataclass(frozen=True)
@@ -136,12 +140,14 @@ class EngineConfig:
     # prefix cache; "auto" = full while the KV budget allows, then the batch moves to 8-bit.
     kv_bits: int | str | None = None
     kv_group_size: int = 64
+    speculate: SpecConfig = field(default_factory=SpecConfig)  # mlxrun.spec_step
 
 
 class Engine:
     def __init__(self, model: ModelProtocol, config: EngineConfig | None = None):
         self.model = model
         self.config = config or EngineConfig()
+        self._spec = Speculator(self.config.speculate)
         self._lock = threading.Lock()  # guards the scheduler and _seqs (submit runs on callers)
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._seqs: dict[str, RequestState] = {}
@@ -331,6 +337,7 @@ class Engine:
             "steps": self._step_no,
             **self._cache_stats,
             **self._kv.stats,
+            **self._spec.stats(),
         }
 
     def _publish_cache_stats(self) -> None:  # a snapshot: stats() runs on other threads
@@ -350,6 +357,7 @@ class Engine:
                 busy = self._scheduler is not None and self._scheduler.has_work
             if not busy:
                 mx.clear_cache()  # idle: hand the allocator's spare buffers back
+                self._spec.idle()
             if not self._drain(block=not busy):
                 self._stop()
                 deliver(self._outbox)
@@ -393,11 +401,8 @@ class Engine:
         batch, finished = self._batch, []
         if batch.ids:
             seqs = [self._seqs[i] for i in batch.ids]
-            ids, tokens, extras, generated = batch.step(self.model, [s.row for s in seqs])
-            for seq in seqs:
-                seq.kv += 1
-            computed.update(dict.fromkeys(ids, 1))
-            finished = self._read(ids, tokens.tolist(), extras, generated)
+            computed.update(dict.fromkeys(batch.ids, 1))  # the scheduler counts a step per row
+            finished = self._read(seqs, self._decode(seqs))
         self._retire(finished)
         self._join(joiners)
         with self._lock:
@@ -430,6 +435,7 @@ class Engine:
     def _admit(self, rid: str) -> int:
         seq = self._seqs[rid]
         seq.row = RowSampler(seq.params, seq.constraint)
+        self._spec.attach(seq)
         seq.cache = self._kv.make_cache(self.model)
         blocks, hit = self._lookup(rid, seq.namespace, seq.prompt[:-1])  # >= 1 token to compute
         self._use_prefix(seq, blocks, hit)
@@ -545,34 +551,43 @@ class Engine:
             seq.cache = None
             seq.kv += len(rest)
 
-    def _read(
-        self, ids: list[str], tokens: list[int], extras: list, generated: list
-    ) -> list[RequestState]:
-        """Emit the tokens sampled last step (rows that fed a prompt token have none yet).
-        Returns the requests that finished."""
+    def _decode(self, seqs: list[RequestState]) -> list[tuple[list[int], list, int]]:
+        """One decode step: speculative where rows propose (mlxrun.spec_step), else plain and
+        overlapped. Per row: (tokens to emit now, their logprob arrays, KV positions added)."""
+        rows = self._spec.step(self.model, self._batch, seqs)
+        if rows is None:
+            _, tokens, extras, generated = self._batch.step(self.model, [s.row for s in seqs])
+            rows = [
+                ([t], [e], 1) if g else ([], [], 1)
+                for t, e, g in zip(tokens.tolist(), extras, generated, strict=True)
+            ]
+        self._spec.tick(len(rows), sum(added for _, _, added in rows))
+        for seq, (_, _, added) in zip(seqs, rows, strict=True):
+            seq.kv += added
+        return rows
+
+    def _read(self, seqs: list[RequestState], rows: list) -> list[RequestState]:
+        """Emit each row's tokens up to a stop token or its budget (rows that fed a prompt token
+        have none yet). Returns the requests that finished."""
         finished = []
-        for rid, token, extra, fresh in zip(ids, tokens, extras, generated, strict=True):
-            if not fresh:
-                continue
-            seq = self._seqs[rid]
-            seq.generated.append(token)
-            self._counts["generation_tokens"] += 1
-            if token in seq.stop_ids:
+        for seq, (tokens, extras, _) in zip(seqs, rows, strict=True):
+            out, lps, finish = [], [], None
+            for token, extra in zip(tokens, extras, strict=True):
+                seq.generated.append(token)
+                self._counts["generation_tokens"] += 1
+                if token in seq.stop_ids:
+                    finish = "stop"
+                    break
+                out.append(token)
+                if extra is not None:
+                    lps.append(_token_logprob(token, extra))
+                if len(seq.generated) >= seq.budget:
+                    finish = "length"
+                    break
+            if finish is not None:
                 finished.append(seq)
-                self._emit(seq, [], None, "stop")
-                continue
-            lps = None
-            if extra is not None:
-                lp, top_ids, top_lps = (x.tolist() for x in extra)
-                # Tokens a grammar forbids have no probability: no alternatives (nor valid JSON).
-                top = tuple(
-                    (i, v) for i, v in zip(top_ids[0], top_lps[0], strict=True) if v > -math.inf
-                )
-                lps = [TokenLogprob(token, lp[0], top)]
-            done = len(seq.generated) >= seq.budget
-            if done:
-                finished.append(seq)
-            self._emit(seq, [token], lps, "length" if done else None)
+            if out or finish is not None:
+                self._emit(seq, out, lps or None, finish)
         return finished
 
     def _retire(self, finished: list[RequestState]) -> None:
@@ -660,12 +675,21 @@ class Engine:
 
     def _emit(self, seq: RequestState, tokens: list[int], lps: Any, finish: str | None) -> None:
         reused = seq.reuse.reused if seq.reuse is not None else 0
+        spec = seq.spec if seq.prediction else None  # only a prediction's tokens are reported
         event = Event(
-            seq.id, tokens, lps, finish, seq.cached, len(seq.prompt), self._step_no, reused
-        )
+            seq.id, tokens, lps, finish, seq.cached, len(seq.prompt), self._step_no, reused,
+            spec.proposer.matched if spec else 0, spec.proposed - spec.accepted if spec else 0,
+        )  # fmt: skip
         if finish is not None:
             seq.done = True
             self._counts["finished"] += 1
             with self._lock:
                 self._seqs.pop(seq.id, None)
         self._outbox.append((seq.sink, event))
+
+
+def _token_logprob(token: int, extra: tuple) -> TokenLogprob:
+    lp, top_ids, top_lps = (x.tolist() for x in extra)
+    # Tokens a grammar forbids have no probability: no alternatives (nor valid JSON).
+    top = tuple((i, v) for i, v in zip(top_ids[0], top_lps[0], strict=True) if v > -math.inf)
+    return TokenLogprob(token, lp[0], top)

@@ -43,6 +43,10 @@ class UnsupportedModelError(MlxrunError):
     hint = "Convert a model of a supported architecture (see `mlxrun convert --help`)."
 
 
+class IncompatibleDraftError(MlxrunError):
+    hint = "Pick a draft model of the same family as the target (the same tokenizer)."
+
+
 class CorruptCheckpointError(MlxrunError):
     hint = "Re-download the checkpoint (delete it from the HF cache first)."
 

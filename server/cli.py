@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from mlxrun.cli.common import friendly_errors
 from mlxrun.cli.engine_options import cache_overrides
+from mlxrun.cli.speculation import speculation_options, speculation_overrides
 
 if TYPE_CHECKING:
     import uvicorn
@@ -202,6 +205,7 @@ def _setup_logging(level: str) -> None:
 @click.option("--responses-dir", type=click.Path(file_okay=False), default=None,
               help="Keep stored /v1/responses responses here across restarts (memory only by "
               "default).")  # fmt: skip
+@speculation_options
 @click.option("--parallel", type=click.Choice(["tensor", "pipeline"]), default=None,
               help="Under mlx.launch: split the model by tensor or pipeline [default: tensor if "
               "the architecture can].")  # fmt: skip
@@ -236,6 +240,9 @@ def serve_cmd(
     log_level: str,
     quiet: bool,
     responses_dir: str | None,
+    speculate: str,
+    draft: str | None,
+    num_speculative_tokens: int,
     parallel: str | None,
     step_timeout: float,
 ) -> None:
@@ -274,7 +281,13 @@ def serve_cmd(
 
     names, preload = cli_pool.pick_models(models)
     specs = cli_pool.build_specs(names, aliases, context)
-    engine_config = EngineConfig(max_running=max_running, cache_reuse=cache_reuse, **kv, **caches)
+    if draft is not None:  # the default model's draft; checked against its tokenizer now
+        specs[0] = dataclasses.replace(specs[0], draft=draft)
+        _check_draft(specs[0].path, draft, context)
+    spec = speculation_overrides(speculate, num_speculative_tokens)
+    engine_config = EngineConfig(
+        max_running=max_running, cache_reuse=cache_reuse, **kv, **caches, **spec
+    )
     settings = cli_pool.pool_settings(memory_budget, max_loaded, keep_alive, engine_config, preload)
     sock = _bind(host, port)
     pool = ModelPool(specs, settings)
@@ -294,6 +307,14 @@ def serve_cmd(
     )
     _run(pool, config, host, sock)
     click.echo("Stopped.")
+
+
+def _check_draft(target: str, draft: str, context: int | None) -> None:
+    """A draft with another tokenizer stops serve before it starts (IncompatibleDraftError)."""
+    from mlxrun.draft import load_draft
+    from mlxrun.tokenizer import load_tokenizer
+
+    load_draft(draft, load_tokenizer(Path(target)), context=context)
 
 
 def _run(pool: ModelPool, config: ServerConfig, host: str, sock: socket.socket) -> None:

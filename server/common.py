@@ -150,7 +150,11 @@ def usage(gen: Generation) -> dict[str, Any]:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": details,
-        "completion_tokens_details": {"reasoning_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "accepted_prediction_tokens": gen.prediction_tokens[0],
+            "rejected_prediction_tokens": gen.prediction_tokens[1],
+        },
     }
 
 

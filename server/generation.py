@@ -38,6 +38,7 @@ class ChoiceSpec:
     pin_prefix: int = 0  # prompt tokens to keep in the prefix cache (Anthropic cache_control)
     keep_special: bool = False  # special tokens stay in the text (tool-call / reasoning markers)
     namespace: str | None = None  # prefix-cache scope (an API key's: its pins are its own)
+    prediction: tuple[int, ...] | None = None  # Predicted Outputs: token ids to verify
 
 
 @dataclass
@@ -60,6 +61,7 @@ class _Choice:
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.reused_chunk_tokens = 0  # of cached_tokens, reused past the prefix (--cache-reuse)
+        self.prediction = (0, 0)  # (accepted, rejected) prediction tokens so far
         self.last_token_at: float | None = None
 
 
@@ -117,6 +119,11 @@ class Generation:
         return self.choices[index].output.matched_stop
 
     @property
+    def prediction_tokens(self) -> tuple[int, int]:
+        """(accepted, rejected) tokens of the requests' predictions, over every choice."""
+        return tuple(sum(c.prediction[i] for c in self.choices) for i in (0, 1))  # type: ignore
+
+    @property
     def completion_tokens(self) -> int:
         return sum(c.completion_tokens for c in self.choices)
 
@@ -135,6 +142,7 @@ class Generation:
                         constraint=spec.constraint,
                         pin_prefix=spec.pin_prefix,
                         namespace=spec.namespace,
+                        prediction=spec.prediction,
                     )
                 )
         except BaseException:
@@ -172,6 +180,7 @@ class Generation:
             return None  # events after a stop string: the abort is on its way
         choice.cached_tokens = event.cached_tokens
         choice.reused_chunk_tokens = event.reused_chunk_tokens
+        choice.prediction = (event.accepted_prediction_tokens, event.rejected_prediction_tokens)
         self.looked_up = True
         self._time_tokens(choice, len(event.new_token_ids))
         delta = Delta(choice.index)

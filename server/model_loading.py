@@ -71,6 +71,13 @@ def load_engine(spec: Any, est: Estimate, template: Any) -> tuple[Any, Any, Any]
         kv_capacity_tokens=None,
         cache_memory_bytes=est.cache_bytes,
     )
+    if getattr(spec, "draft", None):  # --draft or models.toml: same tokenizer or a typed error
+        from mlxrun.draft import load_draft
+
+        draft = load_draft(spec.draft, tokenizer, context=est.context)
+        config = dataclasses.replace(
+            config, speculate=dataclasses.replace(config.speculate, draft=draft)
+        )
     engine = Engine(model, config)
     engine.start()
     return engine, tokenizer, info

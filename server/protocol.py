@@ -24,6 +24,7 @@ from mlxrun.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 from .errors import APIError, from_mlxrun, invalid
 from .extras import Extras
+from .protocol_prediction import parse_prediction
 from .protocol_tools import (
     OutputFormat,
     ToolChoice,
@@ -53,8 +54,8 @@ _COMMON = frozenset({"model", "n", "stream", "stream_options", "stop", "logit_bi
 _FORMAT = frozenset({"response_format", "grammar"})
 _CHAT = _COMMON | _FORMAT | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
     "tools", "functions", "tool_choice", "function_call", "parallel_tool_calls",
-    "reasoning_effort", "chat_template_kwargs"}  # fmt: skip
-_COMPLETION = _COMMON | _FORMAT | {"prompt", "suffix", "echo", "logprobs", "best_of"}
+    "reasoning_effort", "chat_template_kwargs", "prediction"}  # fmt: skip
+_COMPLETION = _COMMON | _FORMAT | {"prompt", "suffix", "echo", "logprobs", "best_of", "prediction"}
 
 # Parameters we accept only at a value that asks for nothing we do not do.
 _NOOP_VALUES: dict[str, Callable[[Any], bool]] = {
@@ -79,6 +80,7 @@ class ChatRequest:
     output: OutputFormat | None = None  # response_format / grammar
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
     ignored: list[str] = field(default_factory=list)  # fields accepted but not acted on
+    prediction: str | None = None  # Predicted Outputs (protocol_prediction)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class CompletionRequest:
     ignored: list[str] = field(default_factory=list)
     # With no max_tokens (params.max_tokens None), OpenAI's legacy default: mlxrun.budget applies it.
     default_max_tokens: int | None = COMPLETIONS_DEFAULT_MAX_TOKENS
+    prediction: str | None = None
 
 
 # ---------------------------------------------------------------- JSON and types
@@ -426,6 +429,7 @@ def parse_chat(body: Mapping[str, Any], *, strict: bool = False) -> ChatRequest:
         output=parse_openai_response_format(body),
         template_kwargs=template_kwargs,
         ignored=extras.paths,
+        prediction=parse_prediction(body),
     )
 
 
@@ -505,6 +509,7 @@ def parse_completion(body: Mapping[str, Any], *, strict: bool = False) -> Comple
         max_tokens_param=max_param,
         output=parse_openai_response_format(body),
         ignored=extras.paths,
+        prediction=parse_prediction(body),
     )
 
 

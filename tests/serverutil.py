@@ -50,6 +50,7 @@ def make_app(
     max_running: int = 16,
     max_waiting: int = 256,
     cache_memory_bytes: int = 64 << 20,
+    speculate: Any = None,
     **server: Any,
 ) -> Any:
     """An app over a real engine for `model_dir` (served as MODEL_ID unless model_id is given)."""
@@ -70,6 +71,7 @@ def make_app(
             eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)),
             namespace=str(model_dir),
             context_length=info.context_length,
+            **({} if speculate is None else {"speculate": speculate}),  # a SpecConfig
         ),
     )
     server.setdefault("model_id", MODEL_ID)

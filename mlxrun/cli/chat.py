@@ -20,6 +20,7 @@ import click
 from mlxrun.cli.common import friendly_errors, report_error
 from mlxrun.cli.engine_options import cache_options, grammar_options
 from mlxrun.cli.generate import DEFAULT_MAX_TOKENS
+from mlxrun.cli.speculation import pop_speculation, speculation_for, speculation_options
 
 PROMPT, MORE = ">>> ", "... "
 BLOCK = '"""'
@@ -376,6 +377,7 @@ def _setup_readline() -> Callable[[], None]:
 @click.option("--force", is_flag=True, help="Load even if the memory check says it will not fit.")
 @cache_options
 @grammar_options
+@speculation_options
 @friendly_errors
 def chat_cmd(
     model: str | None,
@@ -401,6 +403,7 @@ def chat_cmd(
         from mlxrun.cli.run import default_model
 
         model = default_model()
+    spec_flags = pop_speculation(sampling)
     if sampling["temperature"] is None:
         sampling["temperature"] = DEFAULT_TEMPERATURE
     params = sampling_params(**sampling)
@@ -417,6 +420,7 @@ def chat_cmd(
     if params.max_tokens is None:  # leave half the context to the conversation
         params = params.replace(max_tokens=chat_reply_default(info.context_length))
     ctx = info.context_length
+    caches.update(speculation_for(tokenizer, spec_flags, context))
     with local_engine(lm, tokenizer, ctx, namespace=info.name, **caches) as engine:
         session = ChatSession(lm, tokenizer, params, system=system, context_length=ctx,
                               engine=engine, constraint=constraint)  # fmt: skip

@@ -11,6 +11,7 @@ import click
 from mlxrun.budget import TERMINAL_MAX_TOKENS as DEFAULT_MAX_TOKENS
 from mlxrun.cli.common import friendly_errors
 from mlxrun.cli.engine_options import cache_options, grammar_options
+from mlxrun.cli.speculation import pop_speculation, speculation_for, speculation_options
 
 if TYPE_CHECKING:
     from mlxrun.generate import GenerationChunk
@@ -141,6 +142,7 @@ def _stream(chunks: Any) -> Any:
 @click.option("--parallel", type=click.Choice(["tensor", "pipeline"]), default=None, help="Under mlx.launch: split the model by tensor or pipeline [default: tensor if the architecture can].")  # fmt: skip
 @cache_options
 @grammar_options
+@speculation_options
 @friendly_errors
 def generate_cmd(
     model: str,
@@ -165,6 +167,7 @@ def generate_cmd(
         raise InvalidRequestError("--system needs --chat", param="system", hint="Add --chat.")
     if context is not None and context < 1:
         raise InvalidRequestError(f"--context must be >= 1, got {context}", param="context")
+    spec_flags = pop_speculation(sampling)
     text = read_prompt(prompt)
     params = sampling_params(stop=list(stop), **sampling)
 
@@ -187,6 +190,7 @@ def generate_cmd(
         params = params.replace(stop=(*params.stop, *tokenizer.chat_stop_strings))
     if caches["cache_dir"] is None:
         caches["cache_memory_bytes"] = 0  # one request: a prefix cache only feeds the disk tier
+    caches.update(speculation_for(tokenizer, spec_flags, context))
     with local_engine(
         lm, tokenizer, info.context_length, namespace=info.name,
         max_running=1, default_max_tokens=DEFAULT_MAX_TOKENS, **caches,

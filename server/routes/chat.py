@@ -16,6 +16,7 @@ from ..extras import note, reports
 from ..generation import Generation
 from ..models_pool import use_model
 from ..protocol import ChatRequest, parse_chat
+from ..protocol_prediction import with_prediction
 from ..sse import EventStreamResponse
 from ..state import ServerState, server_state
 
@@ -53,7 +54,8 @@ async def create(request: Request) -> Response:
         template_kwargs=req.template_kwargs,
     )
     request_id = state.next_id("chatcmpl")
-    gen = start_generation(state, plan.specs, request_id, arrival)
+    specs = with_prediction(plan.specs, state.tokenizer, req.prediction)
+    gen = start_generation(state, specs, request_id, arrival)
     head = {"id": request_id, "created": now(), "model": model}
     if req.stream:
         chunks = _chunks(state, req, gen, plan, head)

@@ -33,6 +33,7 @@ from ..fim_groups import NO_GROUP, Ticket, released, start_fim
 from ..generation import ChoiceSpec, Generation
 from ..models_pool import use_model
 from ..protocol import CompletionRequest, parse_completion
+from ..protocol_prediction import with_prediction
 from ..sse import EventStreamResponse
 from ..state import ServerState, server_state
 
@@ -97,6 +98,7 @@ async def create(request: Request) -> Response:
             )
             for j in range(req.n)
         ]
+    specs = with_prediction(specs, state.tokenizer, req.prediction)
     echoes = [_echo_text(state, req, p) for p in req.prompts for _ in range(req.n)]
     request_id = state.next_id("cmpl")
     gen, ticket = _start(state, request, req, specs, request_id, arrival)

@@ -79,6 +79,14 @@ def _engine_gauges(state: ServerState) -> dict[str, tuple[str, float]]:
         "Bits per KV value that new KV gets now.",
         stats.get("kv_bits_now", 0),
     )
+    gauges["speculation_acceptance_rate"] = (
+        "Share of proposed tokens (prediction, n-gram, draft) the model accepted (since start).",
+        stats.get("spec_acceptance_rate", 0.0),
+    )
+    gauges["speculation_tokens_per_step"] = (
+        "Tokens a speculating request gets per verify step: accepted ones plus one.",
+        stats.get("spec_tokens_per_row_step", 0.0),
+    )
     gauges.update(_memory_gauges())
     return gauges
 

@@ -16,7 +16,7 @@ rest is rolled back exactly as the target's is (mlxrun.spec_step.rollback).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
@@ -114,6 +114,7 @@ class Draft:
 
         fed_last = self._width - 1  # proposals fed to the draft (the last one never is)
         keep = [min(a, fed_last) for a in accepted]
+        assert self.caches is not None  # proposals were made: the draft has its cache
         rollback(self.caches, [fed_last - k for k in keep])
         for rid, k in zip(self.ids, keep, strict=True):
             self.known[rid] = self._fed[rid] + k
@@ -179,4 +180,4 @@ class Draft:
             nxt = mx.argmax(self.model(nxt[:, None], cache=self.caches)[:, -1], axis=-1)
             out.append(nxt)
         self._fed = {rid: len(ctx) for rid, ctx in zip(self.ids, contexts, strict=True)}
-        return mx.stack(out, axis=1).tolist()
+        return cast(list[list[int]], mx.stack(out, axis=1).tolist())

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
@@ -221,7 +221,8 @@ class Speculator:
             )  # fmt: skip
             for j, i in enumerate(idx):
                 bonus[i], extras[i] = new[j : j + 1], ex[j]
-        mx.eval([(r.verdict.accepted, r.verdict.candidates) for r in spec])
+        verdicts = [r.verdict for r in spec]
+        mx.eval([(v.accepted, v.candidates) for v in verdicts if v is not None])
         out: list = [None] * len(rows)
         drops = [width] * len(rows)
         for r in spec:
@@ -249,9 +250,9 @@ class Speculator:
     def _settle(self, r: _Row, seq: Any) -> tuple:
         """Accepted tokens, the bonus and its extras of one verified row; acceptance bookkeeping."""
         assert r.verdict is not None
-        a = int(r.verdict.accepted.item())
+        a = cast(int, r.verdict.accepted.item())
         kept = r.proposal[:a]
-        bonus = int(r.verdict.candidates[a].item())
+        bonus = cast(int, r.verdict.candidates[a].item())
         spec, k = seq.spec, len(r.proposal)
         spec.acceptance.update(k, a)
         spec.proposer.advance(k, a, bonus)

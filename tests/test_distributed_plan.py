@@ -17,7 +17,6 @@ from mlxrun import distributed, launch, sharding
 from mlxrun.distributed import World
 from mlxrun.errors import DistributedError, InsufficientMemoryError, UnsupportedModelError
 
-
 pytestmark = pytest.mark.model
 
 

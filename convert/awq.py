@@ -121,5 +121,5 @@ def awq_layer(ctx: LayerContext) -> dict[str, mx.array]:
     ctx.notes.update(awq_error_before=old_err, awq_error_after=new_err)
     if new_err >= old_err:
         return {}  # the search did not help this layer: keep the source values
-    ctx.layer.load_weights([(k, after[k]) for k in changed])
+    ctx.layer.load_weights([(k, after[k]) for k in changed], strict=False)
     return {k: after[k].astype(ctx.out_dtype(k)) for k in changed}

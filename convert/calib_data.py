@@ -33,9 +33,13 @@ def _read_text(path: Path) -> str:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
-        raise InvalidRequestError(f"calibration file {path} is not UTF-8 text", param="calib") from None
+        raise InvalidRequestError(
+            f"calibration file {path} is not UTF-8 text", param="calib"
+        ) from None
     except OSError as e:
-        raise InvalidRequestError(f"cannot read calibration file {path}: {e}", param="calib") from None
+        raise InvalidRequestError(
+            f"cannot read calibration file {path}: {e}", param="calib"
+        ) from None
     if "\x00" in text:
         raise InvalidRequestError(f"calibration file {path} is binary, not text", param="calib")
     return text

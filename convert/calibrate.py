@@ -170,33 +170,30 @@ def _load_layer(layer: nn.Module, prefix: str, weights: dict) -> dict[str, mx.Dt
 def quantized_copy(layer: nn.Module, params: dict[str, QuantParams], overrides: dict,
                    out_dtype: Callable[[str], mx.Dtype]) -> nn.Module:  # fmt: skip
     """`layer` as the converted model will hold it (modified in place): float overrides set, each
-    recipe linear quantized from its output-dtype weight, ready triples put in, scales rounded."""
-    floats = [(k, v.astype(mx.float32)) for k, v in overrides.items() if not _in_triple(k, overrides)]
+    recipe linear quantized from its output-dtype weight (or given its ready triple), scales
+    rounded to the output dtype. One module at a time, so only one extra copy is ever resident."""
+    floats = [
+        (k, v.astype(mx.float32)) for k, v in overrides.items() if not _in_triple(k, overrides)
+    ]
     if floats:
         layer.load_weights(floats, strict=False)
-    for rel, module in layer.named_modules():
-        if rel in params and "weight" in module and "scales" not in module:
-            module.weight = module.weight.astype(out_dtype(f"{rel}.weight")).astype(mx.float32)
-
-    def pick(path, module):
-        p = params.get(path)
-        if p is None or "scales" in module:  # already quantized (DWQ trained it in place)
-            return False
-        return {"bits": p.bits, "group_size": p.group_size}
-
-    nn.quantize(layer, class_predicate=pick)
-    for rel, module in layer.named_modules():
-        if rel not in params:
-            continue
-        if f"{rel}.scales" in overrides:
-            module.weight = overrides[f"{rel}.weight"]
-            module.scales = overrides[f"{rel}.scales"].astype(mx.float32)
-            module.biases = overrides[f"{rel}.biases"].astype(mx.float32)
-        elif "scales" in module:
-            dt = out_dtype(f"{rel}.weight")
-            module.scales = module.scales.astype(dt).astype(mx.float32)
-            module.biases = module.biases.astype(dt).astype(mx.float32)
-    mx.eval(layer.parameters())
+    for rel, module in list(layer.named_modules()):
+        p = params.get(rel)
+        if p is None or "scales" in module or not hasattr(module, "to_quantized"):
+            continue  # not quantized by the recipe, or already (DWQ trains it in place)
+        dt = out_dtype(f"{rel}.weight")
+        if f"{rel}.scales" not in overrides:
+            module.weight = module.weight.astype(dt).astype(mx.float32)
+        q = module.to_quantized(group_size=p.group_size, bits=p.bits)
+        if f"{rel}.scales" in overrides:  # replaces the lazy rounding before it is computed
+            q.weight = overrides[f"{rel}.weight"]
+            q.scales = overrides[f"{rel}.scales"].astype(mx.float32)
+            q.biases = overrides[f"{rel}.biases"].astype(mx.float32)
+        else:
+            q.scales = q.scales.astype(dt).astype(mx.float32)
+            q.biases = q.biases.astype(dt).astype(mx.float32)
+        mx.eval(q.parameters())
+        swap_modules(layer, {rel: q})
     return layer
 
 
@@ -249,7 +246,7 @@ def _run_all(ctx: LayerContext, module: nn.Module, src: ActivationStore, dst: Ac
 
 def calibrate(ckpt, qmap: dict[str, QuantParams], out_dtype: Callable[[str, mx.Dtype], mx.Dtype],
               tokens: mx.array, method: str, scratch: Path, data_label: str,
-              budget: int = ACTIVATION_BUDGET) -> CalibrationResult:  # fmt: skip
+              budget: int | None = None) -> CalibrationResult:  # fmt: skip
     """Calibrate every layer of `ckpt` for `qmap`; results land in `scratch` (see load_overrides).
 
     `out_dtype(name, source_dtype)` is the dtype the writer gives tensor `name`.
@@ -258,6 +255,7 @@ def calibrate(ckpt, qmap: dict[str, QuantParams], out_dtype: Callable[[str, mx.D
     from mlxrun.models import build_model
 
     fn = _method(method)
+    budget = ACTIVATION_BUDGET if budget is None else budget
     t0 = time.perf_counter()
     scratch.mkdir(parents=True, exist_ok=True)
     model = build_model(ckpt.config)
@@ -306,4 +304,3 @@ def load_overrides(scratch: Path) -> dict[str, mx.array]:
     for f in sorted(scratch.glob("layer-*.safetensors")):
         out.update(mx.load(str(f)))
     return out
-

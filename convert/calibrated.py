@@ -21,7 +21,9 @@ from mlxrun.errors import InvalidRequestError
 SCRATCH = ".calibration"
 
 
-def run_calibration(ckpt, qmap, dtype, cast_pred, tmp: Path, opts) -> tuple[CalibrationResult, Path]:
+def run_calibration(
+    ckpt, qmap, dtype, cast_pred, tmp: Path, opts
+) -> tuple[CalibrationResult, Path]:
     from mlx_lm.utils import load_tokenizer
 
     from mlxrun.convert.calib_data import calib_tokens, read_calib_set

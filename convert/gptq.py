@@ -86,8 +86,7 @@ class _Hessian(nn.Module):
     def __call__(self, x):
         xf = x.reshape(-1, x.shape[-1]).astype(mx.float32)
         h = xf.T @ xf
-        self.h = h if self.h is None else self.h + h
-        mx.eval(self.h)
+        self.h = h if self.h is None else self.h + h  # evaluated with the layer's output
         return self.inner(x)
 
 
@@ -101,7 +100,7 @@ def hessians(ctx: LayerContext) -> dict[str, np.ndarray]:
     swap_modules(ctx.layer, hooks)
     try:
         for x in ctx.inputs:
-            mx.eval(ctx.run(ctx.layer, x))
+            mx.eval(ctx.run(ctx.layer, x), [hook.h for hook in hooks.values()])
     finally:
         swap_modules(ctx.layer, {rel: hook.inner for rel, hook in hooks.items()})
     return {rel: np.array(hook.h, dtype=np.float64) for rel, hook in hooks.items()}

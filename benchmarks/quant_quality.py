@@ -143,7 +143,8 @@ def main() -> None:
     tokens = _eval_tokens(args.model, args.eval_tokens, args.seq)
     ref = _log_probs(args.model, tokens)
     base = _metrics(ref, ref, tokens)
-    print(f"model {args.model.name}: {tokens.size} held-out tokens, bf16 PPL {base['ppl']:.4f}")
+    print(f"model {args.model.name}: {tokens.size} held-out tokens, bf16 PPL {base['ppl']:.4f}",
+          flush=True)
     src_size = sum(f.stat().st_size for f in args.model.glob("*.safetensors"))
     results = []
     for name in names:

@@ -77,7 +77,8 @@ def calib_tokens(
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for doc in calib.documents:
-        ids.extend(tokenizer.encode(doc, add_special_tokens=False))
+        # verbose=False: a document longer than the model's context is fine, it is cut below.
+        ids.extend(tokenizer.encode(doc, add_special_tokens=False, verbose=False))
         if eos is not None:
             ids.append(int(eos))
     if len(ids) < MIN_TOKENS:

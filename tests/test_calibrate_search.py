@@ -33,7 +33,8 @@ def test_auto_keeps_the_method_with_the_lowest_kl(tiny_llama, tmp_path):
     assert r.quality["kl_divergence"] == pytest.approx(min(kls))
     assert _kl(out) == pytest.approx(min(kls))
     card = (out / "README.md").read_text()
-    assert "Candidates measured" in card and card.count("| 3-bit g64 |") == 3
+    table = card.split("## Candidates measured", 1)[1].split("##", 1)[0]
+    assert table.count("| 3-bit g64 |") == 3 and table.count("**chosen**") == 1
     assert not [p for p in out.iterdir() if p.name.startswith(".candidate")]
 
 
@@ -77,13 +78,15 @@ def test_max_kl_picks_the_smallest_recipe_under_the_limit(ladder_kls, tmp_path, 
 
 def test_max_kl_stays_within_the_fit_budget(ladder_kls, tmp_path, monkeypatch):
     """With --fit, recipes larger than the planner's pick are never tried."""
+    from mlxrun.convert.checkpoint import load_config
     from mlxrun.convert.plan import estimate
 
     src, kls = ladder_kls
     monkeypatch.setattr(calibrated_module, "QUALITY_LADDER", ("q8", "q4", "q2"))
-    model = build_model(json.loads((src / "config.json").read_text()))
-    q4 = estimate(model, {}, get_recipe("q4"), 1, budget_bytes=0)
-    q8 = estimate(model, {}, get_recipe("q8"), 1, budget_bytes=0)
+    config = load_config(src)
+    model = build_model(config)
+    q4 = estimate(model, config, get_recipe("q4"), 1, budget_bytes=0)
+    q8 = estimate(model, config, get_recipe("q8"), 1, budget_bytes=0)
     budget = int((q4.total_bytes + q8.total_bytes) / 2)  # q4 fits, q8 does not
     with pytest.raises(InvalidRequestError, match="no recipe tried"):
         convert_model(str(src), tmp_path / "x", max_kl=kls["q8"] * 1.01, fit=str(budget),

@@ -1,4 +1,4 @@
-"""A chat conversation whose KV cache lives across turns (no terminal I/O; see cli_chat.py).
+"""A chat conversation whose KV cache lives across turns (no terminal I/O; see mlxrun/cli/chat.py).
 
     session = ChatSession(model, tokenizer, SamplingParams(temperature=0), system="Be brief.")
     for text in session.send("Hello"):

@@ -57,6 +57,7 @@ from mlxrun.cache import (
     supports_prefix_cache,
 )
 from mlxrun.disk_tier import CHUNK_TOKENS, DiskTier, Prefetch, model_fingerprint
+from mlxrun.engine_commands import Abort, Command, Stop, Wake
 from mlxrun.errors import InvalidRequestError
 from mlxrun.kv_files import kv_layout
 from mlxrun.kv_precision import KVPrecision
@@ -133,7 +134,7 @@ class Engine:
         self.model = model
         self.config = config or EngineConfig()
         self._lock = threading.Lock()  # guards the scheduler and _seqs (submit runs on callers)
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._seqs: dict[str, RequestState] = {}
         self._batch = DecodeBatch()
         self._scheduler: Scheduler | None = None
@@ -174,7 +175,7 @@ class Engine:
         """Abort everything, write the prefix cache to the disk tier (when on), join the thread."""
         if self._thread is None:
             return
-        self._commands.put(("stop",))
+        self._commands.put(Stop())
         self._thread.join()
 
     def __enter__(self) -> Engine:
@@ -261,7 +262,7 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request (thread-safe): it ends within one step with finish_reason "abort"."""
-        self._commands.put(("abort", request_id))
+        self._commands.put(Abort(request_id))
 
     def _add(self, request: Request, sink: Any) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -277,7 +278,7 @@ class Engine:
             self._counts["group_cancellations"] += len(older)
         for rid in older:
             self.abort(rid)
-        self._commands.put(("wake",))
+        self._commands.put(Wake())
 
     def _make_seq(self, request: Request, sink: Any) -> RequestState:
         ids, params, cfg = request.prompt_token_ids, request.params, self.config
@@ -352,10 +353,10 @@ class Engine:
             except queue.Empty:
                 return True
             block = False
-            if cmd[0] == "stop":
+            if isinstance(cmd, Stop):
                 return False
-            if cmd[0] == "abort":
-                self._abort(cmd[1])
+            if isinstance(cmd, Abort):
+                self._abort(cmd.request_id)
 
     def _stop(self) -> None:
         for rid in list(self._seqs):
@@ -427,9 +428,8 @@ class Engine:
             self._counts["cache_hits"] += 1
             self._counts["cache_hit_tokens"] += hit
             with self._lock:
-                state = self._scheduler.get(seq.id) if self._scheduler is not None else None
-                if state is not None:
-                    state.num_computed_tokens = hit
+                assert self._scheduler is not None
+                self._scheduler.mark_cached(seq.id, hit)
         seq.computed = seq.cached = seq.kv = hit
         if self._reuse is not None:  # runs cached past the prefix, spliced as prefill reaches them
             seq.reuse = self._reuse.plan_for(seq, hit)

@@ -266,6 +266,20 @@ class Scheduler:
             admitted.append(head.request_id)
         return admitted
 
+    def mark_cached(self, request_id: str, tokens: int) -> None:
+        """An admitted request starts with `tokens` of its prompt already in KV (a prefix-cache
+        hit): they are not scheduled for prefill. At least one prompt token stays to compute,
+        since the first sample needs that token's logits."""
+        seq = self._running.get(request_id)
+        if seq is None:
+            raise KeyError(f"request {request_id!r} is not running")
+        if not 0 <= tokens < seq.num_prompt_tokens:
+            raise ValueError(
+                f"request {request_id!r}: {tokens} cached tokens, the prompt has "
+                f"{seq.num_prompt_tokens}"
+            )
+        seq.num_computed_tokens = tokens
+
     def complete_step(self, computed: dict[str, int], finished: list[str]) -> None:
         """Record what the engine computed this step, then drop the finished requests.
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from mlxrun.cli_common import friendly_errors
+from mlxrun.cli.common import friendly_errors
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long to finish; the rest are aborted
@@ -264,7 +264,7 @@ def serve_cmd(
     kv = {"kv_bits": kv_bits, "kv_group_size": int(kv_group_size)}
     disk_bytes = _disk_bytes(cache_disk_size, cache_dir)
     if tool_parser is not None:
-        from mlxrun.tools import tool_format_by_name
+        from mlxrun.parsing.tools import tool_format_by_name
 
         tool_format_by_name(tool_parser)  # an unknown name fails before the model loads
     if responses_dir is not None:

@@ -28,8 +28,8 @@ from .protocol_tools import OutputFormat, ToolChoice
 from .state import ServerState
 
 if TYPE_CHECKING:
-    from mlxrun.reasoning import ReasoningFormat
-    from mlxrun.tools import ToolCall, ToolCallDelta, ToolFormat
+    from mlxrun.parsing.reasoning import ReasoningFormat
+    from mlxrun.parsing.tools import ToolCall, ToolCallDelta, ToolFormat
 
 NO_TOOLS = ToolChoice("none")
 
@@ -91,8 +91,8 @@ def plan_chat(
             "tools",
             code="unsupported_parameter",
         )
-    from mlxrun.reasoning import detect_reasoning
-    from mlxrun.tools import tool_schemas
+    from mlxrun.parsing.reasoning import detect_reasoning
+    from mlxrun.parsing.tools import tool_schemas
 
     try:
         names = tool_schemas(tools) if use_tools else {}
@@ -144,7 +144,7 @@ def _constraint(
             output.param,
         )
     if forced:
-        from mlxrun.tools import tool_call_grammar
+        from mlxrun.parsing.tools import tool_call_grammar
 
         assert tools is not None and fmt is not None
         lark = tool_call_grammar(fmt, tools, choice.name, choice.parallel, reasoning)
@@ -169,8 +169,8 @@ class MessageParser:
     """One choice's text -> (reasoning, content, tool-call deltas)."""
 
     def __init__(self, plan: ChatPlan):
-        from mlxrun.reasoning import ReasoningParser
-        from mlxrun.tools import ToolParser
+        from mlxrun.parsing.reasoning import ReasoningParser
+        from mlxrun.parsing.tools import ToolParser
 
         self.reasoning = ReasoningParser(plan.reasoning) if plan.reasoning else None
         self.tools = ToolParser(plan.tool_format, plan.tool_names) if plan.tool_format else None

@@ -73,29 +73,21 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
-def context_exceeded(prompt_tokens: int, max_tokens: int, limit: int, param: str) -> APIError:
-    """400 naming the prompt size, the completion size asked for and the context length."""
-    return APIError(
-        400,
-        f"This model's maximum context length is {limit} tokens. However, you requested "
-        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for "
-        "the completion). Please reduce the prompt or the completion length.",
-        param=param,
-        code="context_length_exceeded",
-    )
-
-
 def _context_error(exc: ContextLengthExceededError) -> APIError:
     """OpenAI's wording: the prompt alone, or the prompt with the completion asked for."""
-    if exc.max_tokens is not None:
-        return context_exceeded(exc.prompt_tokens, exc.max_tokens, exc.limit, exc.param or "")
-    return APIError(
-        400,
-        f"This model's maximum context length is {exc.limit} tokens, but the prompt has "
-        f"{exc.prompt_tokens} tokens. Please shorten the prompt.",
-        param=exc.param,
-        code="context_length_exceeded",
-    )
+    limit, prompt = exc.limit, exc.prompt_tokens
+    if exc.max_tokens is None:
+        message = (
+            f"This model's maximum context length is {limit} tokens, but the prompt has "
+            f"{prompt} tokens. Please shorten the prompt."
+        )
+    else:
+        message = (
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt + exc.max_tokens} tokens ({prompt} in the prompt, {exc.max_tokens} for "
+            "the completion). Please reduce the prompt or the completion length."
+        )
+    return APIError(400, message, param=exc.param, code="context_length_exceeded")
 
 
 def model_not_found(model: str, available: Sequence[str] = ()) -> APIError:
@@ -238,6 +230,13 @@ def dialect_response(exc: BaseException, dialect: str) -> JSONResponse:
     if dialect == access.OLLAMA:
         return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
     return err.response()
+
+
+def ollama_errors(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """An Ollama endpoint: every failure as Ollama sends it, {"error": message} with the status."""
+    return guarded(handler, lambda e: dialect_response(e, access.OLLAMA))
 
 
 def _openai_error(e: Exception) -> Response:

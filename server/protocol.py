@@ -220,10 +220,21 @@ def _max_tokens(body: Mapping[str, Any], names: tuple[str, ...]) -> tuple[int | 
     return None, names[-1]
 
 
-def _logit_bias(body: Mapping[str, Any]) -> dict[int, Any]:
-    bias = optional(body, "logit_bias", "object", {})
-    out: dict[int, Any] = {}
-    for key, value in bias.items():
+def parse_logit_bias(body: Mapping[str, Any], llama: bool = False) -> dict[int, Any]:
+    """OpenAI's {"id": bias}; with `llama`, also llama.cpp's [[id, bias | false], ...], where
+    false bans the token (-100, as in OpenAI)."""
+    bias = body.get("logit_bias")
+    if llama and isinstance(bias, list):
+        out: dict[int, Any] = {}
+        for pair in bias:
+            token, value = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, 0)
+            token = int(token) if isinstance(token, str) and token.isdigit() else token
+            if not is_kind(token, "integer"):
+                raise invalid("logit_bias entries must be [token id, bias] pairs.", "logit_bias")
+            out[token] = -100.0 if value is False else value
+        return out
+    out = {}
+    for key, value in optional(body, "logit_bias", "object", {}).items():
         try:
             token = int(key)
         except ValueError:
@@ -231,11 +242,12 @@ def _logit_bias(body: Mapping[str, Any]) -> dict[int, Any]:
                 f"logit_bias keys must be token ids written as integers, got {key!r}.",
                 "logit_bias",
             ) from None
-        out[token] = value
+        out[token] = -100.0 if llama and value is False else value
     return out
 
 
-def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+def parse_stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """`stop`: one string or an array of strings."""
     stop = body.get("stop")
     if stop is None:
         return ()
@@ -270,7 +282,9 @@ def _sampling(body: Mapping[str, Any], **extra: Any) -> SamplingParams:
             "temperature",
         )
     try:
-        return SamplingParams(**given, stop=_stop(body), logit_bias=_logit_bias(body), **extra)
+        return SamplingParams(
+            **given, stop=parse_stop(body), logit_bias=parse_logit_bias(body), **extra
+        )
     except InvalidRequestError as e:
         raise from_mlxrun(e) from None
     except (TypeError, OverflowError) as e:  # a value SamplingParams could not even compare

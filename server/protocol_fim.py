@@ -13,16 +13,19 @@ from mlxrun.sampling import SamplingParams
 
 from .errors import from_mlxrun, invalid
 from .extras import Extras
-from .protocol import check_kind, is_kind, optional, required, unrecognized
+from .protocol import (
+    check_kind,
+    optional,
+    parse_logit_bias,
+    parse_stop,
+    required,
+    unrecognized,
+)
 
 
 def _stops(body: dict[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None or isinstance(stop, str):
-        return (stop,) if stop else ()
-    for s in check_kind(stop, "array", "stop"):
-        check_kind(s, "string", "stop")
-    return tuple(s for s in stop if s)
+    """`stop` as OpenAI parses it; the FIM dialects drop empty strings."""
+    return tuple(s for s in parse_stop(body) if s)
 
 
 def _params(given: dict[str, Any], names: dict[str, str]) -> SamplingParams:
@@ -142,22 +145,6 @@ def _extra(body: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def _logit_bias(body: dict[str, Any]) -> dict[int, Any]:
-    """llama.cpp's [[id, bias | false], ...] or OpenAI's {"id": bias}; false bans the token."""
-    bias = body.get("logit_bias") or {}
-    pairs = (
-        list(bias.items()) if isinstance(bias, dict) else check_kind(bias, "array", "logit_bias")
-    )
-    out: dict[int, Any] = {}
-    for pair in pairs:
-        token, value = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, 0)
-        token = int(token) if isinstance(token, str) and token.isdigit() else token
-        if not is_kind(token, "integer"):
-            raise invalid("logit_bias entries must be [token id, bias] pairs.", "logit_bias")
-        out[token] = -100.0 if value is False else value
-    return out
-
-
 def _infill_extras(body: dict[str, Any], strict: bool) -> Extras:
     """llama.cpp's options we do not act on are reported; unknown ones too (refused if strict)."""
     extras = Extras(strict)
@@ -199,7 +186,7 @@ def parse_infill(body: dict[str, Any], context_length: int, strict: bool = False
         "seed": None if seed < 0 or seed == 0xFFFFFFFF else seed,  # llama.cpp's "random"
         "ignore_eos": optional(body, "ignore_eos", "boolean", False),
         "stop": _stops(body),
-        "logit_bias": _logit_bias(body),
+        "logit_bias": parse_logit_bias(body, llama=True),
         "max_tokens": None if n_predict < 0 else max(1, n_predict),  # a warm-up samples one
     }
     params = _params(given, {**_LLAMA_NAMES, "max_tokens": n_name})

@@ -13,6 +13,7 @@ unknown ones.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,8 +84,16 @@ class OllamaGenerate(OllamaRequest):
     raw: bool  # the prompt as is, no chat template
 
 
+def rfc3339(at: dt.datetime | None = None) -> str:
+    """A timestamp as Ollama writes them (UTC, microseconds, Z)."""
+    at = at or dt.datetime.now(dt.timezone.utc)
+    return at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def served_model(model_ids: Sequence[str], name: Any) -> str:
-    """The served id for an Ollama model name ("tiny:latest" is "tiny"); 404 otherwise."""
+    """The served id for an Ollama model name ("tiny:latest" is "tiny"); otherwise a 404 listing
+    what this server serves. Names are only compared with the served ones: a path, a registry
+    name or a URL is never opened, stat'ed or fetched because a request sent it."""
     if not name:
         raise invalid("model is required", "model")
     check_kind(name, "string", "model")
@@ -93,8 +102,15 @@ def served_model(model_ids: Sequence[str], name: Any) -> str:
             return candidate
     found = next((i for i in model_ids if i.removesuffix(":latest") == name), None)
     if found is None:
-        raise APIError(404, f"model '{name}' not found", param="model", code="model_not_found")
+        names = ", ".join(tagged(i) for i in model_ids)
+        raise APIError(404, f"model '{name}' not found; this server serves: {names}",
+                       param="model", code="model_not_found")  # fmt: skip
     return found
+
+
+def tagged(model_id: str) -> str:
+    """Ollama's name for a model: with a tag, `:latest` when it has none."""
+    return model_id if ":" in model_id.rsplit("/", 1)[-1] else f"{model_id}:latest"
 
 
 def _unknown(path: str) -> APIError:

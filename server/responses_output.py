@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlxrun.tools import ToolCallDelta
+from mlxrun.parsing.tools import ToolCallDelta
 
 from .dialogue import MessageDelta
 from .protocol_responses import new_id

@@ -40,7 +40,9 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = DEFAULT_MAX_BODY
     owned_by: str = "mlxrun"
-    tool_parser: str | None = None  # a mlxrun.tools format name; None: detected from the model
+    tool_parser: str | None = (
+        None  # a mlxrun.parsing.tools format name; None: detected from the model
+    )
     # OpenAI's rules to the letter: unknown fields and a max_tokens past the context are 400s.
     strict: bool = False
     responses_dir: str | None = None  # stored Responses API responses persist here
@@ -88,8 +90,8 @@ class ServerState:
 
     @functools.cached_property
     def tool_format(self) -> Any:
-        """How this model writes tool calls (mlxrun.tools.ToolFormat), or None."""
-        from mlxrun import tools
+        """How this model writes tool calls (mlxrun.parsing.tools.ToolFormat), or None."""
+        from mlxrun.parsing import tools
 
         if self.config.tool_parser:
             return tools.tool_format_by_name(self.config.tool_parser, self.tokenizer)
@@ -104,8 +106,8 @@ class ServerState:
 
     @functools.cached_property
     def reasoning_format(self) -> Any:
-        """How this model marks reasoning (mlxrun.reasoning.ReasoningFormat), or None."""
-        from mlxrun.reasoning import detect_reasoning
+        """How this model marks reasoning (mlxrun.parsing.reasoning.ReasoningFormat), or None."""
+        from mlxrun.parsing.reasoning import detect_reasoning
 
         return detect_reasoning(self.tokenizer)
 

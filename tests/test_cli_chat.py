@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlxrun.chat import ChatSession
-from mlxrun.cli_chat import ChatRepl, chat_cmd, read_message
-from mlxrun.cli_generate import DEFAULT_MAX_TOKENS
+from mlxrun.cli.chat import ChatRepl, chat_cmd, read_message
+from mlxrun.cli.generate import DEFAULT_MAX_TOKENS
 from mlxrun.sampling import SamplingParams
 from mlxrun.tokenizer import FALLBACK_NOTICE
 

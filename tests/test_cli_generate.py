@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mlxrun.cli_generate import DEFAULT_MAX_TOKENS
+from mlxrun.cli.generate import DEFAULT_MAX_TOKENS
 from mlxrun.generate import generate_stream
 from mlxrun.sampling import SamplingParams
 from mlxrun.tokenizer import FALLBACK_NOTICE

@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from mlxrun.cli_doctor import doctor_cmd
-from mlxrun.doctor_checks import CLIENTS
+from mlxrun.cli.doctor import doctor_cmd
+from mlxrun.doctor.checks import CLIENTS
 from serverutil import MODEL_ID, make_app, serve_in_thread
 
 
@@ -126,7 +126,7 @@ def test_closed_port_is_one_line_and_exit_2():
     with socket.socket() as sock:  # bound, never listening: connections are refused
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        command = [sys.executable, "-m", "mlxrun.cli_doctor", url, "--timeout", "5"]
+        command = [sys.executable, "-m", "mlxrun", "doctor", url, "--timeout", "5"]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
         as_json = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from mlxrun.reasoning import ReasoningFormat, ReasoningParser, detect_reasoning
+from mlxrun.parsing.reasoning import ReasoningFormat, ReasoningParser, detect_reasoning
 from mlxrun.tokenizer import Tokenizer, load_tokenizer
 
 WS = " \t\r\n"

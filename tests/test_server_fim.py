@@ -15,7 +15,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from mlxrun.server.routes.completions import FimGroups, same_lineage
+from mlxrun.server.fim_groups import FimGroups, same_lineage
 from mlxrun.server.routes.fim import infill_prompt
 from mlxrun.tokenizer import load_tokenizer
 from serverutil import MODEL_ID, make_app, serve_in_thread

@@ -21,11 +21,10 @@ from test_tools import ARGS, SCHEMAS, TOOLS, ll_tokenizer, matcher, random_walk,
 
 from fixtures.tool_models import FAMILIES, family_tokenizer
 from mlxrun.errors import InvalidRequestError
-from mlxrun.harmony import HarmonySplitter
-from mlxrun.reasoning import ReasoningFormat, ReasoningParser, detect_reasoning
-from mlxrun.tokenizer import Tokenizer, load_tokenizer
-from mlxrun.tool_readers import parameter_value
-from mlxrun.tools import (
+from mlxrun.parsing.harmony import HarmonySplitter
+from mlxrun.parsing.reasoning import ReasoningFormat, ReasoningParser, detect_reasoning
+from mlxrun.parsing.tool_readers import parameter_value
+from mlxrun.parsing.tools import (
     ToolCall,
     ToolCallDelta,
     ToolFormat,
@@ -35,6 +34,7 @@ from mlxrun.tools import (
     tool_call_grammar,
     tool_format_by_name,
 )
+from mlxrun.tokenizer import Tokenizer, load_tokenizer
 
 FAMILY_NAMES = sorted(FAMILIES)
 

@@ -26,10 +26,9 @@ from transformers import AutoTokenizer
 
 from fixtures import build_tokenizer
 from mlxrun.errors import InvalidRequestError
-from mlxrun.jsonstream import DONE, ERROR, MORE, VALUE_END, VALUE_START, Cursor, JsonReader
-from mlxrun.reasoning import ReasoningFormat, ReasoningParser, detect_reasoning
-from mlxrun.tokenizer import Tokenizer, load_tokenizer
-from mlxrun.tools import (
+from mlxrun.parsing.jsonstream import DONE, ERROR, MORE, VALUE_END, VALUE_START, Cursor, JsonReader
+from mlxrun.parsing.reasoning import ReasoningFormat, ReasoningParser, detect_reasoning
+from mlxrun.parsing.tools import (
     ToolCall,
     ToolCallDelta,
     ToolFormat,
@@ -39,6 +38,7 @@ from mlxrun.tools import (
     tool_call_grammar,
     tool_format_by_name,
 )
+from mlxrun.tokenizer import Tokenizer, load_tokenizer
 
 # --- templates shaped like the real ones ----------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from . import anthropic, chat, completions, fim, models, ollama, ops, responses
+from . import anthropic, chat, completions, fim, models, ollama, ollama_models, ops, responses
 
 routes = [
     Route("/v1/chat/completions", chat.create, methods=["POST"]),
@@ -17,6 +17,7 @@ routes = [
     Route("/detokenize", ops.detokenize, methods=["POST"]),
     *fim.routes,
     *anthropic.routes,
+    *ollama_models.routes,
     *ollama.routes,
     *responses.routes,
 ]

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlxrun.errors import InvalidRequestError
-from mlxrun.tools import ToolCallDelta
+from mlxrun.parsing.tools import ToolCallDelta
 
 from .. import auth, errors
 from ..access import ANTHROPIC

@@ -19,7 +19,7 @@ from ..sse import EventStreamResponse
 from ..state import ServerState, server_state
 
 if TYPE_CHECKING:
-    from mlxrun.tools import ToolCall, ToolCallDelta
+    from mlxrun.parsing.tools import ToolCall, ToolCallDelta
 from ..common import (
     SYSTEM_FINGERPRINT,
     chat_logprobs,

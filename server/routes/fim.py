@@ -35,11 +35,11 @@ from starlette.routing import Route
 from .. import common
 from ..errors import guarded, invalid
 from ..extras import note, reports
+from ..fim_groups import released, start_fim
 from ..generation import ChoiceSpec, Generation
 from ..protocol_fim import Infill, parse_infill, parse_mistral
 from ..sse import DONE, EventStreamResponse
 from ..state import ServerState, server_state
-from .completions import released, start_fim
 
 _SNIPPET = "\n\n--- snippet ---\n\n"  # llama.cpp's chunk separator without a file-separator token
 

@@ -1,6 +1,6 @@
 """The Ollama API: clients that only speak Ollama (its CLI's API, the `ollama` libraries, editors)
 work unchanged against `mlxrun serve`. This module has /api/chat and /api/generate; request parsing
-is in server/protocol_ollama.py, model listing in ollama_models.py (its routes are included here).
+is in server/protocol_ollama.py, model listing in ollama_models.py.
 
 Chat goes through the shared pipeline (server/dialogue.py); /api/generate renders the chat template
 too, unless `raw` (the prompt as is) or `suffix` (a fill-in-the-middle prompt from the model's FIM
@@ -30,8 +30,9 @@ from mlxrun.errors import InvalidRequestError
 
 from ..common import chat_logprobs, fit_context, in_thread, start_generation, until_disconnect
 from ..dialogue import ChatPlan, MessageDelta, format_constraint, message_deltas, plan_chat
-from ..errors import from_mlxrun, to_api_error
+from ..errors import from_mlxrun, ollama_errors, to_api_error
 from ..extras import note, reports
+from ..fim_groups import NO_GROUP, Ticket, released, start_fim
 from ..generation import ChoiceSpec, Generation
 from ..protocol_ollama import (
     MAX_PARAM,
@@ -39,12 +40,11 @@ from ..protocol_ollama import (
     OllamaRequest,
     parse_chat,
     parse_generate,
+    rfc3339,
+    served_model,
 )
 from ..sse import EventStreamResponse
 from ..state import ServerState, server_state
-from . import ollama_models
-from .completions import NO_GROUP, Ticket, released, start_fim
-from .ollama_models import ollama_errors, rfc3339
 
 READY_WAIT_S = 600  # how long a request waits for the model to load
 R = TypeVar("R", bound=OllamaRequest)
@@ -72,7 +72,7 @@ async def _accept(
     state = server_state(request)
     body = await state.read_json(request)
     name = body.get("model")
-    ollama_models.served(state, name)
+    served_model(state.config.model_ids, name)
     req = parse(body, state.config.context_length, state.config.strict)
     note(request, req.ignored)
     deadline = time.monotonic() + READY_WAIT_S
@@ -304,7 +304,6 @@ async def generate(request: Request) -> Response:
 
 
 routes: list[Route] = [
-    *ollama_models.routes,
     Route("/api/chat", chat, methods=["POST"]),
     Route("/api/generate", generate, methods=["POST"]),
 ]

@@ -8,7 +8,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,50 +16,17 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mlxrun import store
-from mlxrun.reasoning import detect_reasoning
+from mlxrun.parsing.reasoning import detect_reasoning
 
 from ..common import in_thread
-from ..errors import APIError, guarded, to_api_error
-from ..protocol_ollama import served_model
+from ..errors import APIError, ollama_errors
+from ..protocol_ollama import rfc3339, served_model, tagged
 from ..state import ServerState, server_state
 
 log = logging.getLogger("mlxrun.server")
 
 # The Ollama release whose API this matches; clients gate features on it (VS Code needs >= 0.6.4).
 OLLAMA_VERSION = "0.12.0"
-
-
-def _ollama_error(e: Exception) -> Response:
-    err = to_api_error(e)
-    return JSONResponse({"error": err.message}, err.status, headers=err.headers)
-
-
-def ollama_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable:
-    """Every failure as Ollama sends it: {"error": message} with the HTTP status."""
-    return guarded(handler, _ollama_error)
-
-
-def served(state: ServerState, name: Any) -> str:
-    """The served id Ollama's `name` means; otherwise a 404 listing what this server serves.
-    Names are only compared with the served ones: a path, a registry name or a URL is never
-    opened, stat'ed or fetched because a request sent it."""
-    try:
-        return served_model(state.config.model_ids, name)
-    except APIError as e:
-        if e.status != 404:
-            raise
-        names = ", ".join(_tagged(i) for i in state.config.model_ids)
-        raise APIError(404, f"{e.message}; this server serves: {names}", param="model",
-                       code="model_not_found") from None  # fmt: skip
-
-
-def rfc3339(at: dt.datetime | None = None) -> str:
-    at = at or dt.datetime.now(dt.timezone.utc)
-    return at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _tagged(model_id: str) -> str:
-    return model_id if ":" in model_id.rsplit("/", 1)[-1] else f"{model_id}:latest"
 
 
 def _facts(state: ServerState) -> dict[str, Any]:
@@ -117,7 +83,7 @@ def _details(facts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _entry(model_id: str, facts: dict[str, Any]) -> dict[str, Any]:
-    name = _tagged(model_id)
+    name = tagged(model_id)
     return {
         "name": name,
         "model": name,
@@ -188,7 +154,7 @@ def _model_info(state: ServerState, model_id: str, facts: dict[str, Any]) -> dic
 async def show(request: Request) -> Response:
     state = server_state(request)
     body = await state.read_json(request)
-    model_id = served(state, body.get("model") or body.get("name"))
+    model_id = served_model(state.config.model_ids, body.get("model") or body.get("name"))
     facts = await _model_facts(request)
     ctx = state.config.context_length
     template = state.tokenizer.chat_template or ""
@@ -225,7 +191,7 @@ async def unsupported(request: Request) -> Response:
         # An unserved name is a 404 like everywhere else (never a lookup on disk or the Hub).
         state = server_state(request)
         body = await state.read_json(request)
-        served(state, body.get("model") or body.get("name"))
+        served_model(state.config.model_ids, body.get("model") or body.get("name"))
     if path.startswith("/api/embed"):
         message = "mlxrun serves a generative model; embeddings are not supported."
     else:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from llguidance import LLMatcher
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 from .reasoning import ReasoningFormat, think_rules
 from .tool_grammar_kv import calls_rule, key_value_rules, named_call_rule
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mlxrun.doctor import Check, Ctx, expect, need, parse, short, sse_events
+from mlxrun.doctor.probe import Check, Ctx, expect, need, parse, short, sse_events
 
 CITIES = ["Paris", "Tokyo", "Lima"]
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "enum": CITIES}},

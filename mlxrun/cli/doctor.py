@@ -1,6 +1,6 @@
 """`mlxrun doctor [URL]`: replay what editors send to a running server, report pass/fail per
-client (and what the model lacks, apart from failures), and print a config snippet for each. The checks live in mlxrun.doctor_checks, the
-machinery that runs them in mlxrun.doctor.
+client (and what the model lacks, apart from failures), and print a config snippet for each. The checks live in mlxrun.doctor.checks, the
+machinery that runs them in mlxrun.doctor.probe.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import sys
 
 import click
 
-from mlxrun import doctor_codex
-from mlxrun.cli_common import friendly_errors, report_error
-from mlxrun.doctor import Ctx, discover, measured, run_clients
-from mlxrun.doctor_checks import CLIENTS
+from mlxrun.cli.common import friendly_errors, report_error
+from mlxrun.doctor import codex as doctor_codex
+from mlxrun.doctor.checks import CLIENTS
+from mlxrun.doctor.probe import Ctx, discover, measured, run_clients
 from mlxrun.errors import MlxrunError
 
 DEFAULT_URL = "http://127.0.0.1:8080"  # where `mlxrun serve` listens by default

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mlxrun.cli_common import friendly_errors, report_error
+from mlxrun.cli.common import friendly_errors, report_error
 from mlxrun.convert.recipes import recipe_names  # pure Python: keeps --help light
 
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from mlxrun.cli_common import friendly_errors
+from mlxrun.cli.common import friendly_errors
 from mlxrun.convert.recipes import recipe_names  # pure Python: keeps --help light
 
 _BITS = ["2", "3", "4", "5", "6", "8"]
@@ -181,7 +181,7 @@ def _check_convert_flags(bits, group_size, recipe) -> None:
 
 
 def _convert(repo, name, revision, bits, group_size, recipe, no_verify, force, quiet):
-    from mlxrun.cli_common import report_error
+    from mlxrun.cli.common import report_error
     from mlxrun.convert.api import convert_model
     from mlxrun.store import models_dir
 

@@ -193,7 +193,7 @@ def deepseek(p: ToolParser) -> _Block:
 
 def harmony(p: ToolParser) -> _Block:
     """NAME <|constrain|>json<|message|>{...}<|call|> (after "<|channel|>commentary
-    to=functions.", the form mlxrun.harmony hands call messages over in)."""
+    to=functions.", the form mlxrun.parsing.harmony hands call messages over in)."""
     cur = p.cur
     got = yield from p.until(("<|message|>",), _NAME_LIMIT)
     if got is None:

@@ -1,6 +1,6 @@
 """The machinery of `mlxrun doctor`: assertions on answers, the HTTP helpers that send a client's
 request shapes, and running a client's checks into a report. The checks themselves live in
-mlxrun.doctor_checks, the command in mlxrun.cli_doctor.
+mlxrun.doctor.checks, the command in mlxrun.cli.doctor.
 
 A check ends in one of four statuses: pass; fail (the server broke what the client parses);
 skip (the check does not apply, e.g. a client that cannot send the key); unsupported (the model

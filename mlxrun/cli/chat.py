@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from mlxrun.cli_common import friendly_errors, report_error
-from mlxrun.cli_generate import DEFAULT_MAX_TOKENS
+from mlxrun.cli.common import friendly_errors, report_error
+from mlxrun.cli.generate import DEFAULT_MAX_TOKENS
 
 PROMPT, MORE = ">>> ", "... "
 BLOCK = '"""'
@@ -346,7 +346,7 @@ def chat_cmd(
     model: str, system: str | None, context: int | None, force: bool, **sampling: Any
 ) -> None:
     """Chat with MODEL (a store name, a directory or a Hub id) in the terminal."""
-    from mlxrun.cli_generate import (
+    from mlxrun.cli.generate import (
         DEFAULT_TEMPERATURE,
         default_max_tokens,
         note_fallback_template,

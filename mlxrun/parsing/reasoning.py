@@ -1,5 +1,5 @@
 """Reasoning models: split `<think>…</think>` out of generated text, streaming (and gpt-oss's
-harmony channels, through mlxrun.harmony: the analysis channel is reasoning, final is content).
+harmony channels, through mlxrun.parsing.harmony: the analysis channel is reasoning, final is content).
 
 The block counts only at the start of the output (after whitespace), or from the first token when
 the prompt already opened it (`starts_open`: DeepSeek-R1 style templates end with "<think>\\n").

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from mlxrun.cli_common import friendly_errors
+from mlxrun.cli.common import friendly_errors
 
 DEFAULT_TEMPERATURE = 0.7
 # The longest reply `generate` and `chat` give when --max-tokens is not set (mlx-lm's generate caps

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from mlxrun import __version__
-from mlxrun.cli_common import debug_enabled, friendly_errors, report_error  # noqa: F401
+from mlxrun.cli.common import debug_enabled, friendly_errors, report_error  # noqa: F401
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,11 +23,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from mlxrun.cli_chat import chat_cmd
-    from mlxrun.cli_convert import convert_cmd
-    from mlxrun.cli_doctor import doctor_cmd
-    from mlxrun.cli_generate import generate_cmd
-    from mlxrun.cli_store import list_cmd, pull_cmd, rm_cmd, show_cmd
+    from mlxrun.cli.chat import chat_cmd
+    from mlxrun.cli.convert import convert_cmd
+    from mlxrun.cli.doctor import doctor_cmd
+    from mlxrun.cli.generate import generate_cmd
+    from mlxrun.cli.store import list_cmd, pull_cmd, rm_cmd, show_cmd
     from mlxrun.server.cli import serve_cmd
 
     for cmd in (
@@ -45,6 +45,3 @@ def _register() -> None:
 
 
 _register()
-
-if __name__ == "__main__":
-    main()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mlxrun import doctor_codex
-from mlxrun.doctor import (
+from mlxrun.doctor import codex as doctor_codex
+from mlxrun.doctor.probe import (
     NONE,
     Check,
     Client,

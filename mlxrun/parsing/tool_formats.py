@@ -15,7 +15,7 @@ Formats (what the model writes):
                <｜tool▁call▁end｜>...<｜tool▁calls▁end｜>   (V3, R1); deepseek_v31 writes
                <｜tool▁call▁begin｜>f<｜tool▁sep｜>{...}<｜tool▁call▁end｜> (V3.1)
   gpt_oss      <|channel|>commentary to=functions.f <|constrain|>json<|message|>{...}<|call|>  (harmony;
-               the channel splitter in mlxrun.harmony hands call messages over in this form)
+               the channel splitter in mlxrun.parsing.harmony hands call messages over in this form)
   json         a bare call object as the reply (templates that mention tools in no known syntax)
 Detection goes by template signatures, most specific first (Qwen3-Coder and GLM also write
 <tool_call>); the parser of a format reads every syntax of its family.
@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 from .harmony import HARMONY_TOKENS
 from .reasoning import template_texts
 

@@ -1,0 +1,1 @@
+"""`mlxrun doctor`: request shapes of real clients checked against a running server."""

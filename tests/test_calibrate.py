@@ -163,3 +163,12 @@ def test_activations_spill_to_disk_past_the_budget(src, tmp_path, monkeypatch):
     assert spilled.calibration["spilled_batches"] > 0 and seen and all(seen)
     for name in _files(tmp_path / "mem"):
         assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "disk" / name).read_bytes()
+
+
+def test_calibration_follows_the_fit_planner(src, tmp_path):
+    """With --fit, the planner picks the recipe and calibration keeps its bytes."""
+    plain = convert_model(str(src), tmp_path / "plain", fit="1TB", verify=False, quiet=True)
+    cal = convert_model(str(src), tmp_path / "cal", fit="1TB", calibrate="gptq", verify=False,
+                        **FAST)  # fmt: skip
+    assert cal.recipe == plain.recipe and cal.size_bytes == plain.size_bytes
+    assert _headers(tmp_path / "cal") == _headers(tmp_path / "plain")

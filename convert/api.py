@@ -297,6 +297,17 @@ def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOpti
         "num_tensors": written.num_tensors,
         **_calibration_facts(calibration, qmap if floor else {}),
     }
+    quality, verify_seconds = _check_quality(tmp, ckpt, info, recipe, opts)
+    return {
+        **info,
+        "quality": asdict(quality) if quality is not None else None,
+        "write_seconds": write_seconds,
+        "verify_seconds": verify_seconds,
+    }
+
+
+def _check_quality(tmp: Path, ckpt, info: dict, recipe, opts: ConvertOptions):
+    """(quality report or None, seconds or None); writes the model card and mlxrun.json."""
     from mlxrun.convert.verify import verify_conversion, write_report
 
     quality = verify_seconds = None
@@ -319,12 +330,7 @@ def _convert_into(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOpti
             indent=2,
         )  # fmt: skip
     )
-    return {
-        **info,
-        "quality": asdict(quality) if quality is not None else None,
-        "write_seconds": write_seconds,
-        "verify_seconds": verify_seconds,
-    }
+    return quality, verify_seconds
 
 
 def _calibrate(tmp: Path, ckpt, qmap, dtype, cast_pred, recipe, opts: ConvertOptions):

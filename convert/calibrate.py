@@ -179,22 +179,29 @@ def quantized_copy(layer: nn.Module, params: dict[str, QuantParams], overrides: 
         layer.load_weights(floats, strict=False)
     for rel, module in list(layer.named_modules()):
         p = params.get(rel)
+        if p is not None and "scales" in module and f"{rel}.scales" in overrides:
+            _put_triple(module, rel, overrides)  # quantized already (DWQ trains it in place)
+            continue
         if p is None or "scales" in module or not hasattr(module, "to_quantized"):
-            continue  # not quantized by the recipe, or already (DWQ trains it in place)
+            continue
         dt = out_dtype(f"{rel}.weight")
         if f"{rel}.scales" not in overrides:
             module.weight = module.weight.astype(dt).astype(mx.float32)
         q = module.to_quantized(group_size=p.group_size, bits=p.bits)
         if f"{rel}.scales" in overrides:  # replaces the lazy rounding before it is computed
-            q.weight = overrides[f"{rel}.weight"]
-            q.scales = overrides[f"{rel}.scales"].astype(mx.float32)
-            q.biases = overrides[f"{rel}.biases"].astype(mx.float32)
+            _put_triple(q, rel, overrides)
         else:
             q.scales = q.scales.astype(dt).astype(mx.float32)
             q.biases = q.biases.astype(dt).astype(mx.float32)
         mx.eval(q.parameters())
         swap_modules(layer, {rel: q})
     return layer
+
+
+def _put_triple(module: nn.Module, rel: str, overrides: dict) -> None:
+    module.weight = overrides[f"{rel}.weight"]
+    module.scales = overrides[f"{rel}.scales"].astype(mx.float32)  # as written, then widened
+    module.biases = overrides[f"{rel}.biases"].astype(mx.float32)
 
 
 def submodule(module, rel: str):

@@ -52,6 +52,9 @@ class ConvertResult:
     num_tensors: int
     seconds: float
     quality: dict | None = field(default=None)
+    calibration: dict | None = None  # method, calibration set, tokens, seconds (--calibrate)
+    moe_kept: dict | None = None  # routers/shared experts kept at >= 8 bits (calibrated MoE)
+    tried: list | None = None  # every candidate of --calibrate auto / --max-kl, with its KL
     write_seconds: float = 0.0  # reading, quantizing and writing the weights
     verify_seconds: float | None = None  # the quality check; None under --no-verify
 
@@ -172,7 +175,11 @@ def convert_model(source: str, output: str | Path | None = None, **options) -> C
     """
     opts = ConvertOptions(**options)
     check_conflicts(opts)
-    if opts.calib is not None and (Path(opts.calib).is_dir() or not Path(opts.calib).exists()):
+    if opts.calib is not None and opts.calibrate is not None:
+        from mlxrun.convert.calib_data import read_calib_set
+
+        read_calib_set(opts.calib)  # unreadable calibration data fails before any work
+    elif opts.calib is not None and (Path(opts.calib).is_dir() or not Path(opts.calib).exists()):
         # Fail before converting rather than after; the file is read in the quality step.
         raise InvalidRequestError(f"calibration file {opts.calib} does not exist", param="calib")
     where = {"out": None}
@@ -202,7 +209,7 @@ def _convert(source: str, output, opts: ConvertOptions, watcher, where: dict) ->
             f"{source} is already an MLX quantized model",
             hint="Use it directly, or `mlxrun pull` it into the store.",
         )
-    if opts.calib is not None and Path(opts.calib).is_file():
+    if opts.calib is not None and opts.calibrate is None and Path(opts.calib).is_file():
         from mlxrun.convert.verify import check_calib
 
         check_calib(src, opts.calib)  # a pipe can be read once only: that is in the quality step
@@ -220,7 +227,7 @@ def _convert(source: str, output, opts: ConvertOptions, watcher, where: dict) ->
     _say(opts, f"Converting {source} ({ckpt.model_type}) -> {out} [{label}]")
     t0 = time.perf_counter()
     try:
-        result = _convert_into(tmp, ckpt, model, recipe, source, opts)
+        result = _convert_some(tmp, ckpt, model, recipe, source, opts)
         with shield(watcher):
             _install(tmp, out)
     except OSError as e:
@@ -276,10 +283,12 @@ def _convert_into(
     check_against_model(weights, model)
     flat = cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
     total_params = sum(v.size for _, v in flat)
-    qmap = quantization_map(model, recipe) if recipe else {}
+    floor = opts.calibrate is not None or opts.max_kl is not None
+    qmap = quantization_map(model, recipe, moe_floor=floor) if recipe else {}
     dtype = target_dtype(ckpt.config, opts.dtype)
     cast_pred = getattr(model, "cast_predicate", lambda _k: True)
-    jobs = make_jobs(weights, qmap, dtype, cast_pred)
+    calibration, overrides = _calibrate(tmp, ckpt, qmap, dtype, cast_pred, recipe, opts)
+    jobs = make_jobs(weights, qmap, dtype, cast_pred, overrides)
     total_src = sum(j[2] for j in jobs)
     num_out = sum(len(j[0]) for j in jobs)  # output tensors: a quantized weight adds scales, biases
     t0 = time.perf_counter()
@@ -288,6 +297,7 @@ def _convert_into(
             jobs, tmp, max_shard_bytes=opts.max_shard_bytes, on_progress=bar.update
         )
     write_seconds = time.perf_counter() - t0
+    shutil.rmtree(tmp / ".calibration", ignore_errors=True)
     index = written.index
     index["metadata"]["total_parameters"] = total_params
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
@@ -303,14 +313,28 @@ def _convert_into(
         "bits_per_weight": round(bpw, 4),
         "size_bytes": weight_bytes(tmp),  # on disk, headers included: what `mlxrun list` shows
         "num_tensors": written.num_tensors,
+        **_calibration_facts(calibration, qmap if floor else {}),
     }
+    quality, verify_seconds = _check_quality(tmp, ckpt, info, recipe, opts)
+    return {
+        **info,
+        "quality": asdict(quality) if quality is not None else None,
+        "write_seconds": write_seconds,
+        "verify_seconds": verify_seconds,
+    }
+
+
+def _check_quality(tmp: Path, ckpt, info: dict, recipe, opts: ConvertOptions):
+    """(quality report or None, seconds or None); writes the model card and mlxrun.json."""
     from mlxrun.convert.verify import verify_conversion, write_report
 
     quality = verify_seconds = None
     if opts.verify:
         _say(opts, "Checking quality against the source (--no-verify skips this)...")
         t0 = time.perf_counter()
-        quality = verify_conversion(ckpt.path, tmp, calib=opts.calib, quiet=opts.quiet)
+        # With --calibrate, --calib is calibration data: the check keeps its held-out sample.
+        held_out = None if opts.calibrate is not None else opts.calib
+        quality = verify_conversion(ckpt.path, tmp, calib=held_out, quiet=opts.quiet)
         verify_seconds = time.perf_counter() - t0
     write_report(tmp, info, quality)  # the model card, with "not measured" under --no-verify
     (tmp / "mlxrun.json").write_text(
@@ -324,12 +348,55 @@ def _convert_into(
             indent=2,
         )  # fmt: skip
     )
-    return {
-        **info,
-        "quality": asdict(quality) if quality is not None else None,
-        "write_seconds": write_seconds,
-        "verify_seconds": verify_seconds,
-    }
+    return quality, verify_seconds
+
+
+def _calibrate(tmp: Path, ckpt, qmap, dtype, cast_pred, recipe, opts: ConvertOptions):
+    """(calibration facts, calibrated tensors by name) for --calibrate METHOD, else (None, None)."""
+    if recipe is None or opts.calibrate is None:
+        return None, None
+    from mlxrun.convert.calibrate import load_overrides
+    from mlxrun.convert.calibrated import calibration_info, run_calibration
+
+    _say(opts, f"Calibrating ({opts.calibrate}), one layer at a time...")
+    result, scratch = run_calibration(ckpt, qmap, dtype, cast_pred, tmp, opts)
+    _say(opts, f"Calibrated {result.layers} layers on {result.tokens} tokens of {result.data} "
+               f"in {result.seconds:.1f}s")  # fmt: skip
+    return calibration_info(result), load_overrides(scratch)
+
+
+def _calibration_facts(calibration: dict | None, floored_qmap: dict) -> dict:
+    from mlxrun.convert.recipes import MOE_FLOOR_BITS, is_moe_router_or_shared
+
+    facts: dict = {}
+    if calibration is not None:
+        facts["calibration"] = calibration
+    kept = sorted(p for p in floored_qmap if is_moe_router_or_shared(p))
+    if kept:
+        facts["moe_kept"] = {"min_bits": MOE_FLOOR_BITS, "layers": len(kept)}
+    return facts
+
+
+def _convert_some(tmp: Path, ckpt, model, recipe, source: str, opts: ConvertOptions) -> dict:
+    """One conversion, or for --calibrate auto / --max-kl the chosen one of several."""
+    if recipe is None or (opts.calibrate != "auto" and opts.max_kl is None):
+        return _convert_into(tmp, ckpt, model, recipe, source, opts)
+    from dataclasses import replace
+
+    from mlxrun.convert.calibrated import candidates, search
+    from mlxrun.convert.verify import QualityReport, write_report
+
+    def one(where: Path, c) -> dict:
+        _say(opts, f"Trying {c.label}...")
+        sub = replace(opts, calibrate=c.method)
+        return _convert_into(where, ckpt, model, c.recipe, source, sub)
+
+    result, tried = search(tmp, opts, candidates(model, ckpt.config, opts, recipe), one)
+    result = {**result, "tried": tried}
+    skip = ("quality", "write_seconds", "verify_seconds")
+    write_report(tmp, {k: v for k, v in result.items() if k not in skip},
+                 QualityReport(**result["quality"]))  # fmt: skip
+    return result
 
 
 def plan_for(source: str, *, fit: str | None = None, context: int | None = None,

@@ -67,7 +67,29 @@ def _conversion_table(info: dict) -> str:
         ("Size", format_size(size) if isinstance(size, int) else "n/a"),
         ("Tensors", fmt_metric(info.get("num_tensors"))),
     ]
+    cal = info.get("calibration")
+    if cal:
+        rows.append(("Calibration", f"{cal['method']} on {cal['tokens']} tokens "
+                     f"({cal['sequences']} sequences) of {cal['data']}"))  # fmt: skip
+    moe = info.get("moe_kept")
+    if moe:
+        rows.append(("MoE routers / shared experts",
+                     f"{moe['layers']} layers kept at {moe['min_bits']} bits or more"))  # fmt: skip
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def _tried_section(tried: list) -> str:
+    """Every candidate `--calibrate auto` / `--max-kl` converted and measured."""
+    head = "| Recipe | Calibration | Bits/weight | Size | KL | Top-1 | PPL ratio | |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in tried:
+        lines.append(
+            f"| {r['recipe']} | {r['method']} | {fmt_metric(r['bits_per_weight'], '.3f')} | "
+            f"{format_size(r['size_bytes'])} | {fmt_metric(r['kl_divergence'])} | "
+            f"{fmt_metric(r['top1_agreement'], '.1%')} | {fmt_metric(r['ppl_ratio'], '.4f')} | "
+            f"{'**chosen**' if r.get('chosen') else ''} |"
+        )
+    return "## Candidates measured\n\n" + "\n".join(lines)
 
 
 def _quality_section(q) -> str:
@@ -121,6 +143,7 @@ def render_card(out_dir: Path, info: dict, quality=None) -> str:
         f"({info.get('recipe', 'unknown recipe')}).",
         "## Conversion\n\n" + _conversion_table(info),
         _quality_section(quality),
+        *([_tried_section(info["tried"])] if info.get("tried") else []),
         "## Use\n\n" + usage,
     ]
     return "\n\n".join(parts) + "\n"

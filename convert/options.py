@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mlxrun.convert.calib_data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from mlxrun.convert.writer import DEFAULT_MAX_SHARD_BYTES
 from mlxrun.errors import InvalidRequestError
 
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_CONTEXT = 8192
+CALIBRATE_CHOICES = ("awq", "gptq", "dwq", "auto")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class ConvertOptions:
     quiet: bool = False
     revision: str | None = None
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    calibrate: str | None = None  # awq | gptq | dwq | auto (convert/calibrate.py)
+    max_kl: float | None = None  # pick the smallest recipe whose measured KL stays under this
+    calib_samples: int = DEFAULT_SAMPLES  # calibration sequences ...
+    calib_seq_len: int = DEFAULT_SEQ_LEN  # ... of this many tokens
     # Set by front ends that own the process (the CLI): report an error, return the exit code.
     # With it a signal stops the conversion even while MLX computes (see convert/cancel.py).
     exit_on_signal: Callable[[BaseException], int] | None = None
@@ -56,6 +62,9 @@ def _given(opts: ConvertOptions) -> dict[str, bool]:
         "--fit": opts.fit is not None,
         "--calib": opts.calib is not None,
         "--no-verify": not opts.verify,
+        "--calibrate": opts.calibrate is not None,
+        "--calibrate auto": opts.calibrate == "auto",
+        "--max-kl": opts.max_kl is not None,
     }
 
 
@@ -71,6 +80,13 @@ CONFLICTS = (
     ("--fit", "--recipe", "--fit picks the recipe itself", "drop --recipe, or drop --fit"),
     ("--calib", "--no-verify", "the calibration text is only read by the quality check",
      "drop one of them"),
+    ("--no-quantize", "--calibrate", "calibration chooses quantized values", "drop one of them"),
+    ("--no-quantize", "--max-kl", "--max-kl picks a quantization recipe", "drop one of them"),
+    ("--max-kl", "--recipe", "--max-kl picks the recipe itself", "drop --recipe, or drop --max-kl"),
+    ("--max-kl", "--bits", "--max-kl picks the bits itself", "drop --bits, or drop --max-kl"),
+    ("--max-kl", "--no-verify", "--max-kl measures each recipe's KL", "drop --no-verify"),
+    ("--calibrate auto", "--no-verify", "auto measures each method's KL to pick one",
+     "name a method (awq, gptq, dwq), or drop --no-verify"),
 )  # fmt: skip
 
 
@@ -82,7 +98,16 @@ def check_conflicts(opts: ConvertOptions, *, plan_only: bool = False) -> None:
             param="context",
             hint="Add --fit SIZE (or --fit auto), or drop --context.",
         )
+    if opts.calibrate is not None and opts.calibrate not in CALIBRATE_CHOICES:
+        raise InvalidRequestError(
+            f"--calibrate must be one of {', '.join(CALIBRATE_CHOICES)}, got {opts.calibrate!r}",
+            param="calibrate",
+        )
     given = _given(opts)
+    if opts.calibrate is not None:
+        given["--calib"] = False  # with --calibrate it is the calibration data, not the check's
+    if opts.max_kl is not None and not opts.max_kl > 0:
+        raise InvalidRequestError(f"--max-kl must be above 0, got {opts.max_kl}", param="max_kl")
     for a, b, why, fix in CONFLICTS:
         if given[a] and given[b]:
             raise InvalidRequestError(

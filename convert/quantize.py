@@ -90,26 +90,46 @@ def make_jobs(
     qmap: dict[str, QuantParams],
     dtype: mx.Dtype | None,
     cast_predicate: Callable[[str], bool],
+    overrides: dict[str, mx.array] | None = None,
 ) -> list[Job]:
-    """Describe every output tensor; consumes `weights` so evaluated sources can be freed."""
+    """Describe every output tensor; consumes `weights` so evaluated sources can be freed.
+
+    `overrides` (calibrated tensors, convert/calibrate.py) replace a source tensor's values: a
+    float tensor is then cast and quantized as the source would be; a `.weight/.scales/.biases`
+    triple is written as it is.
+    """
+    overrides = {} if overrides is None else overrides
     jobs: list[Job] = []
     for name in sorted(weights, key=_natural_key):
         w = weights[name]
         src_bytes = w.nbytes
-        if dtype is not None and mx.issubdtype(w.dtype, mx.floating) and cast_predicate(name):
-            w = w.astype(dtype)
         path, _, leaf = name.rpartition(".")
         params = qmap.get(path) if leaf == "weight" else None
-        if params is not None:
-            q = mx.quantize(w, group_size=params.group_size, bits=params.bits)
-            outs = list(q[:3])
+        if params is not None and f"{path}.scales" in overrides:
             names = [f"{path}.weight", f"{path}.scales", f"{path}.biases"]
+            outs = [overrides.pop(n) for n in names]
         else:
-            outs, names = [w], [name]
+            outs, names = _outputs(name, overrides.pop(name, w), params, dtype, cast_predicate)
         entries = [Entry(n, a.dtype, tuple(a.shape)) for n, a in zip(names, outs, strict=True)]
         jobs.append((entries, _producer(outs), src_bytes))
     weights.clear()
     return jobs
+
+
+def target_dtype_for(name: str, src: mx.Dtype, dtype: mx.Dtype | None, cast_predicate) -> mx.Dtype:
+    """The dtype tensor `name` (or its scales and biases) is written in."""
+    if dtype is not None and mx.issubdtype(src, mx.floating) and cast_predicate(name):
+        return dtype
+    return src
+
+
+def _outputs(name, w, params, dtype, cast_predicate) -> tuple[list[mx.array], list[str]]:
+    w = w.astype(target_dtype_for(name, w.dtype, dtype, cast_predicate))
+    if params is None:
+        return [w], [name]
+    path = name.rpartition(".")[0]
+    q = mx.quantize(w, group_size=params.group_size, bits=params.bits)
+    return list(q[:3]), [f"{path}.weight", f"{path}.scales", f"{path}.biases"]
 
 
 def _producer(outs: list[mx.array]) -> Callable[[], list[mx.array]]:

@@ -115,11 +115,28 @@ def get_recipe(name: str | None = None, *, bits: int = 4, group_size: int = 64) 
     )
 
 
-def quantization_map(model: ModelProtocol, recipe: Recipe) -> dict[str, QuantParams]:
+# MoE routers and shared experts: every token passes through them, and a router's small error
+# flips which experts run. Calibrated conversions keep them at 8 bits or more.
+MOE_FLOOR_BITS = 8
+_MOE_KEEP_RE = re.compile(r"(^|\.)(gate|router|shared_experts?|shared_expert_gate)(\.|$)")
+
+
+def is_moe_router_or_shared(path: str) -> bool:
+    """A router (`mlp.gate`, `block_sparse_moe.gate`, `router`) or a shared expert's linear;
+    not a dense MLP's `gate_proj`."""
+    return _MOE_KEEP_RE.search(path) is not None
+
+
+def quantization_map(
+    model: ModelProtocol, recipe: Recipe, *, moe_floor: bool = False
+) -> dict[str, QuantParams]:
     """Module path -> params, for every layer this recipe quantizes in `model`.
 
     A layer is quantized when it can be (`to_quantized`), its input dim divides the group size,
     and the architecture's own `quant_predicate` (e.g. MoE routers kept in full precision) agrees.
+    With `moe_floor`, routers and shared experts get at least MOE_FLOOR_BITS. (Plain conversions
+    stay byte-identical to mlx_lm.convert, which quantizes e.g. Mixtral's router at the recipe's
+    bits.)
     """
     num_layers = len(getattr(model, "layers", []) or [])
     model_pred = getattr(model, "quant_predicate", None)
@@ -137,6 +154,8 @@ def quantization_map(model: ModelProtocol, recipe: Recipe) -> dict[str, QuantPar
             if isinstance(verdict, dict):
                 params = QuantParams(verdict.get("bits", params.bits),
                                      verdict.get("group_size", params.group_size))  # fmt: skip
+        if moe_floor and params.bits < MOE_FLOOR_BITS and is_moe_router_or_shared(path):
+            params = QuantParams(MOE_FLOOR_BITS, params.group_size)
         out[path] = params
     return out
 

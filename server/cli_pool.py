@@ -99,10 +99,10 @@ def banner(pool: Any, urls: list[str], keys: Any) -> None:
         names = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
         echo(f"  model id:        {spec.name}{names}")
     keep = pool.settings.keep_alive_s
-    keep_text = "forever" if keep == float("inf") else f"{keep:g} s"
+    keep_text = "stay loaded" if keep == float("inf") else f"unload after {keep:g} s"
     limit = f", at most {pool.settings.max_loaded} loaded" if pool.settings.max_loaded else ""
     echo(f"  memory budget:   {format_size(pool.settings.budget_bytes)}{limit}; idle models "
-         f"unload after {keep_text}")  # fmt: skip
+         f"{keep_text}")  # fmt: skip
     names = f", keys: {', '.join(keys.names)}" if keys else ""
     echo(
         "  API key:         " + (f"required (Authorization: Bearer ...{names})" if keys else "none")

@@ -29,7 +29,8 @@ class CalibSet:
     documents: tuple[str, ...]
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A calibration text file's text; unreadable, non-UTF-8 or binary files are typed errors."""
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
@@ -59,7 +60,7 @@ def read_calib_set(path: str | Path | None) -> CalibSet:
         if not p.exists():
             raise InvalidRequestError(f"calibration data {path} does not exist", param="calib")
         files, label = (_dir_files(p) if p.is_dir() else [p]), str(path)
-    docs = tuple(t for t in (_read_text(f) for f in files) if t.strip())
+    docs = tuple(t for t in (read_text_file(f) for f in files) if t.strip())
     if not docs:
         raise InvalidRequestError(f"calibration data {path} holds no text", param="calib")
     return CalibSet(label, docs)

@@ -66,18 +66,9 @@ def read_calib(path: str | Path | None) -> tuple[str, str]:
     if p.is_dir() or not p.exists():
         what = "is a directory" if p.is_dir() else "does not exist"
         raise InvalidRequestError(f"calibration file {path} {what}", param="calib")
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRequestError(
-            f"calibration file {path} is not UTF-8 text", param="calib"
-        ) from None
-    except OSError as e:
-        raise InvalidRequestError(
-            f"cannot read calibration file {path}: {e}", param="calib"
-        ) from None
-    if "\x00" in text:
-        raise InvalidRequestError(f"calibration file {path} is binary, not text", param="calib")
+    from mlxrun.convert.calib_data import read_text_file
+
+    text = read_text_file(p)
     if not text.strip():
         raise InvalidRequestError(f"calibration file {path} is empty", param="calib")
     return text, p.name

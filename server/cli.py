@@ -8,7 +8,9 @@ import ipaddress
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -19,6 +21,7 @@ from mlxrun.cli.speculation import speculation_options, speculation_overrides
 
 if TYPE_CHECKING:
     import uvicorn
+    from starlette.applications import Starlette
 
     from mlxrun.server.models_pool import ModelPool
     from mlxrun.server.state import ServerConfig
@@ -318,11 +321,34 @@ def _check_draft(target: str, draft: str, context: int | None) -> None:
 
 
 def _run(pool: ModelPool, config: ServerConfig, host: str, sock: socket.socket) -> None:
-    """uvicorn serving the app on `sock` until Ctrl-C / SIGTERM; the banner once it answers."""
-    import uvicorn
-
+    """uvicorn serving the pool's app on `sock` until Ctrl-C / SIGTERM."""
     from mlxrun.server.app import create_app
     from mlxrun.server.cli_pool import banner
+
+    def announce(app: Starlette, urls: list[str]) -> None:
+        banner(pool, urls, app.state.keys)
+        if not _is_loopback(host) and not app.state.keys:
+            click.echo("Warning: listening beyond this machine with no API key.", err=True)
+
+    def build(on_fatal: Callable[[BaseException], None], on_ready: Callable[[], Any]) -> Starlette:
+        return create_app(None, config, tokenizer=None, on_fatal=on_fatal, on_ready=on_ready,
+                          pool=pool)  # fmt: skip
+
+    run_uvicorn(build, host, sock, announce)
+
+
+def run_uvicorn(
+    build: Callable[[Callable[[BaseException], None], Callable[[], Any]], Starlette],
+    host: str,
+    sock: socket.socket,
+    announce: Callable[[Starlette, list[str]], None],
+    on_stop_signal: Callable[[], None] | None = None,
+) -> None:
+    """uvicorn serving `build(on_fatal, on_ready)` on `sock` until Ctrl-C / SIGTERM. `announce`
+    runs once requests are answered (the engine runs and uvicorn listens, which it does after
+    the lifespan's startup, which does not wait for the engine); `on_stop_signal` runs first
+    when a stop signal arrives. A fatal error (the engine failed to start) is raised here."""
+    import uvicorn
 
     uv_config = uvicorn.Config(
         None,  # type: ignore[arg-type]  # set below: the app needs on_fatal, which needs the server
@@ -337,18 +363,21 @@ def _run(pool: ModelPool, config: ServerConfig, host: str, sock: socket.socket) 
         server.should_exit = True
 
     async def on_ready() -> None:
-        # The banner says "serving" once requests are answered: the engine runs and uvicorn
-        # listens (it does after the lifespan's startup, which does not wait for the engine).
         while not server.started:
             await asyncio.sleep(0.01)
-        urls = _base_urls(host, sock.getsockname()[1])
-        banner(pool, urls, app.state.keys)
-        if not _is_loopback(host) and not app.state.keys:
-            click.echo("Warning: listening beyond this machine with no API key.", err=True)
+        announce(app, _base_urls(host, sock.getsockname()[1]))
         sys.stdout.flush()
 
-    app = create_app(None, config, tokenizer=None, on_fatal=on_fatal, on_ready=on_ready, pool=pool)
+    app = build(on_fatal, on_ready)
     uv_config.app = app
+    if on_stop_signal is not None:
+        handle_exit = server.handle_exit
+
+        def stop_then_exit(sig: int, frame: FrameType | None) -> None:
+            on_stop_signal()
+            handle_exit(sig, frame)
+
+        server.handle_exit = stop_then_exit  # type: ignore[method-assign]
     _serve(server, sock, app.state.keys)
     if failed:
         raise failed[0]

@@ -7,9 +7,6 @@ step every rank would have to take together, so a distributed server holds exact
 
 from __future__ import annotations
 
-import asyncio
-import sys
-from types import FrameType
 from typing import Any
 
 import click
@@ -51,42 +48,18 @@ def serve_distributed(world: Any, models: tuple[str, ...], host: str, port: int,
 
 
 def _run_engine(engine: Any, config: Any, tokenizer: Any, host: str, sock: Any) -> None:
-    """uvicorn over one engine until Ctrl-C / SIGTERM (server.cli._run, without a pool)."""
-    import uvicorn
-
+    """uvicorn over one mirrored engine until Ctrl-C / SIGTERM (no pool). A stop signal
+    (mlx.launch tears the run down when a rank died) makes a step that still waits on the
+    other ranks fail at once, so open requests get their 503 before connections close."""
     from mlxrun.server.app import create_app
-    from mlxrun.server.cli import GRACEFUL_SHUTDOWN_S, _base_urls, _serve
+    from mlxrun.server.cli import run_uvicorn
 
-    uv_config = uvicorn.Config(
-        None,  # type: ignore[arg-type]  # set below: the app needs on_fatal, which needs the server
-        log_level="warning",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
-    server = uvicorn.Server(uv_config)
-    failed: list[BaseException] = []
+    def announce(app: Any, urls: list[str]) -> None:
+        for url in urls:
+            click.echo(f"Serving {config.model_id} across ranks. OpenAI base URL: {url}")
 
-    def on_fatal(exc: BaseException) -> None:
-        failed.append(exc)
-        server.should_exit = True
+    def build(on_fatal: Any, on_ready: Any) -> Any:
+        return create_app(engine, config, tokenizer=tokenizer, on_fatal=on_fatal,
+                          on_ready=on_ready)  # fmt: skip
 
-    async def on_ready() -> None:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        for url in _base_urls(host, sock.getsockname()[1]):
-            click.echo(f"Serving {config.model_id} across ranks. OpenAI base URL: {url}/v1")
-        sys.stdout.flush()
-
-    app = create_app(engine, config, tokenizer=tokenizer, on_fatal=on_fatal, on_ready=on_ready)
-    uv_config.app = app
-    # A stop signal (mlx.launch tears the run down when a rank died) makes a step that still
-    # waits on the other ranks fail at once, so open requests get their 503 before we close.
-    handle_exit = server.handle_exit
-
-    def stop_then_exit(sig: int, frame: FrameType | None) -> None:
-        engine.stopping()
-        handle_exit(sig, frame)
-
-    server.handle_exit = stop_then_exit  # type: ignore[method-assign]
-    _serve(server, sock, app.state.keys)
-    if failed:
-        raise failed[0]
+    run_uvicorn(build, host, sock, announce, on_stop_signal=engine.stopping)

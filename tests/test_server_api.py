@@ -215,7 +215,10 @@ def test_null_optionals_and_user(client, base_url):
             "stream": None, "stream_options": None, "tools": None, "user": "someone"}  # fmt: skip
     r = httpx.post(base_url + "/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] == 2
+    # Sampled (temperature null = the default) from random weights: an early end-of-turn is fine.
+    out = r.json()
+    finish = out["choices"][0]["finish_reason"]
+    assert (finish, out["usage"]["completion_tokens"]) == ("length", 2) or finish == "stop"
 
 
 def test_async_client(base_url):
